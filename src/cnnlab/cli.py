@@ -1,0 +1,157 @@
+"""The ``cnnlab`` command: argparse sub-commands over the Python API of the same names.
+
+User mistakes reach the terminal as one line and exit status 2; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from cnnlab import __version__
+from cnnlab.errors import UserError
+
+TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
+    "dataset": (str, "cifar10, sample or folder:PATH (a folder or .tar/.tar.gz/.zip of train/<class>/ and test/<class>/)"),
+    "data-dir": (str, "where the cifar10 source looks for cifar-10-batches-py (default ~/.cache/cnnlab/data)"),
+    "model": (str, "resnet18, resnet18-seed or resnet18-cifar"),
+    "width": (int, "base channels (64 in the paper; 16 trains quickly on a CPU)"),
+    "image-size": (int, "side of the square network input in pixels"),
+    "epochs": (int, None), "batch-size": (int, None), "lr": (float, "learning rate (peak for onecycle)"),
+    "momentum": (float, None), "weight-decay": (float, None),
+    "schedule": (str, "constant, cosine or onecycle"),
+    "label-smoothing": (float, None), "augment": (str, "none or flip-crop"),
+    "limit-train": (int, "train on a random subset of N images"),
+    "limit-test": (int, "report on a random subset of N test images"),
+    "val-split": (int, "images held out of the training set to pick best.pt (default 10%%; 0 for none)"),
+    "device": (str, "auto, cpu or cuda"),
+    "seed": (int, None), "checkpoint-every": (int, "also write last.pt every N steps"),
+    "out": (str, "the run folder (default runs/RECIPE-MODEL-TIME)"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line, not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="cnnlab", description="Train a CNN for image recognition, then see what it learned.")
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    p = sub.add_parser("demo", help="train a small model on the bundled sample and evaluate it (CPU, ~2 min)")
+    p.add_argument("--out", default="runs/demo", help="the run folder (default runs/demo)")
+
+    p = sub.add_parser("train", help="train a model", argument_default=argparse.SUPPRESS)
+    p.add_argument("--recipe", help="seed (the assignment), paper or fast")
+    p.add_argument("--config", metavar="FILE.toml", help="settings to apply over the recipe")
+    for flag, (kind, text) in TRAIN_FLAGS.items():
+        p.add_argument(f"--{flag}", type=kind, help=text)
+    p.add_argument("--download", action="store_true", help="download CIFAR-10 if it is not in --data-dir")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on CUDA)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on CUDA")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+    p = sub.add_parser("evaluate", help="top-1, per-class accuracy and confusion matrix of a run")
+    p.add_argument("path", metavar="RUN_DIR|CKPT")
+    p.add_argument("--dataset", help="default: the run's dataset")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit-test", type=int, help="default: the test images the run reported on")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="folder for metrics.json and confusion.png (default RUN_DIR/eval)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+    p = sub.add_parser("summary", help="the layers of a model as in Table 1, with counted params and MACs")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--image-size", type=int, help="default: 224, or 32 for resnet18-cifar")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"cnnlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cnnlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cnnlab.config import resolve
+    from cnnlab.train.engine import train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    if "resume" in args:
+        extra = sorted(set(given) - {"device"})
+        if extra or "config" in args:
+            flags = ", ".join("--" + k.replace("_", "-") for k in extra + (["config"] if "config" in args else []))
+            raise UserError(f"--resume continues the saved configuration; drop {flags} (only --device may change)")
+        result = train(resume=args.resume, device=given.get("device"))
+    else:
+        cfg = resolve(toml_path=getattr(args, "config", None), overrides=given)
+        print("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+        result = train(cfg)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
+    r = result.last
+    parts = [f"{k} {r[k]:.4f}" for k in ("train_acc", "val_acc", "test_acc") if r.get(k) is not None]
+    print(f"finished {r['epoch']} epochs: " + ", ".join(parts))
+    print(f"run folder: {result.run_dir}")
+    print(f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cnnlab.evaluate import evaluate
+
+    result = evaluate(args.path, dataset=args.dataset, data_dir=args.data_dir, limit_test=args.limit_test,
+                      device=args.device, out=args.out)
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("top1", "n", "per_class", "confusion")}))
+        return 0
+    print(f"top-1 accuracy {100 * result['top1']:.2f}% on {result['n']} test images ({result['dataset']})")
+    for name, acc in result["per_class"].items():
+        print(f"  {name:>20}  {'-' if acc is None else f'{100 * acc:.1f}%'}")
+    print("wrote " + ", ".join(result["outputs"]))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from cnnlab.models.summary import format_table, summarize
+
+    for name in ("image_size", "num_classes", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    result = summarize(args.model, image_size=args.image_size, num_classes=args.num_classes, width=args.width)
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cnnlab.demo import demo
+
+    demo(args.out)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

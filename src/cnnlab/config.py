@@ -1,0 +1,193 @@
+"""Training configuration: one dataclass, three named recipes, TOML overrides and validation.
+
+Precedence, lowest first: the dataclass defaults, the recipe, a TOML file, command-line flags.
+Every value ends up in ``RUN_DIR/config.json`` so a run says exactly what it did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cnnlab.errors import UserError
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+SCHEDULES = ("constant", "cosine", "onecycle")
+AUGMENTS = ("none", "flip-crop")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "seed"
+    # data
+    dataset: str = "cifar10"
+    data_dir: str | None = None
+    download: bool = False
+    limit_train: int | None = None
+    limit_test: int | None = None
+    val_split: int | None = None  # images held out of train for model selection; None: 10 %
+    # model
+    model: str = "resnet18-seed"
+    width: int = 64
+    image_size: int = 224
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # optimisation
+    epochs: int = 40
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "constant"
+    label_smoothing: float = 0.0
+    augment: str = "none"
+    # execution
+    device: str = "auto"
+    amp: bool | None = None  # None: bf16 autocast on CUDA only
+    channels_last: bool | None = None  # None: on CUDA only
+    compile: bool = False
+    seed: int = 0
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
+    out: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The assignment exactly; He et al. (2015) §4.2 hyper-parameters at 224 px; a short modern schedule at 32 px.
+RECIPES: dict[str, dict[str, Any]] = {
+    "seed": dict(
+        model="resnet18-seed", image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        epochs=40, batch_size=64, lr=0.01, momentum=0.9, weight_decay=5e-4,
+        schedule="constant", augment="none", label_smoothing=0.0,
+    ),
+    "paper": dict(
+        model="resnet18", image_size=224, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+        epochs=40, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4,
+        schedule="cosine", augment="flip-crop", label_smoothing=0.0,
+    ),
+    "fast": dict(
+        model="resnet18-cifar", image_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+        epochs=18, batch_size=512, lr=0.4, momentum=0.9, nesterov=True, weight_decay=5e-4,
+        schedule="onecycle", augment="flip-crop", label_smoothing=0.2,
+    ),
+}
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def resolve(recipe: str | None = None, toml_path: str | Path | None = None,
+            overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Build a validated config from a recipe, an optional TOML file and explicit overrides."""
+    values: dict[str, Any] = {}
+    if toml_path is not None:
+        values.update(read_toml(toml_path))
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    name = overrides.get("recipe") or recipe or values.get("recipe") or "seed"
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
+    merged = {**RECIPES[name], **values, **overrides, "recipe": name}
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
+    validate(cfg)
+    return cfg
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    values = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise UserError(f"unknown key {key!r} in {path}; valid keys: {', '.join(sorted(FIELDS))}")
+        values[name] = value
+    return values
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a value's type against the dataclass field (TOML and Python callers are untyped)."""
+    if name not in FIELDS:
+        raise UserError(f"unknown setting {name!r}; valid settings: {', '.join(sorted(FIELDS))}")
+    default = FIELDS[name].default
+    kind = str(FIELDS[name].type)
+    if name in ("mean", "std"):
+        if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+            raise UserError(f"{name} must be a list of numbers, got {value!r}")
+        return tuple(float(v) for v in value)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise UserError(f"{name} must be set")
+    if isinstance(default, bool) or kind.startswith("bool"):
+        if not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, got {value!r}")
+        return value
+    if "int" in kind:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name} must be a whole number, got {value!r}")
+        return value
+    if "float" in kind:
+        if not _is_number(value):
+            raise UserError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if "str" in kind:
+        if not isinstance(value, str):
+            raise UserError(f"{name} must be text, got {value!r}")
+        return value
+    return value
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse values that cannot train, naming the flag and the valid range."""
+    from cnnlab.models import MODELS  # imported here so `cnnlab --help` stays quick
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(message)
+
+    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
+    need(cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    need(cfg.augment in AUGMENTS, f"unknown augment {cfg.augment!r}; choose one of: {', '.join(AUGMENTS)}")
+    need(cfg.device in DEVICES, f"unknown device {cfg.device!r}; choose one of: {', '.join(DEVICES)}")
+    need(cfg.dataset in ("cifar10", "sample") or cfg.dataset.startswith("folder:") and len(cfg.dataset) > 7,
+         f"unknown dataset {cfg.dataset!r}; choose one of: cifar10, sample, folder:PATH")
+    need(cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})")
+    need(cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    need(1 <= cfg.width <= 1024, f"--width must be between 1 and 1024 (got {cfg.width})")
+    need(8 <= cfg.image_size <= 1024, f"--image-size must be between 8 and 1024 (got {cfg.image_size})")
+    for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
+        value = getattr(cfg, name)
+        need(math.isfinite(value) and value >= 0,
+             f"--{name.replace('_', '-')} must be a finite number ≥ 0 (got {value})")
+    need(cfg.lr > 0, f"--lr must be greater than 0 (got {cfg.lr})")
+    need(cfg.momentum < 1, f"--momentum must be below 1 (got {cfg.momentum})")
+    need(cfg.label_smoothing < 1, f"--label-smoothing must be below 1 (got {cfg.label_smoothing})")
+    need(not cfg.nesterov or cfg.momentum > 0, "--nesterov needs a momentum above 0")
+    for name in ("limit_train", "limit_test"):
+        value = getattr(cfg, name)
+        need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+    need(cfg.val_split is None or cfg.val_split >= 0, f"--val-split must be 0 or more images (got {cfg.val_split})")
+    need(cfg.checkpoint_every >= 0, f"--checkpoint-every must be 0 or more steps (got {cfg.checkpoint_every})")
+    need(len(cfg.mean) == len(cfg.std) and len(cfg.mean) in (1, 3),
+         "mean and std must both have 1 or 3 values")
+    need(all(s > 0 and math.isfinite(s) for s in cfg.std), "std values must be greater than 0")
+    need(cfg.seed >= 0, f"--seed must be 0 or more (got {cfg.seed})")

@@ -1,0 +1,67 @@
+"""Batches straight from uint8 tensors that live on the training device: no workers, no per-image PIL.
+
+Every epoch's order and augmentation come from a generator seeded by (seed, epoch) alone, so a run
+resumed at any step sees exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cnnlab.data import transforms
+
+CROP_PAD = 4  # pixels at the stored resolution, as in He et al. (2015) §4.2 for CIFAR
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # Distinct, reproducible streams per epoch; the multiplier keeps (seed, epoch) pairs apart.
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+@dataclass
+class TrainBatches:
+    """The training set of one run: yields normalised (inputs, labels) batches for an epoch."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W) on the training device
+    labels: torch.Tensor  # int64 (N,) on the training device
+    batch_size: int
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    augment: str = "none"
+    seed: int = 0
+    channels_last: bool = False
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)  # the last, smaller batch is kept: nothing dropped
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch``, skipping the first ``start`` (for resuming mid-epoch)."""
+        n = len(self.labels)
+        g = epoch_generator(self.seed, epoch)
+        # Drawn on the CPU so the stream is the same on every device, then moved once per epoch.
+        order = torch.randperm(n, generator=g).to(self.images.device)
+        flips = (torch.rand(n, generator=g) < 0.5).to(self.images.device)
+        offsets = torch.randint(0, 2 * CROP_PAD + 1, (n, 2), generator=g).to(self.images.device)
+        for i in range(start, len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment == "flip-crop":
+                x = transforms.flip(x, flips[idx])
+                x = transforms.pad_crop(x, offsets[idx], CROP_PAD)
+            yield self.prepare(x), self.labels[idx]
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return transforms.to_input(x, self.image_size, self.mean, self.std, self.channels_last)
+
+
+def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, image_size: int,
+                 mean: Sequence[float], std: Sequence[float], channels_last: bool = False,
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches in order, without augmentation, for evaluation."""
+    for i in range(0, len(labels), batch_size):
+        x = transforms.to_input(images[i:i + batch_size], image_size, mean, std, channels_last)
+        yield x, labels[i:i + batch_size]

@@ -1,0 +1,517 @@
+"""Dataset sources: official CIFAR-10 pickles, image folders and archives, the bundled sample.
+
+Every source becomes the same thing: uint8 image tensors (N, C, H, W) with int64 labels and the
+class names. Decoding compressed images is the slow part, so folder and archive sources are
+decoded once and cached under ``cache_dir()/datasets`` keyed by their content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing
+import os
+import pickle
+import statistics
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from cnnlab.data.archives import ArchiveContents, is_archive, read_archive
+from cnnlab.errors import UserError
+
+DATASET_CHOICES = ("cifar10", "sample", "folder:PATH")
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+SAMPLE_ARCHIVE = Path(__file__).parent / "sample" / "cifar10-sample.tar.gz"
+
+# Part of every cache key: bump it whenever decoding would give different pixels or labels.
+DECODER_VERSION = 1
+MAX_FIT_SIDE = 256  # mixed-size folders are resized to a square no larger than this
+POOL_MIN_IMAGES = 4000  # below this a process pool costs more than it saves
+POOL_CHUNK = 1000
+
+_T = TypeVar("_T")  # what a chunk function returns
+
+_GRAY_MODES = frozenset({"L", "1", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+_EXIF_ORIENTATION = 0x0112
+_ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF values that swap width and height
+
+
+@dataclass
+class Dataset:
+    """A whole labelled dataset in memory, as uint8 pixels."""
+
+    name: str  # "cifar10", "sample", or "folder:<path>"
+    classes: list[str]
+    train_x: torch.Tensor  # uint8 (N, C, H, W), contiguous, C is 1 or 3
+    train_y: torch.Tensor  # int64 (N,)
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def default_data_dir() -> Path:
+    """Where ``cifar10`` looks for (and downloads) the official files: $CNNLAB_DATA or ~/.cache/cnnlab/data."""
+    env = os.environ.get("CNNLAB_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cnnlab" / "data"
+
+
+def cache_dir() -> Path:
+    """Root of cnnlab's caches: $CNNLAB_CACHE or ~/.cache/cnnlab."""
+    env = os.environ.get("CNNLAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cnnlab"
+
+
+def memory_budget_bytes() -> int:
+    """How many bytes of decoded pixels we allow ourselves: half of physical RAM."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # not available on this platform
+        return 8 * 2**30
+
+
+def load_dataset(spec: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
+    """Load the dataset named by ``spec`` (one of ``DATASET_CHOICES``) into memory."""
+    if spec == "cifar10":
+        return _load_cifar10(Path(data_dir).expanduser() if data_dir else default_data_dir(), download)
+    if spec == "sample":
+        return _load_folder(SAMPLE_ARCHIVE, name="sample")
+    if spec.startswith("folder:"):
+        location = spec[len("folder:") :]
+        if not location:
+            raise UserError("--dataset folder: needs a path, e.g. folder:~/images or folder:images.tar.gz")
+        return _load_folder(Path(location).expanduser(), name=spec)
+    raise UserError(f"unknown dataset {spec!r}: choose one of {', '.join(DATASET_CHOICES)}")
+
+
+# --- official CIFAR-10 ---------------------------------------------------------------------------
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that can rebuild numpy arrays and plain containers, and nothing else.
+
+    The CIFAR files are pickles, and a pickle can run any code it names; only the globals the
+    format needs are let through, so a tampered file fails instead of executing.
+    """
+
+    _ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy.core.numeric", "_frombuffer"),
+            ("numpy._core.numeric", "_frombuffer"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("builtins", "dict"),
+            ("builtins", "list"),
+            ("builtins", "bytes"),
+            ("builtins", "bytearray"),
+            ("_codecs", "encode"),  # how protocol-2 pickles spell bytes objects
+        }
+    )
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - signature fixed by pickle
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR-10 file never needs")
+
+
+def _read_cifar_pickle(path: Path) -> dict[str, object]:
+    """One CIFAR batch or meta file as a dict with str keys, read with the restricted unpickler."""
+    try:
+        with open(path, "rb") as f:
+            content = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise UserError(f"{path} is not a valid CIFAR-10 file ({exc}); delete it and rerun with --download") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{path} is not a valid CIFAR-10 file (no dict inside); delete it and rerun with --download")
+    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in content.items()}
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = _read_cifar_pickle(path)
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise UserError(f"{path} has no N×3072 uint8 'data' array; delete it and rerun with --download")
+    labels_arr = np.asarray(labels, dtype=np.int64) if isinstance(labels, list | np.ndarray) else None
+    if labels_arr is None or labels_arr.shape != (data.shape[0],):
+        raise UserError(f"{path} has no 'labels' list matching its images; delete it and rerun with --download")
+    # Rows hold the R, G and B planes one after another, each 32×32 row-major.
+    return data.reshape(-1, 3, 32, 32), labels_arr
+
+
+def _find_cifar10(data_dir: Path) -> Path | None:
+    needed = (*CIFAR10_TRAIN_BATCHES, "test_batch", "batches.meta")
+    for folder in (data_dir / CIFAR10_FOLDER, data_dir):
+        if all((folder / name).is_file() for name in needed):
+            return folder
+    return None
+
+
+def _download_cifar10(data_dir: Path) -> None:
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(CIFAR10_URL, download_root=str(data_dir), md5=CIFAR10_MD5)
+    except (OSError, RuntimeError) as exc:  # network failure, or torchvision's checksum mismatch
+        raise UserError(
+            f"could not download CIFAR-10 from {CIFAR10_URL} into {data_dir} ({exc}); "
+            f"download it by hand and pass --data-dir, or use --dataset sample"
+        ) from None
+
+
+def _load_cifar10(data_dir: Path, download: bool) -> Dataset:
+    folder = _find_cifar10(data_dir)
+    if folder is None and download:
+        _download_cifar10(data_dir)
+        folder = _find_cifar10(data_dir)
+    if folder is None:
+        raise UserError(
+            f"CIFAR-10 not found in {data_dir / CIFAR10_FOLDER}: pass --download to fetch it, "
+            f"point --data-dir at a folder holding {CIFAR10_FOLDER}, or use --dataset folder:PATH or --dataset sample"
+        )
+    meta = _read_cifar_pickle(folder / "batches.meta")
+    names = meta.get("label_names")
+    if not isinstance(names, list) or not names:
+        raise UserError(f"{folder / 'batches.meta'} has no 'label_names'; delete it and rerun with --download")
+    classes = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    train = [_read_cifar_batch(folder / name) for name in CIFAR10_TRAIN_BATCHES]
+    test_x, test_y = _read_cifar_batch(folder / "test_batch")
+    train_x, train_y = np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])
+    for y, name in ((train_y, "training"), (test_y, "test")):
+        if y.size and (y.min() < 0 or y.max() >= len(classes)):
+            raise UserError(f"CIFAR-10 {name} labels in {folder} exceed the {len(classes)} classes; rerun with --download")
+    return Dataset(
+        name="cifar10",
+        classes=classes,
+        train_x=torch.from_numpy(np.ascontiguousarray(train_x)),
+        train_y=torch.from_numpy(train_y),
+        test_x=torch.from_numpy(np.ascontiguousarray(test_x)),
+        test_y=torch.from_numpy(test_y),
+    )
+
+
+# --- image folders and archives ------------------------------------------------------------------
+
+
+def _image_extensions() -> frozenset[str]:
+    return frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+def _is_hidden(part: str) -> bool:
+    # macOS zips carry a __MACOSX/ tree of resource forks next to the real files.
+    return part.startswith(".") or part == "__MACOSX"
+
+
+def _is_candidate(relpath: str, extensions: frozenset[str]) -> bool:
+    """Whether a file is an image we should decode: a PIL extension and no hidden path part."""
+    parts = relpath.split("/")
+    return not any(_is_hidden(p) for p in parts) and os.path.splitext(parts[-1])[1].lower() in extensions
+
+
+def _read_directory(root: Path) -> ArchiveContents:
+    extensions = _image_extensions()
+    contents = ArchiveContents()
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not _is_hidden(d))
+        rel_folder = Path(folder).relative_to(root).as_posix()
+        prefix = "" if rel_folder == "." else rel_folder + "/"
+        contents.dirs.update(prefix + d for d in subdirs)
+        for name in files:
+            rel = prefix + name
+            if _is_candidate(rel, extensions):
+                try:
+                    contents.files[rel] = Path(folder, name).read_bytes()
+                except OSError as exc:
+                    raise UserError(f"cannot read {Path(folder, name)}: {exc.strerror}; check its permissions") from None
+    return contents
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256(f"cnnlab-decoder-{DECODER_VERSION}\0".encode())
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hash_contents(contents: ArchiveContents) -> str:
+    digest = hashlib.sha256(f"cnnlab-decoder-{DECODER_VERSION}\0".encode())
+    for d in sorted(contents.dirs):  # empty class folders change the outcome too
+        digest.update(f"d\0{d}\0".encode())
+    for rel in sorted(contents.files):
+        data = contents.files[rel]
+        digest.update(f"f\0{rel}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def _strip_single_top(contents: ArchiveContents) -> ArchiveContents:
+    """Accept ``top/train/...`` as if it were ``train/...`` when one folder holds everything."""
+    tops = {rel.split("/", 1)[0] for rel in contents.files}
+    if len(tops) != 1 or tops & {"train", "test"} or not all("/" in rel for rel in contents.files):
+        return contents
+    prefix = tops.pop() + "/"
+    return ArchiveContents(
+        files={rel[len(prefix) :]: data for rel, data in contents.files.items()},
+        dirs={d[len(prefix) :] for d in contents.dirs if d.startswith(prefix)},
+    )
+
+
+def _split_layout(
+    contents: ArchiveContents, source: Path
+) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """Class names (sorted train folders) and, per split, the (path, label) pairs in path order."""
+    layout_hint = "expected train/<class>/<images> and test/<class>/<images>"
+    per_split: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    for d in contents.dirs:
+        parts = d.split("/")
+        if len(parts) >= 2 and parts[0] in per_split and not _is_hidden(parts[1]):
+            per_split[parts[0]].setdefault(parts[1], [])
+    for rel in sorted(contents.files):
+        parts = rel.split("/")
+        if parts[0] not in per_split:
+            continue  # images outside train/ and test/ are not part of the layout
+        if len(parts) == 2:
+            raise UserError(f"{source}: {rel} is not inside a class folder; {layout_hint}")
+        per_split[parts[0]].setdefault(parts[1], []).append(rel)
+
+    for split, folders in per_split.items():
+        if not any(folders.values()):
+            raise UserError(f"{source}: the {split} split has no images; {layout_hint}")
+        for cls, files in sorted(folders.items()):
+            if not files:
+                raise UserError(f"{source}: class folder {split}/{cls} has no images; add some or remove the folder")
+    classes = sorted(per_split["train"])
+    extra = sorted(set(per_split["test"]) - set(classes))
+    if extra:
+        raise UserError(f"{source}: test classes {', '.join(extra)} have no train/ folder; add them to train/ or remove them from test/")
+    index = {cls: i for i, cls in enumerate(classes)}
+    splits = {
+        split: sorted((rel, index[cls]) for cls, files in folders.items() for rel in files)
+        for split, folders in per_split.items()
+    }
+    return classes, splits
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    """What every image becomes: its channel count and size, and whether it must be resized."""
+
+    channels: int
+    height: int
+    width: int
+    fit: bool
+
+
+def _probe(rel: str, data: bytes, source: str) -> tuple[str, int, int]:
+    """Mode, width and height from the image header, without decoding pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if img.getexif().get(_EXIF_ORIENTATION, 1) in _ROTATED_ORIENTATIONS:
+                width, height = height, width
+            return img.mode, width, height
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{source}: cannot read image {rel} ({exc}); remove or replace the file") from None
+
+
+def _probe_chunk(items: list[tuple[str, bytes]], source: str) -> list[tuple[str, int, int]]:
+    return [_probe(rel, data, source) for rel, data in items]
+
+
+def _plan(modes: set[str], sizes: list[tuple[int, int]]) -> _DecodePlan:
+    channels = 1 if modes <= _GRAY_MODES else 3
+    if len(set(sizes)) == 1:
+        width, height = sizes[0]
+        return _DecodePlan(channels, height, width, fit=False)
+    side = min(MAX_FIT_SIDE, statistics.median_low(min(w, h) for w, h in sizes))
+    return _DecodePlan(channels, side, side, fit=True)
+
+
+def _as_gray(img: Image.Image) -> Image.Image:
+    """8-bit grayscale, rescaling wide integer and float images instead of letting PIL clip them."""
+    if img.mode == "L":
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        arr = np.asarray(img).astype(np.float64)
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 16-bit range onto 8 bits
+        elif img.mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0  # floats in [0, 1]
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    return img.convert("L")
+
+
+def _decode_one(data: bytes, plan: _DecodePlan) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            img = ImageOps.exif_transpose(img)
+        img = _as_gray(img) if plan.channels == 1 else img.convert("RGB")
+        if plan.fit:
+            img = ImageOps.fit(img, (plan.width, plan.height), Image.Resampling.BILINEAR)
+        arr = np.asarray(img)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _decode_chunk(items: list[tuple[str, bytes]], plan: _DecodePlan, source: str) -> np.ndarray:
+    """Decode a list of (path, bytes) into one (n, C, H, W) array; runs in worker processes too."""
+    out = np.empty((len(items), plan.channels, plan.height, plan.width), dtype=np.uint8)
+    for i, (rel, data) in enumerate(items):
+        try:
+            out[i] = _decode_one(data, plan)
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            raise UserError(f"{source}: cannot decode image {rel} ({exc}); remove or replace the file") from None
+    return out
+
+
+def _worker_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def _decode_executor(total: int) -> Iterator[Executor | None]:
+    """A process pool for big sets where fork is available (no re-import cost), else nothing."""
+    workers = _worker_count()
+    if total < POOL_MIN_IMAGES or workers < 2 or sys.platform != "linux":
+        yield None
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        yield pool
+    finally:
+        # After a bad image there is no point finishing the other chunks.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _map_chunks(fn: Callable[..., _T], items: list[tuple[str, bytes]], pool: Executor | None, *args: object) -> Iterator[_T]:
+    """``fn(chunk, *args)`` over consecutive chunks of ``items``, in order, in the pool if there is one."""
+    chunks = [items[i : i + POOL_CHUNK] for i in range(0, len(items), POOL_CHUNK)]
+    if pool is None:
+        return (fn(chunk, *args) for chunk in chunks)
+    return pool.map(fn, chunks, *([arg] * len(chunks) for arg in args))
+
+
+def _decode_splits(
+    splits: list[list[tuple[str, bytes]]], plan: _DecodePlan, source: Path, pool: Executor | None
+) -> list[torch.Tensor]:
+    """Decode each split into a preallocated uint8 tensor, with one progress bar for all of them."""
+    total = sum(len(items) for items in splits)
+    outputs = []
+    with tqdm(total=total, desc=f"decoding {source.name}", unit="img", file=sys.stderr, leave=False) as bar:
+        for items in splits:
+            buffer = torch.empty((len(items), plan.channels, plan.height, plan.width), dtype=torch.uint8)
+            target = buffer.numpy()
+            start = 0
+            for decoded in _map_chunks(_decode_chunk, items, pool, plan, str(source)):
+                target[start : start + len(decoded)] = decoded
+                start += len(decoded)
+                bar.update(len(decoded))
+            outputs.append(buffer)
+    return outputs
+
+
+def _decode_folder(contents: ArchiveContents, source: Path) -> dict[str, object]:
+    contents = _strip_single_top(contents)
+    classes, splits = _split_layout(contents, source)
+    items = [[(rel, contents.files[rel]) for rel, _ in splits[split]] for split in ("train", "test")]
+    with _decode_executor(len(items[0]) + len(items[1])) as pool:
+        # The cheap pass: headers only, to settle channels and size before any pixel is decoded.
+        headers = [h for chunk in _map_chunks(_probe_chunk, items[0] + items[1], pool, str(source)) for h in chunk]
+        plan = _plan({mode for mode, _, _ in headers}, [(w, h) for _, w, h in headers])
+        needed = len(headers) * plan.channels * plan.height * plan.width
+        budget = memory_budget_bytes()
+        if needed > budget:
+            raise UserError(
+                f"{source}: {len(headers):,} images of {plan.channels}×{plan.height}×{plan.width} need "
+                f"{needed / 2**30:.1f} GiB of memory, over the {budget / 2**30:.1f} GiB budget (half the RAM); "
+                f"use a subset or smaller images"
+            )
+        train_x, test_x = _decode_splits(items, plan, source, pool)
+    return {
+        "classes": classes,
+        "train_x": train_x,
+        "train_y": torch.tensor([label for _, label in splits["train"]], dtype=torch.int64),
+        "test_x": test_x,
+        "test_y": torch.tensor([label for _, label in splits["test"]], dtype=torch.int64),
+    }
+
+
+# --- cache ---------------------------------------------------------------------------------------
+
+_CACHE_KEYS = ("classes", "train_x", "train_y", "test_x", "test_y")
+
+
+def _cache_path(key: str) -> Path:
+    return cache_dir() / "datasets" / f"{key}.pt"
+
+
+def _read_cache(path: Path) -> dict[str, object] | None:
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged cache file is simply decoded again
+        return None
+    return cached if isinstance(cached, dict) and all(k in cached for k in _CACHE_KEYS) else None
+
+
+def _write_cache(path: Path, tensors: dict[str, object]) -> None:
+    # Temp file + rename: a crash or a concurrent run never leaves a half-written cache behind.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
+            torch.save(tensors, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        warnings.warn(f"could not cache decoded images in {path.parent} ({exc}); the next run decodes again", stacklevel=3)
+
+
+def _load_folder(path: Path, name: str) -> Dataset:
+    """A ``train/<class>/…``, ``test/<class>/…`` tree from a directory or an archive, via the cache."""
+    if path.is_dir():
+        contents = _read_directory(path)
+        key = _hash_contents(contents)
+    elif path.is_file() and is_archive(path):
+        contents, key = None, _hash_file(path)
+    elif path.exists():
+        raise UserError(f"{path} is neither a folder nor a .tar, .tar.gz, .tgz or .zip archive; check the folder:PATH")
+    else:
+        raise UserError(f"{path} does not exist; check the folder:PATH (it may be a folder or a .tar.gz/.zip archive)")
+
+    cache_file = _cache_path(key)
+    tensors = _read_cache(cache_file)
+    if tensors is None:
+        if contents is None:
+            extensions = _image_extensions()
+            contents = read_archive(path, keep=lambda rel: _is_candidate(rel, extensions))
+        tensors = _decode_folder(contents, path)
+        _write_cache(cache_file, tensors)
+    return Dataset(
+        name=name,
+        classes=list(tensors["classes"]),
+        train_x=tensors["train_x"],
+        train_y=tensors["train_y"],
+        test_x=tensors["test_x"],
+        test_y=tensors["test_y"],
+    )

@@ -1,0 +1,51 @@
+"""Subsets and the held-out validation split, drawn reproducibly from the training set.
+
+The validation images are taken out of the training set so that checkpoints are chosen without ever
+looking at the test set; the test set is only reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cnnlab.data.sources import Dataset
+
+SPLIT_SEED = 20151210  # fixed, so every run on a dataset holds out the same images (arXiv 1512.03385)
+
+
+@dataclass
+class Splits:
+    classes: list[str]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def split(data: Dataset, limit_train: int | None = None, limit_test: int | None = None,
+          val_split: int | None = None) -> Splits:
+    """Random subsets of ``limit_*`` images, then ``val_split`` images (default 10 %) held out of train.
+
+    Subsets are random rather than the first N because image folders are ordered by class.
+    """
+    train = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    train = train[:limit_train]
+    test_x, test_y = reported_test_set(data, limit_test)
+    n_val = len(train) // 10 if val_split is None else min(val_split, len(train) - 1)
+    val, train = train[:n_val].sort().values, train[n_val:].sort().values
+    return Splits(data.classes, data.train_x[train], data.train_y[train], data.train_x[val],
+                  data.train_y[val], test_x, test_y)
+
+
+def reported_test_set(data: Dataset, limit_test: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images a run with ``limit_test`` reported on (the same draw as ``split``)."""
+    n = len(data.test_y)
+    if limit_test is None or limit_test >= n:
+        return data.test_x, data.test_y
+    g = torch.Generator().manual_seed(SPLIT_SEED + 1)
+    test = torch.randperm(n, generator=g)[:limit_test].sort().values
+    return data.test_x[test], data.test_y[test]

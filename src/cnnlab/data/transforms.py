@@ -1,0 +1,57 @@
+"""Batched image transforms that run on the training device.
+
+The assignment resized every 32 px image to 224 px with PIL, one image at a time in loader workers;
+here a whole batch of uint8 images is flipped, cropped, resized and normalised in a few tensor ops.
+Random choices come in as tensors, so callers decide where randomness comes from (see ``loader``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror the images of ``x`` (B, C, H, W) left-right where the boolean ``mask`` (B,) is set."""
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def pad_crop(x: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad by ``pad`` pixels and crop back to (H, W) at per-image ``offsets`` (B, 2) in [0, 2·pad].
+
+    Gathering rows and columns by index crops every image of the batch in one op.
+    """
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
+    out = padded.gather(2, rows)
+    cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
+    return out.gather(3, cols)
+
+
+def to_input(x: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float],
+             channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, C, H, W) → float network input: resize (bilinear, as the assignment's 32→224), normalise.
+
+    Resizing before normalising keeps the ops on the small uint8 images until the last moment.
+    """
+    x = x.float().div_(255)
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    c = x.shape[1]
+    m = torch.tensor(_per_channel(mean, c), device=x.device).view(1, c, 1, 1)
+    s = torch.tensor(_per_channel(std, c), device=x.device).view(1, c, 1, 1)
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _per_channel(values: Sequence[float], channels: int) -> list[float]:
+    # One-channel datasets may carry RGB statistics in a recipe, and vice versa: average or repeat.
+    values = list(values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return [sum(values) / len(values)]
+    return values * channels if len(values) == 1 else values[:channels]

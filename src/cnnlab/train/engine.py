@@ -1,0 +1,240 @@
+"""The training loop: data on the device, SGD, per-epoch evaluation, atomic checkpoints, exact resume.
+
+Read it top to bottom: ``train`` sets a run up (or picks one up from its last checkpoint), then
+``_fit`` runs the epochs. The order and augmentation of every batch depend only on (seed, epoch), and
+everything else that changes while training is in the checkpoint, so a resumed run ends with the same
+weights as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import cnnlab
+from cnnlab.config import TrainConfig, validate
+from cnnlab.data import load_dataset
+from cnnlab.data.loader import TrainBatches
+from cnnlab.data.splits import Splits, split
+from cnnlab.errors import UserError
+from cnnlab.evaluate import score
+from cnnlab.models import build
+from cnnlab.train import checkpoint
+from cnnlab.train.device import on_by_default, pick_device
+from cnnlab.train.logging import RunLog
+
+FLUSH_EVERY = 25  # steps between reading losses back from the device (each read waits for the GPU)
+
+
+@dataclass
+class Result:
+    run_dir: Path
+    last: dict[str, Any]  # the final epoch record
+    best_val_acc: float | None
+
+
+def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, device: str | None = None) -> Result:
+    """Train from ``cfg`` into a new run folder, or continue the run in folder ``resume``."""
+    if resume is not None:
+        run_dir = Path(resume)
+        state = checkpoint.load(_resume_checkpoint(run_dir))
+        cfg = TrainConfig(**{k: tuple(v) if k in ("mean", "std") else v for k, v in state["config"].items()})
+        if device is not None:
+            cfg.device = device
+        validate(cfg)
+    else:
+        assert cfg is not None
+        run_dir = _new_run_dir(cfg)
+        state = None
+    dev = pick_device(cfg.device)
+
+    torch.manual_seed(cfg.seed)
+    data = split(load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download),
+                 cfg.limit_train, cfg.limit_test, cfg.val_split)
+    in_channels = data.train_x.shape[1]
+    model = build(cfg.model, num_classes=len(data.classes), width=cfg.width, in_channels=in_channels)
+    spec = {"name": cfg.model, "num_classes": len(data.classes), "width": cfg.width,
+            "image_size": cfg.image_size, "in_channels": in_channels}
+    if state is not None:
+        _check_same_run(state, spec, data)
+    _write_config(run_dir, cfg, dev, data)
+    return _fit(cfg, dev, data, model, spec, run_dir, state)
+
+
+def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, spec: dict[str, Any],
+         run_dir: Path, state: dict[str, Any] | None) -> Result:
+    amp = on_by_default(cfg.amp, dev)
+    channels_last = on_by_default(cfg.channels_last, dev)
+    model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    batches = TrainBatches(data.train_x.to(dev), data.train_y.to(dev), cfg.batch_size, cfg.image_size,
+                           cfg.mean, cfg.std, cfg.augment, cfg.seed, channels_last)
+    val = (data.val_x.to(dev), data.val_y.to(dev))
+    test = (data.test_x.to(dev), data.test_y.to(dev))
+    steps_per_epoch = len(batches)
+    total_steps = cfg.epochs * steps_per_epoch
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                fused=dev.type == "cuda" or None)
+    scheduler = _scheduler(cfg, optimizer, total_steps)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    forward = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()
+
+    step, best_val, partial = 0, None, {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if dev.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        step, best_val, partial = state["step"], state["best_val_acc"], dict(state["partial_epoch"])
+    if step >= total_steps:
+        raise UserError(f"the run in {run_dir} already finished all {cfg.epochs} epochs; nothing to resume")
+
+    def save(name: str) -> None:
+        checkpoint.save({
+            "model": model.state_dict(), "model_spec": spec, "classes": data.classes,
+            "normalize": {"mean": list(cfg.mean), "std": list(cfg.std)},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": step // steps_per_epoch, "step": step, "best_val_acc": best_val, "partial_epoch": partial,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []},
+            "config": cfg.to_dict(), "versions": {"cnnlab": cnnlab.__version__, "torch": str(torch.__version__)},
+        }, run_dir / "checkpoints" / name)
+
+    log = RunLog(run_dir, total_steps, start_step=step, epochs=cfg.epochs)
+    if step == 0:
+        log.hyperparameters(cfg.to_dict())
+    last: dict[str, Any] = {}
+    model.train()
+    try:
+        for epoch in range(step // steps_per_epoch, cfg.epochs):
+            start = step - epoch * steps_per_epoch
+            pending: list[tuple[torch.Tensor, torch.Tensor, int, float]] = []
+            tick = time.perf_counter()
+            for i, (x, y) in enumerate(batches.epoch(epoch, start), start=start):
+                with autocast:
+                    logits = forward(x)
+                    loss = criterion(logits.float(), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                step += 1
+                pending.append((loss.detach(), (logits.argmax(1) == y).sum(), len(y), lr))
+                last_of_epoch = i == steps_per_epoch - 1
+                mid_checkpoint = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last_of_epoch
+                if len(pending) == FLUSH_EVERY or last_of_epoch or mid_checkpoint:
+                    _flush(log, epoch + 1, step, pending, partial, time.perf_counter() - tick)
+                    pending, tick = [], time.perf_counter()
+                if mid_checkpoint:
+                    save("last.pt")
+
+            record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+                      "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
+                      "train_acc": partial["correct"] / max(partial["seen"], 1),
+                      "seconds": partial["seconds"], "images_per_s": partial["seen"] / max(partial["seconds"], 1e-9)}
+            scored = {"val": val, "test": test} if len(val[1]) else {"test": test}
+            for name, (vx, vy) in scored.items():
+                s = score(forward, vx, vy, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
+                          batch_size=max(cfg.batch_size, 256), amp=amp, channels_last=channels_last)
+                record[f"{name}_loss"], record[f"{name}_acc"] = s.loss, s.top1
+            if not math.isfinite(record["train_loss"]):
+                raise UserError(f"training diverged: the loss became {record['train_loss']} in epoch {epoch + 1} "
+                                f"(step {step}); try a lower --lr than {cfg.lr}")
+            log.epoch(record)
+            partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
+            improved = "val_acc" in record and (best_val is None or record["val_acc"] > best_val)
+            if improved:
+                best_val = record["val_acc"]
+            save("last.pt")
+            if improved:
+                save("best.pt")
+            last = record
+    finally:
+        log.close()
+    return Result(run_dir, last, best_val)
+
+
+def _flush(log: RunLog, epoch: int, step: int, pending: list, partial: dict[str, Any], seconds: float) -> None:
+    """Read a window of per-step numbers back from the device in one go and log them."""
+    losses = torch.stack([p[0] for p in pending]).float().tolist()
+    correct = torch.stack([p[1] for p in pending]).tolist()
+    sizes = [p[2] for p in pending]
+    partial["loss_sum"] += sum(l * n for l, n in zip(losses, sizes))
+    partial["correct"] += sum(correct)
+    partial["seen"] += sum(sizes)
+    partial["seconds"] += seconds
+    log.steps(epoch, step - len(pending) + 1, losses, [c / n for c, n in zip(correct, sizes)],
+              [p[3] for p in pending], sum(sizes) / max(seconds, 1e-9))
+
+
+def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Per-step learning-rate schedules; their state goes into every checkpoint."""
+    sched = torch.optim.lr_scheduler
+    if cfg.schedule == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if cfg.schedule == "onecycle":
+        # Momentum is left as configured: --momentum should mean what it says.
+        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25,
+                                anneal_strategy="linear", cycle_momentum=False)
+    return sched.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _new_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out is None:
+        run_dir = Path("runs") / f"{cfg.recipe}-{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"
+    else:
+        run_dir = Path(cfg.out)
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                        "or choose another --out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; give a folder for the run")
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
+    return run_dir
+
+
+def _resume_checkpoint(run_dir: Path) -> Path:
+    path = run_dir / "checkpoints" / "last.pt"
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such run folder")
+    if not path.is_file():
+        raise UserError(f"--resume {run_dir}: it holds no checkpoints/last.pt to continue from; "
+                        f"start a new run with --out {run_dir}")
+    return path
+
+
+def _check_same_run(state: dict[str, Any], spec: dict[str, Any], data: Splits) -> None:
+    if state["model_spec"] != spec or list(state["classes"]) != data.classes:
+        raise UserError("the checkpoint's model or classes differ from what its configuration now builds "
+                        "(was the dataset changed?); start a new run instead of resuming")
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, dev: torch.device, data: Splits) -> None:
+    info = {
+        "config": cfg.to_dict(),
+        "cnnlab": cnnlab.__version__, "torch": str(torch.__version__),
+        "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "data": {"classes": data.classes, "train": len(data.train_y), "val": len(data.val_y),
+                 "test": len(data.test_y), "stored_size": list(data.train_x.shape[1:])},
+    }
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(run_dir / "config.json")

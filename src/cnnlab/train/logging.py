@@ -1,0 +1,98 @@
+"""Where a run's numbers go: TensorBoard (``tb/``), ``metrics.jsonl`` and a progress bar on stderr.
+
+Everything is keyed by the global optimizer step, so a resumed run can cut both logs back to the
+step of its checkpoint and carry on without duplicated or stale points.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+from tqdm import tqdm
+
+# Epoch-record keys → TensorBoard tags (per-step train/loss and train/acc are the assignment's curves).
+EPOCH_TAGS = {
+    "train_loss": "epoch/train_loss", "train_acc": "epoch/train_acc",
+    "val_loss": "val/loss", "val_acc": "val/acc",
+    "test_loss": "test/loss", "test_acc": "test/acc",
+    "images_per_s": "perf/images_per_s", "seconds": "perf/epoch_seconds",
+}
+HPARAM_METRICS = ("test/acc", "val/acc", "epoch/train_acc")
+
+
+class RunLog:
+    """The logs of one training run; ``start_step`` > 0 continues a run from its checkpoint."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, epochs: int = 1):
+        self.metrics_path = run_dir / "metrics.jsonl"
+        if start_step:
+            _truncate_metrics(self.metrics_path, start_step)
+        # purge_step hides events a crashed process wrote after the checkpoint we resume from.
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.metrics = self.metrics_path.open("a")
+        self.epochs = epochs
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not sys.stderr.isatty(), file=sys.stderr)
+
+    def hyperparameters(self, config: dict[str, Any]) -> None:
+        """The configuration, as text and in TensorBoard's HParams view (metrics come from the scalars)."""
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+        for summary in hparams(flat, {tag: 0.0 for tag in HPARAM_METRICS}):
+            self.writer.file_writer.add_summary(summary)
+
+    def steps(self, epoch: int, first_step: int, losses: list[float], accs: list[float],
+              lrs: list[float], images_per_s: float) -> None:
+        for i, (loss, acc, lr) in enumerate(zip(losses, accs, lrs)):
+            step = first_step + i
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/acc", acc, step)
+            self.writer.add_scalar("lr", lr, step)
+            self._write({"kind": "step", "epoch": epoch, "step": step, "loss": loss, "acc": acc, "lr": lr})
+        self.writer.add_scalar("perf/images_per_s", images_per_s, first_step + len(losses) - 1)
+        self.bar.set_description(f"epoch {epoch}/{self.epochs}")
+        self.bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accs[-1]:.3f}", img_s=f"{images_per_s:.0f}")
+        self.bar.update(len(losses))
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        for key, tag in EPOCH_TAGS.items():
+            if record.get(key) is not None:
+                self.writer.add_scalar(tag, record[key], record["step"])
+        self._write({"kind": "epoch", **record})
+        self.writer.flush()
+        parts = [f"epoch {record['epoch']}/{self.epochs}"]
+        for key in ("train_loss", "train_acc", "val_acc", "test_acc"):
+            if record.get(key) is not None:
+                parts.append(f"{key} {record[key]:.4f}")
+        parts.append(f"{record['images_per_s']:.0f} img/s")
+        self.bar.write("  ".join(parts), file=sys.stderr)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+        self.writer.close()
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records up to ``last_step``; the resumed run rewrites what came after."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the crash
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

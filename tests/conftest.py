@@ -1,0 +1,28 @@
+"""Shared test set-up: a private cache per test session, and the shared CIFAR-10 archive if present."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    # Decoded datasets are cached by content hash; one cache per session keeps tests independent
+    # of the user's ~/.cache while letting tests in the same session share a decode.
+    old = os.environ.get("CNNLAB_CACHE")
+    os.environ["CNNLAB_CACHE"] = str(tmp_path_factory.mktemp("cnnlab-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CNNLAB_CACHE", None)
+    else:
+        os.environ["CNNLAB_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def cifar10_jpeg() -> Path:
+    """The full CIFAR-10 JPEG archive named by CNNLAB_CIFAR10_JPEG (set by .ci/run)."""
+    path = os.environ.get("CNNLAB_CIFAR10_JPEG")
+    if not path or not Path(path).is_file():
+        pytest.skip("set CNNLAB_CIFAR10_JPEG to the cifar10-jpeg.tar.gz archive to run tests on real data")
+    return Path(path)

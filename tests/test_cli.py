@@ -1,0 +1,94 @@
+"""The command line: JSON outputs, evaluate, and one clear line with exit 2 for every user mistake."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from cnnlab.cli import main
+from cnnlab.train import engine
+from test_train import read_metrics, tiny
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return engine.train(tiny(tmp_path_factory.mktemp("cli") / "run")).run_dir
+
+
+def test_summary_json_reproduces_table1(capsys):
+    assert main(["summary", "resnet18", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["params"] == 11_689_512 and abs(doc["macs"] / 1.814e9 - 1) < 0.01
+    assert [s["name"] for s in doc["stages"]] == ["conv1", "conv2_x", "conv3_x", "conv4_x", "conv5_x", "pool", "fc"]
+    assert doc["stages"][4]["output_size"] == [512, 7, 7]
+
+
+def test_evaluate_json_matches_the_run(run_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"top1", "n", "per_class", "confusion"}
+    assert doc["n"] == 200 and sum(map(sum, doc["confusion"])) == 200
+    diagonal = sum(doc["confusion"][i][i] for i in range(10))
+    assert doc["top1"] == pytest.approx(diagonal / 200)
+    # It scored best.pt, chosen by validation accuracy, on the test images the run reported on.
+    epochs = [r for r in read_metrics(run_dir) if r["kind"] == "epoch"]
+    best = max(epochs, key=lambda r: r["val_acc"])
+    assert doc["top1"] == pytest.approx(best["test_acc"], abs=1e-9)
+    for i, (name, acc) in enumerate(doc["per_class"].items()):
+        row = doc["confusion"][i]
+        assert acc == pytest.approx(row[i] / sum(row))
+    png = Image.open(run_dir / "eval" / "confusion.png")
+    assert png.size[0] > 400 and len(png.getcolors(1 << 16) or range(300)) > 20
+
+
+def one_error_line(capsys, argv, *words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+    return err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--model", "vgg16"], ["resnet18", "resnet18-seed", "resnet18-cifar"]),
+    (["train", "--recipe", "slow"], ["seed", "paper", "fast"]),
+    (["train", "--dataset", "imagenet"], ["cifar10", "sample", "folder:PATH"]),
+    (["train", "--batch-size", "0"], ["--batch-size"]),
+    (["train", "--lr", "-1"], ["--lr"]),
+    (["train", "--epochs", "0"], ["--epochs"]),
+    (["train", "--epochs", "three"], ["--epochs", "invalid int"]),
+    (["summary", "alexnet"], ["resnet18-cifar"]),
+    (["evaluate", "/nonexistent/run"], ["/nonexistent/run"]),
+])
+def test_user_errors_are_one_line_and_exit_2(capsys, argv, words):
+    try:
+        one_error_line(capsys, argv, *words)
+    except SystemExit as e:  # argparse's own usage errors exit from inside parse_args
+        assert e.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_missing_cifar10_says_where_it_looked_and_how_to_fix(capsys, tmp_path):
+    one_error_line(capsys, ["train", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r")],
+                   str(tmp_path / "data"), "--download")
+
+
+def test_resume_without_checkpoint_is_explained(capsys, tmp_path):
+    one_error_line(capsys, ["train", "--resume", str(tmp_path)], "no checkpoints/last.pt")
+
+
+def test_training_into_an_existing_run_is_refused(capsys, run_dir):
+    before = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    one_error_line(capsys, ["train", "--dataset", "sample", "--out", str(run_dir)], "--resume")
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_no_traceback_from_the_real_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--model", "nope"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown model 'nope'" in proc.stderr
