@@ -75,6 +75,7 @@ def test_user_errors_are_one_line_and_exit_2(capsys, argv, words):
 def test_missing_cifar10_says_where_it_looked_and_how_to_fix(capsys, tmp_path):
     one_error_line(capsys, ["train", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "r")],
                    str(tmp_path / "data"), "--download")
+    assert not (tmp_path / "r").exists()  # a failed start leaves no empty run folder behind
 
 
 def test_resume_without_checkpoint_is_explained(capsys, tmp_path):

@@ -45,8 +45,8 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    p = sub.add_parser("demo", help="train a small model on the bundled sample and evaluate it (CPU, ~2 min)")
-    p.add_argument("--out", default="runs/demo", help="the run folder (default runs/demo)")
+    p = sub.add_parser("demo", help="train a small model on the bundled sample and evaluate it (CPU, about a minute)")
+    p.add_argument("--out", help="the run folder (default runs/demo-TIME)")
 
     p = sub.add_parser("train", help="train a model", argument_default=argparse.SUPPRESS)
     p.add_argument("--recipe", help="seed (the assignment), paper or fast")

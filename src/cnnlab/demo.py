@@ -1,4 +1,4 @@
-"""``cnnlab demo``: the whole path on a laptop CPU in about two minutes, offline.
+"""``cnnlab demo``: the whole path on a laptop CPU in about a minute, offline.
 
 A width-16 ResNet-18 (CIFAR stem, 32 px) trains on the CIFAR-10 sample bundled with the package,
 then is evaluated; the run folder it leaves is the same kind that a full run writes.
@@ -6,20 +6,20 @@ then is evaluated; the run folder it leaves is the same kind that a full run wri
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 
 from cnnlab.config import resolve
 from cnnlab.evaluate import evaluate
+from cnnlab.run import new_run_dir
 from cnnlab.train.engine import train
 
 DEMO = dict(recipe="fast", dataset="sample", model="resnet18-cifar", width=16, image_size=32,
-            epochs=6, batch_size=128, lr=0.2, device="cpu")
+            epochs=10, batch_size=128, lr=0.2, device="cpu")
 
 
 def demo(out: str | Path | None = None) -> Path:
     """Train and evaluate the demo model; returns the run folder."""
-    out = Path(out) if out else Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(out) if out else new_run_dir("demo")
     cfg = resolve(overrides={**DEMO, "out": str(out)})
     print(f"cnnlab demo: training {cfg.model} (width {cfg.width}, {cfg.image_size} px) on the bundled "
           f"CIFAR-10 sample for {cfg.epochs} epochs on the CPU …", flush=True)

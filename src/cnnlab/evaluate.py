@@ -62,7 +62,7 @@ def report(scores: Scores, classes: list[str]) -> dict[str, Any]:
     """The ``evaluate --json`` document."""
     confusion = confusion_matrix(scores.predictions, scores.labels, len(classes))
     totals = confusion.sum(1)
-    per_class = {c: (confusion[i, i] / totals[i]).item() if totals[i] else None for i, c in enumerate(classes)}
+    per_class = {c: int(confusion[i, i]) / int(totals[i]) if totals[i] else None for i, c in enumerate(classes)}
     return {"top1": scores.top1, "n": len(scores.labels), "loss": scores.loss,
             "per_class": per_class, "confusion": confusion.tolist()}
 

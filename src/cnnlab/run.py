@@ -6,6 +6,7 @@ Everything after training (evaluate, visualize, predict, report, export) starts 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,5 +65,20 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
 def check_classes(loaded: LoadedRun, classes: list[str], dataset: str) -> None:
     """A model can only be scored on data whose classes are the ones it was trained on."""
     if list(classes) != loaded.classes:
-        raise UserError(f"dataset {dataset} has classes {', '.join(classes[:12])}… but the model was trained on "
-                        f"{', '.join(loaded.classes[:12])}…; evaluate it on a dataset with the same classes")
+        raise UserError(f"dataset {dataset} has classes {_names(classes)} but the model was trained on "
+                        f"{_names(loaded.classes)}; evaluate it on a dataset with the same classes")
+
+
+def _names(classes: list[str], most: int = 12) -> str:
+    shown = ", ".join(classes[:most])
+    return shown + (f" … ({len(classes)} in all)" if len(classes) > most else "")
+
+
+def new_run_dir(prefix: str, parent: str | Path = "runs") -> Path:
+    """``runs/PREFIX-YYYYmmdd-HHMMSS``, with a counter added when two runs start in the same second."""
+    stem = Path(parent) / f"{prefix}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = stem, 1
+    while path.exists():
+        n += 1
+        path = stem.with_name(f"{stem.name}-{n}")
+    return path

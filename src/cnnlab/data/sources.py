@@ -417,7 +417,8 @@ def _decode_splits(
     """Decode each split into a preallocated uint8 tensor, with one progress bar for all of them."""
     total = sum(len(items) for items in splits)
     outputs = []
-    with tqdm(total=total, desc=f"decoding {source.name}", unit="img", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=total, desc=f"decoding {source.name}", unit="img", file=sys.stderr, leave=False,
+              disable=not sys.stderr.isatty()) as bar:
         for items in splits:
             buffer = torch.empty((len(items), plan.channels, plan.height, plan.width), dtype=torch.uint8)
             target = buffer.numpy()

@@ -13,7 +13,6 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from cnnlab.data.splits import Splits, split
 from cnnlab.errors import UserError
 from cnnlab.evaluate import score
 from cnnlab.models import build
+from cnnlab.run import new_run_dir
 from cnnlab.train import checkpoint
 from cnnlab.train.device import on_by_default, pick_device
 from cnnlab.train.logging import RunLog
@@ -66,6 +66,7 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, devi
             "image_size": cfg.image_size, "in_channels": in_channels}
     if state is not None:
         _check_same_run(state, spec, data)
+    _make_run_dir(run_dir)
     _write_config(run_dir, cfg, dev, data)
     return _fit(cfg, dev, data, model, spec, run_dir, state)
 
@@ -195,7 +196,7 @@ def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
     if cfg.out is None:
-        run_dir = Path("runs") / f"{cfg.recipe}-{cfg.model}-{datetime.now():%Y%m%d-%H%M%S}"
+        run_dir = new_run_dir(f"{cfg.recipe}-{cfg.model}")
     else:
         run_dir = Path(cfg.out)
     if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
@@ -203,11 +204,15 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
                         "or choose another --out")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; give a folder for the run")
+    return run_dir
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    # Only once the data and model are ready, so a failed start leaves no empty run folder behind.
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
-    return run_dir
 
 
 def _resume_checkpoint(run_dir: Path) -> Path:

@@ -59,12 +59,14 @@ class RunLog:
         self.bar.set_description(f"epoch {epoch}/{self.epochs}")
         self.bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accs[-1]:.3f}", img_s=f"{images_per_s:.0f}")
         self.bar.update(len(losses))
+        self.metrics.flush()  # so that `tail -f metrics.jsonl` and a crash show every logged step
 
     def epoch(self, record: dict[str, Any]) -> None:
         for key, tag in EPOCH_TAGS.items():
             if record.get(key) is not None:
                 self.writer.add_scalar(tag, record[key], record["step"])
         self._write({"kind": "epoch", **record})
+        self.metrics.flush()
         self.writer.flush()
         parts = [f"epoch {record['epoch']}/{self.epochs}"]
         for key in ("train_loss", "train_acc", "val_acc", "test_acc"):
