@@ -155,6 +155,8 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
             if not math.isfinite(record["train_loss"]):
                 raise UserError(f"training diverged: the loss became {record['train_loss']} in epoch {epoch + 1} "
                                 f"(step {step}); try a lower --lr than {cfg.lr}")
+            log.filters(model, step)
+            log.predictions(test[0], test[1], s.predictions, data.classes, step)  # s: the test set's scores
             log.epoch(record)
             partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
             improved = "val_acc" in record and (best_val is None or record["val_acc"] > best_val)

@@ -7,13 +7,17 @@ step of its checkpoint and carry on without duplicated or stale points.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 # Epoch-record keys → TensorBoard tags (per-step train/loss and train/acc are the assignment's curves).
@@ -24,6 +28,8 @@ EPOCH_TAGS = {
     "images_per_s": "perf/images_per_s", "seconds": "perf/epoch_seconds",
 }
 HPARAM_METRICS = ("test/acc", "val/acc", "epoch/train_acc")
+SAMPLE_IMAGES = 16  # the test images whose predictions are shown every epoch
+FILTER_PIXELS = 32  # conv1 filters are enlarged (nearest neighbour) to about this many pixels a side
 
 
 class RunLog:
@@ -46,6 +52,49 @@ class RunLog:
         flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
         for summary in hparams(flat, {tag: 0.0 for tag in HPARAM_METRICS}):
             self.writer.file_writer.add_summary(summary)
+
+    def filters(self, model: nn.Module, step: int) -> None:
+        """The first convolution's filters as one image grid (tag ``conv1/filters``), each scaled to [0, 1]."""
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            return
+        w = conv.weight.detach().float().cpu()
+        if w.shape[1] not in (1, 3):
+            w = w.mean(1, keepdim=True)
+        low = w.amin(dim=(1, 2, 3), keepdim=True)
+        high = w.amax(dim=(1, 2, 3), keepdim=True)
+        w = (w - low) / (high - low).clamp(min=1e-12)
+        scale = max(1, FILTER_PIXELS // max(w.shape[-2:]))
+        w = w.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        grid = make_grid(w, nrow=int(math.ceil(math.sqrt(len(w)))), padding=max(1, scale // 2), pad_value=1.0)
+        self.writer.add_image("conv1/filters", grid, step)
+
+    def predictions(self, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
+                    classes: list[str], step: int) -> None:
+        """A labelled figure of ``SAMPLE_IMAGES`` images spread evenly over ``images`` (the same ones every
+        epoch), tag ``predictions``: predicted class over the true one, green when right, red when wrong."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        total = min(len(images), len(labels), len(preds))
+        if total == 0:
+            return
+        picks = torch.linspace(0, total - 1, min(SAMPLE_IMAGES, total)).round().long().unique().tolist()
+        n = len(picks)
+        cols = min(n, 8)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), dpi=100, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for i, ax in zip(picks, axes.flat):
+            img = images[i].detach().cpu()
+            ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=255)
+            p, t = int(preds[i]), int(labels[i])
+            ax.set_title(f"{classes[p]}\n({classes[t]})", fontsize=7, color="green" if p == t else "red")
+        fig.suptitle("predicted (true)", fontsize=8)
+        fig.tight_layout()
+        self.writer.add_figure("predictions", fig, step, close=True)
 
     def steps(self, epoch: int, first_step: int, losses: list[float], accs: list[float],
               lrs: list[float], images_per_s: float) -> None:
