@@ -26,3 +26,15 @@ def cifar10_jpeg() -> Path:
     if not path or not Path(path).is_file():
         pytest.skip("set CNNLAB_CIFAR10_JPEG to the cifar10-jpeg.tar.gz archive to run tests on real data")
     return Path(path)
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """One small model trained once per session on the bundled sample, for the commands that read runs."""
+    from cnnlab.config import resolve
+    from cnnlab.train.engine import train
+
+    cfg = resolve(overrides=dict(recipe="fast", dataset="sample", model="resnet18-cifar", width=8, image_size=32,
+                                 epochs=1, batch_size=128, lr=0.2, limit_train=1000, limit_test=200, device="cpu",
+                                 out=str(tmp_path_factory.mktemp("small") / "run")))
+    return train(cfg).run_dir

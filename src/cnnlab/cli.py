@@ -75,6 +75,28 @@ def build_parser() -> Parser:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+    p = sub.add_parser(
+        "predict", help="top-k labels with probabilities for image files and folders",
+        description="Predict image files of any size, format and mode, and every file in folders (recursively), "
+                    "with the preprocessing the model was trained with.",
+        epilog="Exit status: 0 when every file was predicted; 1 when some could not be read as images (each gets "
+               "one line on stderr, the others are still predicted); 2 for a usage mistake.")
+    p.add_argument("path", metavar="RUN_DIR|CKPT")
+    p.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+")
+    p.add_argument("--top-k", type=int, default=5, help="how many labels per image (default 5)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true",
+                   help='print one JSON document on stdout: [{"image", "top": [{"label", "prob"}, ...]}, ...]')
+
+    p = sub.add_parser(
+        "export", help="write the model as ONNX or TorchScript, with its classes and preprocessing as metadata",
+        description="The exported model takes float32 pixels in [0, 1], shape (N, C, S, S) with S the run's "
+                    "image size, normalises them itself and returns logits. Class names, image size, mean and "
+                    "std are stored in the file (ONNX metadata_props; TorchScript extra file metadata.json).")
+    p.add_argument("path", metavar="RUN_DIR|CKPT")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--out", required=True, metavar="FILE")
     return parser
 
 
@@ -151,7 +173,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "demo": cmd_demo}
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cnnlab.predict import predict
+
+    results = predict(args.path, args.images, top_k=args.top_k, device=args.device)
+    good = [r for r in results if "error" not in r]
+    for r in results:
+        if "error" in r:
+            print(f"cnnlab predict: {r['image']}: {r['error']}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(good))
+    else:
+        for r in good:
+            print(f"{r['image']}  " + "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]))
+    return 0 if len(good) == len(results) else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cnnlab.export import export
+
+    result = export(args.path, args.format, args.out)
+    meta = result["metadata"]
+    print(f"wrote {result['out']} ({args.format}; max |difference| from PyTorch {result['max_abs_diff']:.2g})")
+    print(f"  input: float32 (N, {meta['in_channels']}, {meta['image_size']}, {meta['image_size']}) in [0, 1], "
+          f"normalised inside the model; output: logits over {len(meta['classes'])} classes")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "demo": cmd_demo,
+            "predict": cmd_predict, "export": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

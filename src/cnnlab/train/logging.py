@@ -88,8 +88,8 @@ class RunLog:
         for ax in axes.flat:
             ax.axis("off")
         for i, ax in zip(picks, axes.flat):
-            img = images[i].detach().cpu()
-            ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray", vmin=0, vmax=255)
+            img = images[i].detach().cpu().numpy()
+            ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=255)
             p, t = int(preds[i]), int(labels[i])
             ax.set_title(f"{classes[p]}\n({classes[t]})", fontsize=7, color="green" if p == t else "red")
         fig.suptitle("predicted (true)", fontsize=8)

@@ -1,0 +1,158 @@
+"""Exporting a trained model to ONNX or TorchScript for use outside cnnlab.
+
+The exported model takes what a user has after decoding an image: **float32 pixels in [0, 1]**,
+shape (N, C, image_size, image_size), RGB (or one gray channel), any batch size. Normalisation by the
+run's mean and std is part of the graph; the output is the (N, num_classes) **logits** (apply softmax
+for probabilities). Resize the image to image_size first — cnnlab itself uses a bilinear resize
+(``align_corners=False``), see ``cnnlab.predict``.
+
+The file also carries what is needed to use it, as JSON strings under these keys: ``classes``,
+``image_size``, ``in_channels``, ``mean``, ``std``, ``input``, ``output``, ``model``, ``cnnlab_version``.
+In ONNX they are the model's ``metadata_props`` (onnxruntime: ``session.get_modelmeta().custom_metadata_map``);
+in TorchScript they are one extra file, ``metadata.json``
+(``torch.jit.load(path, _extra_files={"metadata.json": ""})``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import cnnlab
+from cnnlab.data.transforms import _per_channel
+from cnnlab.errors import UserError
+
+FORMATS = ("onnx", "torchscript")
+INPUT = "image"
+OUTPUT = "logits"
+METADATA_FILE = "metadata.json"  # the TorchScript extra file
+INPUT_CONVENTION = ("float32 (N, C, image_size, image_size), RGB (or gray) pixels in [0, 1]; "
+                    "normalisation by mean/std is inside the model")
+
+
+class Normalized(nn.Module):
+    """``model((image - mean) / std)``: the network with its input normalisation built in."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], channels: int):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(_per_channel(mean, channels)).view(1, channels, 1, 1))
+        self.register_buffer("std", torch.tensor(_per_channel(std, channels)).view(1, channels, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model((image - self.mean) / self.std)
+
+
+def export(path: str | Path, format: str, out: str | Path) -> dict[str, Any]:  # noqa: A002 - the CLI's name
+    """Write the model of a run folder or checkpoint to ``out`` as ONNX or TorchScript.
+
+    The export is checked before it is kept: the exported file is run on a random batch and must agree
+    with PyTorch within 1e-4. Returns ``{"out", "format", "metadata", "max_abs_diff"}``.
+    """
+    from cnnlab import run
+
+    if format not in FORMATS:
+        raise UserError(f"unknown export format {format!r}: choose onnx or torchscript")
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model.' + _suffix(format))}")
+    loaded = run.load(path, device="cpu")
+    channels, size = loaded.spec.get("in_channels", 3), loaded.spec["image_size"]
+    wrapped = Normalized(loaded.model, loaded.mean, loaded.std, channels).eval()
+    metadata = {
+        "classes": loaded.classes, "image_size": size, "in_channels": channels,
+        "mean": _per_channel(loaded.mean, channels), "std": _per_channel(loaded.std, channels),
+        "input": INPUT_CONVENTION, "output": f"float32 (N, {len(loaded.classes)}) logits, in the order of classes",
+        "model": loaded.spec["name"], "cnnlab_version": cnnlab.__version__,
+    }
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder for --out {out}: {e.strerror}") from None
+    tmp = out.with_name(f".{out.name}.tmp")
+    example = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        if format == "onnx":
+            _onnx(wrapped, example, metadata, tmp)
+            run_exported = _onnx_runner(tmp)
+        else:
+            _torchscript(wrapped, example, metadata, tmp)
+            run_exported = _jit_load(tmp)
+        check = torch.rand(3, channels, size, size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            diff = (run_exported(check) - wrapped(check)).abs().max().item()
+        if not diff <= 1e-4:
+            raise RuntimeError(f"the exported {format} model differs from PyTorch by {diff:.3g} (over 1e-4)")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"out": str(out), "format": format, "metadata": metadata, "max_abs_diff": diff}
+
+
+def _suffix(format: str) -> str:  # noqa: A002
+    return "onnx" if format == "onnx" else "pt"
+
+
+def _onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any], path: Path) -> None:
+    try:
+        import onnx  # noqa: F401 - torch.onnx needs it, and it writes the metadata
+        import onnxscript  # noqa: F401 - the torch.export-based exporter is built on it
+    except ImportError as e:
+        raise UserError(f"ONNX export needs the {e.name} package: pip install 'cnnlab[export]'") from None
+    import onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter about opset versions and deprecations
+        program = torch.onnx.export(model, (example,), None, dynamo=True, input_names=[INPUT],
+                                    output_names=[OUTPUT], verbose=False,
+                                    dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
+    proto = program.model_proto
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    proto.doc_string = f"cnnlab {metadata['model']}: input {INPUT_CONVENTION}; output logits"
+    onnx.save(proto, str(path))
+
+
+def _onnx_runner(path: Path):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("checking the ONNX export needs onnxruntime: pip install 'cnnlab[export]'") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run([OUTPUT], {INPUT: x.numpy()})[0])
+
+
+def _torchscript(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any], path: Path) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        traced = torch.jit.trace(model, example, check_trace=False)  # export() checks the saved file instead
+        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+
+
+def _jit_load(path: Path, extra_files: dict[str, Any] | None = None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        return torch.jit.load(str(path), _extra_files=extra_files)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a file written by ``export``, whichever its format."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        is_zip = f.read(2) == b"PK"  # TorchScript files are zip archives; ONNX files are protobuf
+    if is_zip:
+        files = {METADATA_FILE: ""}
+        _jit_load(path, files)
+        return json.loads(files[METADATA_FILE])
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: json.loads(p.value) for p in proto.metadata_props}

@@ -1,0 +1,80 @@
+"""export: ONNX (run by onnxruntime on the CPU) and TorchScript give PyTorch's outputs, and carry their metadata."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from cnnlab import run
+from cnnlab.cli import main
+from cnnlab.data import load_dataset
+from cnnlab.data.splits import reported_test_set
+from cnnlab.data.transforms import to_input
+from cnnlab.export import METADATA_FILE, read_metadata
+
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def reference(small_run):
+    """64 real test images as the exported models take them (float in [0, 1]) and PyTorch's logits for them."""
+    loaded = run.load(small_run)
+    images, _ = reported_test_set(load_dataset("sample"), loaded.config["limit_test"])
+    images = images[::3][:64]
+    with torch.no_grad():
+        logits = loaded.model(to_input(images, 32, loaded.mean, loaded.std))
+    return images.float() / 255, logits, loaded
+
+
+def check_metadata(meta, loaded):
+    assert meta["classes"] == loaded.classes and len(meta["classes"]) == 10
+    assert meta["image_size"] == 32 and meta["in_channels"] == 3
+    assert meta["mean"] == pytest.approx(loaded.mean) and meta["std"] == pytest.approx(loaded.std)
+    assert "[0, 1]" in meta["input"]
+
+
+def test_onnx_matches_pytorch_on_real_images(small_run, reference, tmp_path, capsys):
+    x, logits, loaded = reference
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(small_run), "--format", "onnx", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    assert got.shape == logits.shape
+    diff = (got - logits).abs().max().item()
+    print(f"max |ONNX - PyTorch| = {diff:.3g}")
+    assert diff <= 1e-4
+    assert torch.equal(got.argmax(1), logits.argmax(1))
+    one = session.run(None, {session.get_inputs()[0].name: x[:1].numpy()})[0]  # any batch size
+    assert (torch.from_numpy(one) - logits[:1]).abs().max() <= 1e-4
+    meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    check_metadata(meta, loaded)
+    assert read_metadata(out) == meta
+
+
+def test_torchscript_matches_pytorch_on_real_images(small_run, reference, tmp_path):
+    x, logits, loaded = reference
+    out = tmp_path / "sub" / "model.pt"
+    assert main(["export", str(small_run / "checkpoints" / "best.pt"), "--format", "torchscript",
+                 "--out", str(out)]) == 0
+    files = {METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still what users load
+        model = torch.jit.load(str(out), _extra_files=files)
+    with torch.no_grad():
+        got = model(x)
+        one = model(x[:5])
+    diff = (got - logits).abs().max().item()
+    print(f"max |TorchScript - PyTorch| = {diff:.3g}")
+    assert diff <= 1e-4 and (one - logits[:5]).abs().max() <= 1e-4
+    meta = json.loads(files[METADATA_FILE])
+    check_metadata(meta, loaded)
+    assert read_metadata(out) == meta
+
+
+def test_export_to_a_folder_is_a_user_error(small_run, tmp_path, capsys):
+    assert main(["export", str(small_run), "--format", "torchscript", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a folder" in err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
