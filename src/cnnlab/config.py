@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,10 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTS = ("none", "flip-crop")
 DEVICES = ("auto", "cpu", "cuda")
+# Beyond these a model no longer fits in memory or a tensor side overflows; say so before trying.
+MAX_WIDTH = 256
+MAX_IMAGE_SIZE = 1024
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -30,6 +34,7 @@ class TrainConfig:
     dataset: str = "cifar10"
     data_dir: str | None = None
     download: bool = False
+    skip_bad_images: bool = False
     limit_train: int | None = None
     limit_test: int | None = None
     val_split: int | None = None  # images held out of train for model selection; None: 10 %
@@ -172,8 +177,9 @@ def validate(cfg: TrainConfig) -> None:
          f"unknown dataset {cfg.dataset!r}; choose one of: cifar10, sample, folder:PATH")
     need(cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})")
     need(cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})")
-    need(1 <= cfg.width <= 1024, f"--width must be between 1 and 1024 (got {cfg.width})")
-    need(8 <= cfg.image_size <= 1024, f"--image-size must be between 8 and 1024 (got {cfg.image_size})")
+    need(1 <= cfg.width <= MAX_WIDTH, f"--width must be between 1 and {MAX_WIDTH} (got {cfg.width})")
+    need(8 <= cfg.image_size <= MAX_IMAGE_SIZE,
+         f"--image-size must be between 8 and {MAX_IMAGE_SIZE} (got {cfg.image_size})")
     for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
         value = getattr(cfg, name)
         need(math.isfinite(value) and value >= 0,
@@ -189,5 +195,6 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.checkpoint_every >= 0, f"--checkpoint-every must be 0 or more steps (got {cfg.checkpoint_every})")
     need(len(cfg.mean) == len(cfg.std) and len(cfg.mean) in (1, 3),
          "mean and std must both have 1 or 3 values")
-    need(all(s > 0 and math.isfinite(s) for s in cfg.std), "std values must be greater than 0")
-    need(cfg.seed >= 0, f"--seed must be 0 or more (got {cfg.seed})")
+    need(all(s > 0 and math.isfinite(s) for s in cfg.std), "std values must be finite and greater than 0")
+    need(all(math.isfinite(m) for m in cfg.mean), "mean values must be finite numbers")
+    need(0 <= cfg.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED} (got {cfg.seed})")

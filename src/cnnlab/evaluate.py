@@ -81,7 +81,8 @@ def evaluate(path: str | Path, dataset: str | None = None, data_dir: str | None 
     spec = dataset or config.get("dataset", "cifar10")
     if limit_test is None and dataset is None:
         limit_test = config.get("limit_test")  # the same images the run reported on
-    data = load_dataset(spec, data_dir=data_dir or config.get("data_dir"))
+    data = load_dataset(spec, data_dir=data_dir or config.get("data_dir"),
+                        skip_bad_images=config.get("skip_bad_images", False))
     run.check_classes(loaded, data.classes, spec)
     x, y = reported_test_set(data, limit_test)
     dev = next(loaded.model.parameters()).device

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -63,6 +63,7 @@ class Dataset:
     train_y: torch.Tensor  # int64 (N,)
     test_x: torch.Tensor
     test_y: torch.Tensor
+    skipped: list[str] = field(default_factory=list)  # unreadable images left out (--skip-bad-images)
 
 
 def default_data_dir() -> Path:
@@ -85,17 +86,22 @@ def memory_budget_bytes() -> int:
         return 8 * 2**30
 
 
-def load_dataset(spec: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
-    """Load the dataset named by ``spec`` (one of ``DATASET_CHOICES``) into memory."""
+def load_dataset(spec: str, data_dir: str | Path | None = None, download: bool = False,
+                 skip_bad_images: bool = False) -> Dataset:
+    """Load the dataset named by ``spec`` (one of ``DATASET_CHOICES``) into memory.
+
+    An image that cannot be decoded stops the load with its name, unless ``skip_bad_images``:
+    then it is left out and listed in ``Dataset.skipped``.
+    """
     if spec == "cifar10":
         return _load_cifar10(Path(data_dir).expanduser() if data_dir else default_data_dir(), download)
     if spec == "sample":
-        return _load_folder(SAMPLE_ARCHIVE, name="sample")
+        return _load_folder(SAMPLE_ARCHIVE, name="sample", skip_bad=skip_bad_images)
     if spec.startswith("folder:"):
         location = spec[len("folder:") :]
         if not location:
             raise UserError("--dataset folder: needs a path, e.g. folder:~/images or folder:images.tar.gz")
-        return _load_folder(Path(location).expanduser(), name=spec)
+        return _load_folder(Path(location).expanduser(), name=spec, skip_bad=skip_bad_images)
     raise UserError(f"unknown dataset {spec!r}: choose one of {', '.join(DATASET_CHOICES)}")
 
 
@@ -328,11 +334,21 @@ def _probe(rel: str, data: bytes, source: str) -> tuple[str, int, int]:
                 width, height = height, width
             return img.mode, width, height
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        raise UserError(f"{source}: cannot read image {rel} ({exc}); remove or replace the file") from None
+        raise UserError(f"{source}: cannot read image {rel} ({exc}); remove or replace the file, "
+                        "or pass --skip-bad-images to leave such files out") from None
 
 
-def _probe_chunk(items: list[tuple[str, bytes]], source: str) -> list[tuple[str, int, int]]:
-    return [_probe(rel, data, source) for rel, data in items]
+def _probe_chunk(items: list[tuple[str, bytes]], source: str, skip_bad: bool) -> list[tuple[str, int, int] | None]:
+    """Headers of a chunk; with ``skip_bad`` an unreadable image gives None instead of stopping."""
+    headers: list[tuple[str, int, int] | None] = []
+    for rel, data in items:
+        try:
+            headers.append(_probe(rel, data, source))
+        except UserError:
+            if not skip_bad:
+                raise
+            headers.append(None)
+    return headers
 
 
 def _plan(modes: set[str], sizes: list[tuple[int, int]]) -> _DecodePlan:
@@ -370,15 +386,23 @@ def _decode_one(data: bytes, plan: _DecodePlan) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _decode_chunk(items: list[tuple[str, bytes]], plan: _DecodePlan, source: str) -> np.ndarray:
-    """Decode a list of (path, bytes) into one (n, C, H, W) array; runs in worker processes too."""
+def _decode_chunk(items: list[tuple[str, bytes]], plan: _DecodePlan, source: str,
+                  skip_bad: bool) -> tuple[np.ndarray, list[int]]:
+    """Decode a list of (path, bytes) into one (n, C, H, W) array; runs in worker processes too.
+
+    Also returns the indices of images that failed (only with ``skip_bad``; else the first stops it).
+    """
     out = np.empty((len(items), plan.channels, plan.height, plan.width), dtype=np.uint8)
+    failed = []
     for i, (rel, data) in enumerate(items):
         try:
             out[i] = _decode_one(data, plan)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-            raise UserError(f"{source}: cannot decode image {rel} ({exc}); remove or replace the file") from None
-    return out
+            if not skip_bad:
+                raise UserError(f"{source}: cannot decode image {rel} ({exc}); remove or replace the file, "
+                                "or pass --skip-bad-images to leave such files out") from None
+            failed.append(i)
+    return out, failed
 
 
 def _worker_count() -> int:
@@ -412,32 +436,50 @@ def _map_chunks(fn: Callable[..., _T], items: list[tuple[str, bytes]], pool: Exe
 
 
 def _decode_splits(
-    splits: list[list[tuple[str, bytes]]], plan: _DecodePlan, source: Path, pool: Executor | None
-) -> list[torch.Tensor]:
-    """Decode each split into a preallocated uint8 tensor, with one progress bar for all of them."""
+    splits: list[list[tuple[str, bytes]]], plan: _DecodePlan, source: Path, pool: Executor | None, skip_bad: bool
+) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Decode each split into a preallocated uint8 tensor, with one progress bar for all of them.
+
+    Also returns, per split, the indices of the images that could not be decoded (with ``skip_bad``).
+    """
     total = sum(len(items) for items in splits)
-    outputs = []
+    outputs, failures = [], []
     with tqdm(total=total, desc=f"decoding {source.name}", unit="img", file=sys.stderr, leave=False,
               disable=not sys.stderr.isatty()) as bar:
         for items in splits:
             buffer = torch.empty((len(items), plan.channels, plan.height, plan.width), dtype=torch.uint8)
             target = buffer.numpy()
-            start = 0
-            for decoded in _map_chunks(_decode_chunk, items, pool, plan, str(source)):
+            start, failed = 0, []
+            for decoded, bad in _map_chunks(_decode_chunk, items, pool, plan, str(source), skip_bad):
                 target[start : start + len(decoded)] = decoded
+                failed += [start + i for i in bad]
                 start += len(decoded)
                 bar.update(len(decoded))
             outputs.append(buffer)
-    return outputs
+            failures.append(failed)
+    return outputs, failures
 
 
-def _decode_folder(contents: ArchiveContents, source: Path) -> dict[str, object]:
+def _decode_folder(contents: ArchiveContents, source: Path, skip_bad: bool = False) -> dict[str, object]:
     contents = _strip_single_top(contents)
     classes, splits = _split_layout(contents, source)
-    items = [[(rel, contents.files[rel]) for rel, _ in splits[split]] for split in ("train", "test")]
-    with _decode_executor(len(items[0]) + len(items[1])) as pool:
+    items = {split: [(rel, contents.files[rel], label) for rel, label in splits[split]] for split in ("train", "test")}
+    skipped: list[str] = []
+
+    def keep(split: str, bad: set[int]) -> None:
+        skipped.extend(items[split][i][0] for i in sorted(bad))
+        items[split] = [item for i, item in enumerate(items[split]) if i not in bad]
+
+    everything = items["train"] + items["test"]
+    with _decode_executor(len(everything)) as pool:
         # The cheap pass: headers only, to settle channels and size before any pixel is decoded.
-        headers = [h for chunk in _map_chunks(_probe_chunk, items[0] + items[1], pool, str(source)) for h in chunk]
+        pairs = [(rel, data) for rel, data, _ in everything]
+        headers = [h for chunk in _map_chunks(_probe_chunk, pairs, pool, str(source), skip_bad) for h in chunk]
+        n_train = len(items["train"])
+        keep("train", {i for i, h in enumerate(headers[:n_train]) if h is None})
+        keep("test", {i for i, h in enumerate(headers[n_train:]) if h is None})
+        headers = [h for h in headers if h is not None]
+        _check_not_emptied(items, classes, source)
         plan = _plan({mode for mode, _, _ in headers}, [(w, h) for _, w, h in headers])
         needed = len(headers) * plan.channels * plan.height * plan.width
         budget = memory_budget_bytes()
@@ -447,14 +489,31 @@ def _decode_folder(contents: ArchiveContents, source: Path) -> dict[str, object]
                 f"{needed / 2**30:.1f} GiB of memory, over the {budget / 2**30:.1f} GiB budget (half the RAM); "
                 f"use a subset or smaller images"
             )
-        train_x, test_x = _decode_splits(items, plan, source, pool)
-    return {
-        "classes": classes,
-        "train_x": train_x,
-        "train_y": torch.tensor([label for _, label in splits["train"]], dtype=torch.int64),
-        "test_x": test_x,
-        "test_y": torch.tensor([label for _, label in splits["test"]], dtype=torch.int64),
-    }
+        pixels, failures = _decode_splits([[(rel, data) for rel, data, _ in items[split]] for split in ("train", "test")],
+                                          plan, source, pool, skip_bad)
+    result: dict[str, object] = {"classes": classes}
+    for split, x, failed in zip(("train", "test"), pixels, failures):
+        if failed:  # images whose header read fine but whose pixels did not (e.g. truncated files)
+            kept = torch.ones(len(x), dtype=torch.bool)
+            kept[failed] = False
+            x = x[kept]
+            keep(split, set(failed))
+        result[f"{split}_x"] = x
+        result[f"{split}_y"] = torch.tensor([label for _, _, label in items[split]], dtype=torch.int64)
+    _check_not_emptied(items, classes, source)
+    result["skipped"] = skipped
+    return result
+
+
+def _check_not_emptied(items: dict[str, list[tuple[str, bytes, int]]], classes: list[str], source: Path) -> None:
+    """After leaving bad images out, every train class and the test split must still have images."""
+    present = {label for _, _, label in items["train"]}
+    emptied = [c for i, c in enumerate(classes) if i not in present]
+    if emptied:
+        raise UserError(f"{source}: no readable training images are left in class {', '.join(emptied)}; "
+                        "replace the unreadable files")
+    if not items["test"]:
+        raise UserError(f"{source}: no readable test images are left; replace the unreadable files")
 
 
 # --- cache ---------------------------------------------------------------------------------------
@@ -488,7 +547,7 @@ def _write_cache(path: Path, tensors: dict[str, object]) -> None:
         warnings.warn(f"could not cache decoded images in {path.parent} ({exc}); the next run decodes again", stacklevel=3)
 
 
-def _load_folder(path: Path, name: str) -> Dataset:
+def _load_folder(path: Path, name: str, skip_bad: bool = False) -> Dataset:
     """A ``train/<class>/…``, ``test/<class>/…`` tree from a directory or an archive, via the cache."""
     if path.is_dir():
         contents = _read_directory(path)
@@ -500,13 +559,13 @@ def _load_folder(path: Path, name: str) -> Dataset:
     else:
         raise UserError(f"{path} does not exist; check the folder:PATH (it may be a folder or a .tar.gz/.zip archive)")
 
-    cache_file = _cache_path(key)
+    cache_file = _cache_path(key + ("-skip-bad" if skip_bad else ""))
     tensors = _read_cache(cache_file)
     if tensors is None:
         if contents is None:
             extensions = _image_extensions()
             contents = read_archive(path, keep=lambda rel: _is_candidate(rel, extensions))
-        tensors = _decode_folder(contents, path)
+        tensors = _decode_folder(contents, path, skip_bad)
         _write_cache(cache_file, tensors)
     return Dataset(
         name=name,
@@ -515,4 +574,5 @@ def _load_folder(path: Path, name: str) -> Dataset:
         train_y=tensors["train_y"],
         test_x=tensors["test_x"],
         test_y=tensors["test_y"],
+        skipped=list(tensors.get("skipped", [])),
     )

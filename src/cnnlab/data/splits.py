@@ -6,7 +6,7 @@ looking at the test set; the test set is only reported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,7 @@ class Splits:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    skipped: list[str] = field(default_factory=list)  # images the source could not read and left out
 
 
 def split(data: Dataset, limit_train: int | None = None, limit_test: int | None = None,
@@ -38,7 +39,7 @@ def split(data: Dataset, limit_train: int | None = None, limit_test: int | None 
     n_val = len(train) // 10 if val_split is None else min(val_split, len(train) - 1)
     val, train = train[:n_val].sort().values, train[n_val:].sort().values
     return Splits(data.classes, data.train_x[train], data.train_y[train], data.train_x[val],
-                  data.train_y[val], test_x, test_y)
+                  data.train_y[val], test_x, test_y, list(data.skipped))
 
 
 def reported_test_set(data: Dataset, limit_test: int | None) -> tuple[torch.Tensor, torch.Tensor]:

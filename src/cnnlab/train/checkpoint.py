@@ -23,16 +23,22 @@ def save(state: dict[str, Any], path: Path) -> None:
     The bytes go to a temporary file in the same folder, are flushed to disk, and only then renamed
     over the target: a rename within one file system is atomic.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, read-only or vanished folder, quota …
+            kept = f"the previous {path.name} is intact" if path.exists() else "no earlier checkpoint was written"
+            raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; free some space or "
+                            f"choose another --out ({kept})") from None
         raise
     _fsync_dir(path.parent)
 
@@ -59,7 +65,9 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch explains at length; the line naming the refused object is the one that matters.
-        why = next((l.strip() for l in str(e).splitlines() if "Unsupported global" in l), "it holds pickled objects")
+        why = next((l.strip() for l in str(e).splitlines() if "GLOBAL" in l or "Unsupported global" in l), None)
+        if why is None:  # not a refused object but bytes that are no pickle at all
+            raise UserError(f"cannot read checkpoint {path}: the file is truncated or corrupt") from None
         raise UserError(f"refusing to load {path}: it holds more than tensors and plain values, "
                         f"and loading it could run code ({why})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:

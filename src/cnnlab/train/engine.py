@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from cnnlab.models import build
 from cnnlab.run import new_run_dir
 from cnnlab.train import checkpoint
 from cnnlab.train.device import on_by_default, pick_device
+from cnnlab.train.lock import RunLock
 from cnnlab.train.logging import RunLog
 
 FLUSH_EVERY = 25  # steps between reading losses back from the device (each read waits for the GPU)
@@ -46,29 +48,60 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, devi
     """Train from ``cfg`` into a new run folder, or continue the run in folder ``resume``."""
     if resume is not None:
         run_dir = Path(resume)
-        state = checkpoint.load(_resume_checkpoint(run_dir))
-        cfg = TrainConfig(**{k: tuple(v) if k in ("mean", "std") else v for k, v in state["config"].items()})
-        if device is not None:
-            cfg.device = device
-        validate(cfg)
-    else:
-        assert cfg is not None
-        run_dir = _new_run_dir(cfg)
-        state = None
-    dev = pick_device(cfg.device)
+        path = _resume_checkpoint(run_dir)
+        with RunLock(run_dir):  # before reading last.pt, so that no live run is rewriting it
+            state = checkpoint.load(path)
+            cfg = TrainConfig(**{k: tuple(v) if k in ("mean", "std") else v for k, v in state["config"].items()})
+            if device is not None:
+                cfg.device = device
+            validate(cfg)
+            dev, data, model, spec = _prepare(cfg)
+            _check_same_run(state, spec, data)
+            return _start(cfg, dev, data, model, spec, run_dir, state)
+    assert cfg is not None
+    run_dir = _new_run_dir(cfg)
+    _refuse_existing_run(run_dir)
+    dev, data, model, spec = _prepare(cfg)
+    # Only once the data and model are ready, so that a failed start leaves no empty run folder behind.
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
+    with RunLock(run_dir):
+        _refuse_existing_run(run_dir)  # again: another process may have started here meanwhile
+        return _start(cfg, dev, data, model, spec, run_dir, None)
 
+
+def _prepare(cfg: TrainConfig) -> tuple[torch.device, Splits, nn.Module, dict[str, Any]]:
+    """The device, the data splits and a freshly initialised model (seeded) for ``cfg``."""
+    dev = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    data = split(load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download),
-                 cfg.limit_train, cfg.limit_test, cfg.val_split)
+    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                           skip_bad_images=cfg.skip_bad_images)
+    if dataset.skipped:
+        shown = ", ".join(dataset.skipped[:5]) + (" …" if len(dataset.skipped) > 5 else "")
+        print(f"skipped {len(dataset.skipped)} unreadable image(s): {shown}", file=sys.stderr)
+    data = split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split)
     in_channels = data.train_x.shape[1]
+    if len(cfg.mean) not in (1, in_channels):
+        raise UserError(f"the images have {in_channels} channel(s) but mean and std have {len(cfg.mean)} values; "
+                        f"give 1 or {in_channels}")
     model = build(cfg.model, num_classes=len(data.classes), width=cfg.width, in_channels=in_channels)
     spec = {"name": cfg.model, "num_classes": len(data.classes), "width": cfg.width,
             "image_size": cfg.image_size, "in_channels": in_channels}
-    if state is not None:
-        _check_same_run(state, spec, data)
-    _make_run_dir(run_dir)
+    return dev, data, model, spec
+
+
+def _start(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, spec: dict[str, Any],
+           run_dir: Path, state: dict[str, Any] | None) -> Result:
+    for stale in (run_dir / "checkpoints").glob(".*.tmp"):
+        stale.unlink(missing_ok=True)  # half-written checkpoints of a process that was killed
     _write_config(run_dir, cfg, dev, data)
-    return _fit(cfg, dev, data, model, spec, run_dir, state)
+    try:
+        return _fit(cfg, dev, data, model, spec, run_dir, state)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"the GPU ran out of memory with batch size {cfg.batch_size} at {cfg.image_size} px; "
+                        f"try --batch-size {max(cfg.batch_size // 2, 1)}, a smaller --image-size or --amp") from None
 
 
 def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, spec: dict[str, Any],
@@ -103,7 +136,10 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
     if step >= total_steps:
         raise UserError(f"the run in {run_dir} already finished all {cfg.epochs} epochs; nothing to resume")
 
+    saved_step = step
+
     def save(name: str) -> None:
+        nonlocal saved_step
         checkpoint.save({
             "model": model.state_dict(), "model_spec": spec, "classes": data.classes,
             "normalize": {"mean": list(cfg.mean), "std": list(cfg.std)},
@@ -113,10 +149,12 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
                     "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []},
             "config": cfg.to_dict(), "versions": {"cnnlab": cnnlab.__version__, "torch": str(torch.__version__)},
         }, run_dir / "checkpoints" / name)
+        saved_step = step
 
     log = RunLog(run_dir, total_steps, start_step=step, epochs=cfg.epochs)
     if step == 0:
         log.hyperparameters(cfg.to_dict())
+        save("last.pt")  # so that even a run that fails in its first epoch can be resumed or inspected
     last: dict[str, Any] = {}
     model.train()
     try:
@@ -138,12 +176,18 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
                 last_of_epoch = i == steps_per_epoch - 1
                 mid_checkpoint = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last_of_epoch
                 if len(pending) == FLUSH_EVERY or last_of_epoch or mid_checkpoint:
-                    _flush(log, epoch + 1, step, pending, partial, time.perf_counter() - tick)
+                    bad = _flush(log, epoch + 1, step, pending, partial, time.perf_counter() - tick)
+                    if bad is not None:
+                        raise UserError(
+                            f"training diverged: the loss became {bad[1]} at step {bad[0]} (epoch {epoch + 1}); "
+                            f"the learning rate ({bad[2]:g}) is most likely too high for this model and batch size, "
+                            f"try a lower --lr; the last good checkpoint (step {saved_step}) is "
+                            f"{run_dir / 'checkpoints' / 'last.pt'}")
                     pending, tick = [], time.perf_counter()
                 if mid_checkpoint:
                     save("last.pt")
 
-            record = {"epoch": epoch + 1, "step": step, "lr": scheduler.get_last_lr()[0],
+            record = {"epoch": epoch + 1, "step": step, "lr": lr,  # the rate its last step used
                       "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
                       "train_acc": partial["correct"] / max(partial["seen"], 1),
                       "seconds": partial["seconds"], "images_per_s": partial["seen"] / max(partial["seconds"], 1e-9)}
@@ -152,9 +196,6 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
                 s = score(forward, vx, vy, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
                           batch_size=max(cfg.batch_size, 256), amp=amp, channels_last=channels_last)
                 record[f"{name}_loss"], record[f"{name}_acc"] = s.loss, s.top1
-            if not math.isfinite(record["train_loss"]):
-                raise UserError(f"training diverged: the loss became {record['train_loss']} in epoch {epoch + 1} "
-                                f"(step {step}); try a lower --lr than {cfg.lr}")
             log.filters(model, step)
             log.predictions(test[0], test[1], s.predictions, data.classes, step)  # s: the test set's scores
             log.epoch(record)
@@ -171,9 +212,19 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
     return Result(run_dir, last, best_val)
 
 
-def _flush(log: RunLog, epoch: int, step: int, pending: list, partial: dict[str, Any], seconds: float) -> None:
-    """Read a window of per-step numbers back from the device in one go and log them."""
+def _flush(log: RunLog, epoch: int, step: int, pending: list, partial: dict[str, Any],
+           seconds: float) -> tuple[int, float, float] | None:
+    """Read a window of per-step numbers back from the device in one go and log them.
+
+    Returns (step, loss, lr) of the first step whose loss is not finite, after logging the steps before it.
+    """
     losses = torch.stack([p[0] for p in pending]).float().tolist()
+    first = step - len(pending) + 1
+    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    if bad is not None:
+        if bad:
+            _flush(log, epoch, first + bad - 1, pending[:bad], partial, seconds * bad / len(pending))
+        return first + bad, losses[bad], pending[bad][3]
     correct = torch.stack([p[1] for p in pending]).tolist()
     sizes = [p[2] for p in pending]
     partial["loss_sum"] += sum(l * n for l, n in zip(losses, sizes))
@@ -197,24 +248,16 @@ def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: 
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
-    if cfg.out is None:
-        run_dir = new_run_dir(f"{cfg.recipe}-{cfg.model}")
-    else:
-        run_dir = Path(cfg.out)
-    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                        "or choose another --out")
+    run_dir = new_run_dir(f"{cfg.recipe}-{cfg.model}") if cfg.out is None else Path(cfg.out)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; give a folder for the run")
     return run_dir
 
 
-def _make_run_dir(run_dir: Path) -> None:
-    # Only once the data and model are ready, so a failed start leaves no empty run folder behind.
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
+def _refuse_existing_run(run_dir: Path) -> None:
+    if any((run_dir / "checkpoints" / name).exists() for name in ("last.pt", "best.pt")):
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                        "or choose another --out")
 
 
 def _resume_checkpoint(run_dir: Path) -> Path:
@@ -240,7 +283,8 @@ def _write_config(run_dir: Path, cfg: TrainConfig, dev: torch.device, data: Spli
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "data": {"classes": data.classes, "train": len(data.train_y), "val": len(data.val_y),
-                 "test": len(data.test_y), "stored_size": list(data.train_x.shape[1:])},
+                 "test": len(data.test_y), "stored_size": list(data.train_x.shape[1:]),
+                 "skipped_images": data.skipped},
     }
     tmp = run_dir / "config.json.tmp"
     tmp.write_text(json.dumps(info, indent=2))
