@@ -97,7 +97,7 @@ def resolve(recipe: str | None = None, toml_path: str | Path | None = None,
         values.update(read_toml(toml_path))
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     name = overrides.get("recipe") or recipe or values.get("recipe") or "seed"
-    if name not in RECIPES:
+    if not isinstance(name, str) or name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
     merged = {**RECIPES[name], **values, **overrides, "recipe": name}
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
