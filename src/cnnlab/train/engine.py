@@ -83,9 +83,6 @@ def _prepare(cfg: TrainConfig) -> tuple[torch.device, Splits, nn.Module, dict[st
         print(f"skipped {len(dataset.skipped)} unreadable image(s): {shown}", file=sys.stderr)
     data = split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split)
     in_channels = data.train_x.shape[1]
-    if len(cfg.mean) not in (1, in_channels):
-        raise UserError(f"the images have {in_channels} channel(s) but mean and std have {len(cfg.mean)} values; "
-                        f"give 1 or {in_channels}")
     model = build(cfg.model, num_classes=len(data.classes), width=cfg.width, in_channels=in_channels)
     spec = {"name": cfg.model, "num_classes": len(data.classes), "width": cfg.width,
             "image_size": cfg.image_size, "in_channels": in_channels}
