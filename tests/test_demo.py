@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+from PIL import Image
 
 from cnnlab import cli, demo
 from cnnlab.run import load
@@ -31,6 +32,18 @@ def test_demo_trains_evaluates_and_says_where(one_epoch, tmp_path, capsys):
     assert run.classes[:3] == ["airplane", "automobile", "bird"]
     epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1]
+
+    # The gallery: conv1 filters, feature maps of one test image, Grad-CAM of four.
+    assert f"inside the net:  {out / 'viz'}" in printed
+    gallery = {p.relative_to(out / "viz").as_posix() for p in (out / "viz").rglob("*.png")}
+    assert gallery == {"filters/conv1.png", "filters/conv1_filter0.png", "features/conv1_test300.png",
+                       "features/conv5_x_test300.png", "cam/conv5_x_test0+3.png"}
+    for name in gallery:
+        png = Image.open(out / "viz" / name)
+        assert png.format == "PNG" and png.size[0] > 400 and len(png.getcolors(1 << 20) or range(500)) > 50
+    # The conv5_x grid shows all 128 channels of the width-16 model: wider than tall, beside the input.
+    features = Image.open(out / "viz" / "features" / "conv5_x_test300.png")
+    assert features.size[0] > features.size[1]
 
 
 def test_demo_runs_twice_without_out(one_epoch, tmp_path, monkeypatch):

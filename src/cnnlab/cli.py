@@ -97,6 +97,27 @@ def build_parser() -> Parser:
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
     p.add_argument("--out", required=True, metavar="FILE")
+
+    p = sub.add_parser("visualize", help="look inside a trained network: filters, feature maps, CAMs, attributions …")
+    p.add_argument("method", metavar="METHOD", help="filters, features, top-images, deconv, invert, maximize, dream, "
+                                                     "cam or attribute")
+    p.add_argument("path", metavar="RUN_DIR|CKPT")
+    p.add_argument("--image", nargs="+", metavar="PATH", help="image files (any size or format; resized and "
+                                                              "normalised as the checkpoint says)")
+    p.add_argument("--index", nargs="+", type=int, metavar="N", help="images of the run's test set, by index")
+    p.add_argument("--count", type=int, metavar="K", help="how many test images (from index 0), channels or filters")
+    p.add_argument("--layer", nargs="+", metavar="NAME", help="Table 1 names (conv1, conv2_x … conv5_x, fc) or "
+                                                              "module paths (layer4.1.left.3)")
+    p.add_argument("--target", nargs="+", metavar="CLASS", help="class name or index (default: the predicted class)")
+    p.add_argument("--channel", nargs="+", type=int, metavar="C", help="channels of the layer")
+    p.add_argument("--kind", nargs="+", metavar="KIND", help="cam: grad-cam grad-cam++ score-cam layer-cam; "
+                   "attribute: saliency guided-backprop guided-grad-cam integrated-gradients smoothgrad occlusion "
+                   "(default: all)")
+    p.add_argument("--steps", type=int, help="optimisation steps (invert, maximize, dream) or integration steps")
+    p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/viz/METHOD)")
+    p.add_argument("--tensorboard", action="store_true", help="also log the images to the run's TensorBoard")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", help="where the run's dataset is, for --index and top-images")
     return parser
 
 
@@ -200,8 +221,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from cnnlab.viz import visualize
+
+    pngs = visualize(args.method, args.path, image=args.image, index=args.index, count=args.count,
+                     layer=args.layer, target=args.target, channel=args.channel, kind=args.kind, steps=args.steps,
+                     out=args.out, tensorboard=args.tensorboard, device=args.device, data_dir=args.data_dir)
+    for png in pngs:
+        print(f"wrote {png}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "demo": cmd_demo,
-            "predict": cmd_predict, "export": cmd_export}
+            "predict": cmd_predict, "export": cmd_export,
+            "visualize": cmd_visualize}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,8 @@
 """``cnnlab demo``: the whole path on a laptop CPU in about a minute, offline.
 
 A width-16 ResNet-18 (CIFAR stem, 32 px) trains on the CIFAR-10 sample bundled with the package,
-then is evaluated; the run folder it leaves is the same kind that a full run writes.
+then is evaluated, and a small gallery of what it learned is drawn (``cnnlab visualize``); the run
+folder it leaves is the same kind that a full run writes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from cnnlab.config import resolve
 from cnnlab.evaluate import evaluate
 from cnnlab.run import new_run_dir
 from cnnlab.train.engine import train
+
+# Test images for the gallery: the sample's test set is ordered by class, 100 images each, so these
+# are an airplane, a cat, a dog and a ship.
+GALLERY_IMAGES = [0, 300, 500, 800]
 
 DEMO = dict(recipe="fast", dataset="sample", model="resnet18-cifar", width=16, image_size=32,
             epochs=10, batch_size=128, lr=0.2, device="cpu")
@@ -33,4 +38,18 @@ def demo(out: str | Path | None = None) -> Path:
     print(f"  metrics:         {result.run_dir / 'metrics.jsonl'}")
     print(f"  evaluation:      {', '.join(scores['outputs'])}")
     print(f"  TensorBoard:     tensorboard --logdir {result.run_dir / 'tb'}   (then open http://localhost:6006)")
+    pngs = gallery(result.run_dir)
+    print(f"  inside the net:  {result.run_dir / 'viz'}  ({len(pngs)} figures: conv1 filters, feature maps at conv1 "
+          "and conv5_x, Grad-CAM; more with: cnnlab visualize METHOD RUN_DIR)")
     return result.run_dir
+
+
+def gallery(run_dir: Path) -> list[Path]:
+    """A few figures of the trained model: its conv1 filters, all channels of conv1 and conv5_x for one
+    test image, and Grad-CAM and Grad-CAM++ for four (they land in ``run_dir/viz/<method>/``)."""
+    from cnnlab.viz import visualize
+
+    pngs = visualize("filters", run_dir, layer="conv1", device="cpu")
+    pngs += visualize("features", run_dir, index=GALLERY_IMAGES[1], layer=["conv1", "conv5_x"], device="cpu")
+    pngs += visualize("cam", run_dir, index=GALLERY_IMAGES, kind=["grad-cam", "grad-cam++"], device="cpu")
+    return pngs

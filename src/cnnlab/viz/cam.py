@@ -1,0 +1,128 @@
+"""Class activation maps at a convolutional layer, upsampled to the input.
+
+- Grad-CAM: Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
+  Localization", ICCV 2017 (arXiv:1610.02391). Computed with captum's ``LayerGradCam``.
+- Grad-CAM++: Chattopadhay et al., "Grad-CAM++: Improved Visual Explanations for Deep Convolutional
+  Networks", WACV 2018 (arXiv:1710.11063), closed form for an exponential of the class score.
+- Score-CAM: Wang et al., "Score-CAM: Score-Weighted Visual Explanations for Convolutional Neural
+  Networks", CVPR-W 2020 (arXiv:1910.01279).
+- LayerCAM: Jiang et al., "LayerCAM: Exploring Hierarchical Class Activation Maps for
+  Localization", IEEE TIP 2021.
+
+Every function takes a model, a batch of network inputs, a target and a layer and returns
+(B, 1, H, W) non-negative maps at the input's size, unscaled (rendering scales them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnnlab.errors import UserError
+from cnnlab.viz.layers import forward_until, recording, resolve
+
+__all__ = ["CAMS", "cam", "grad_cam", "grad_cam_pp", "layer_cam", "predicted", "score_cam"]
+
+Target = int | Tensor | None
+
+
+def predicted(model: nn.Module, x: Tensor, target: Target) -> Tensor:
+    """The target class of every image as a (B,) tensor: the given one, or the model's prediction."""
+    if target is None:
+        with torch.no_grad():
+            return model(x).argmax(1)
+    if isinstance(target, Tensor):
+        return target.to(x.device).long().expand(len(x)) if target.ndim == 0 else target.to(x.device).long()
+    return torch.full((len(x),), int(target), dtype=torch.long, device=x.device)
+
+
+def upsample(maps: Tensor, x: Tensor) -> Tensor:
+    """Layer-resolution maps to the input's size, bilinearly (Selvaraju et al. 2017, Sec. 3)."""
+    return F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _spatial(acts: Tensor, layer: str) -> None:
+    if acts.ndim != 4:
+        raise UserError(f"layer {layer!r} outputs shape {list(acts.shape[1:])}, not feature maps; "
+                        "a CAM needs a convolutional layer such as conv5_x, conv4_x … conv1")
+
+
+def activations_and_gradients(model: nn.Module, x: Tensor, target: Tensor, layer: str) -> tuple[Tensor, Tensor]:
+    """The layer's activations A (B, K, h, w) and ∂y_c/∂A for each image's target class c."""
+    with torch.enable_grad(), recording(model, [layer], detach=False) as store:
+        logits = model(x)
+        acts = store[layer]
+        _spatial(acts, layer)
+        (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts)
+    return acts.detach(), grads
+
+
+def grad_cam(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x") -> Tensor:
+    """ReLU(Σ_k α_k A_k) with α_k the spatial mean of ∂y_c/∂A_k, upsampled bilinearly."""
+    from captum.attr import LayerGradCam
+
+    t = predicted(model, x, target)
+    module = resolve(model, layer)
+    with torch.enable_grad():
+        maps = LayerGradCam(model, module).attribute(x, target=t, relu_attributions=True)
+    _spatial(maps, layer)
+    return upsample(maps.detach(), x)
+
+
+def grad_cam_pp(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x") -> Tensor:
+    """Grad-CAM++: channel weights Σ_ij α_ij ReLU(g_ij) with the paper's closed-form α (Eq. 19)."""
+    acts, g = activations_and_gradients(model, x, predicted(model, x, target), layer)
+    g2, g3 = g.pow(2), g.pow(3)
+    denominator = 2 * g2 + acts.sum((2, 3), keepdim=True) * g3
+    alpha = torch.where(g != 0, g2 / torch.where(denominator != 0, denominator, torch.ones_like(denominator)),
+                        torch.zeros_like(g))
+    weights = (alpha * F.relu(g)).sum((2, 3), keepdim=True)
+    return upsample(F.relu((weights * acts).sum(1, keepdim=True)), x)
+
+
+def layer_cam(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x") -> Tensor:
+    """LayerCAM: ReLU(Σ_k ReLU(g_k) ⊙ A_k), a weight per location instead of per channel."""
+    acts, g = activations_and_gradients(model, x, predicted(model, x, target), layer)
+    return upsample(F.relu((F.relu(g) * acts).sum(1, keepdim=True)), x)
+
+
+@torch.no_grad()
+def score_cam(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x",
+              batch_size: int = 64) -> Tensor:
+    """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the input; the softmax of the
+    target's scores over the masked inputs weighs the channels (no gradients)."""
+    t = predicted(model, x, target)
+    with recording(model, [layer], stop=True) as store:
+        forward_until(model, x, store)
+    acts = store[layer]
+    _spatial(acts, layer)
+    b, k = acts.shape[:2]
+    masks = upsample(acts.flatten(0, 1)[:, None], x).view(b, k, *x.shape[-2:])
+    lo = masks.amin((2, 3), keepdim=True)
+    masks = (masks - lo) / (masks.amax((2, 3), keepdim=True) - lo).clamp_min(1e-12)
+    scores = torch.empty(b, k, device=x.device)
+    for i in range(b):
+        for start in range(0, k, batch_size):
+            m = masks[i, start:start + batch_size, None]
+            probs = model(x[i:i + 1] * m).softmax(1)
+            scores[i, start:start + batch_size] = probs[:, t[i]]
+    weights = scores.softmax(1)[:, :, None, None]
+    return upsample(F.relu((weights * acts).sum(1, keepdim=True)), x)
+
+
+CAMS: dict[str, Callable[..., Tensor]] = {
+    "grad-cam": grad_cam,
+    "grad-cam++": grad_cam_pp,
+    "score-cam": score_cam,
+    "layer-cam": layer_cam,
+}
+
+
+def cam(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x", kind: str = "grad-cam") -> Tensor:
+    """The CAM named ``kind`` (one of :data:`CAMS`)."""
+    if kind not in CAMS:
+        raise UserError(f"unknown CAM {kind!r}; choose one of: {', '.join(CAMS)}")
+    return CAMS[kind](model, x, target, layer)

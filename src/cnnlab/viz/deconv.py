@@ -1,0 +1,56 @@
+"""Deconvnet projections: a channel's activation mapped back to pixels (Zeiler & Fergus 2014).
+
+M. D. Zeiler, R. Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014
+(arXiv:1311.2901), Sec. 2.1. All activations of the layer but the chosen channel's strongest
+one are set to zero and the result is passed back down: unpooling with the max-pool switches,
+rectification, and the transposed filters. Back-propagation through the network does exactly that
+except at the ReLUs, where it masks by the forward input's sign; the deconvnet instead rectifies
+the signal coming down. So this is autograd with every ``nn.ReLU``'s backward replaced by that rule
+(batch norm, in eval mode an affine map, passes back through its scale).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnnlab.errors import UserError
+from cnnlab.viz.layers import forward_until, recording
+
+__all__ = ["deconv"]
+
+
+def _rectify_down(_module: nn.Module, _grad_input: tuple[Tensor, ...], grad_output: tuple[Tensor, ...]):
+    return (F.relu(grad_output[0]),)
+
+
+def deconv(model: nn.Module, x: Tensor, layer: str, channel: int, strongest_only: bool = True) -> Tensor:
+    """The projection (B, C, H, W) of ``channel`` at ``layer`` to the input, one per image.
+
+    ``strongest_only`` keeps only the channel's maximum activation, as in Zeiler & Fergus's figures;
+    otherwise the whole feature map is projected.
+    """
+    handles = [m.register_full_backward_hook(_rectify_down) for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        with torch.enable_grad(), recording(model, [layer], detach=False, stop=True) as store:
+            inp = x.detach().clone().requires_grad_(True)
+            forward_until(model, inp, store)
+            acts = store[layer]
+            if acts.ndim != 4:
+                raise UserError(f"layer {layer!r} outputs shape {list(acts.shape[1:])}, not feature maps; "
+                                "deconv needs a convolutional layer such as conv1 … conv5_x")
+            if not 0 <= channel < acts.shape[1]:
+                raise UserError(f"--channel {channel} is out of range; layer {layer!r} has "
+                                f"{acts.shape[1]} channels (0 … {acts.shape[1] - 1})")
+            a = acts[:, channel].flatten(1)
+            if strongest_only:
+                keep = F.one_hot(a.argmax(1), a.shape[1]).to(a.dtype)
+                signal = (a * keep).detach()
+            else:
+                signal = a.detach()
+            (grad,) = torch.autograd.grad(a, inp, grad_outputs=signal)
+    finally:
+        for h in handles:
+            h.remove()
+    return grad.detach()

@@ -1,0 +1,48 @@
+"""DeepDream: amplify whatever a layer sees in a given image.
+
+A. Mordvintsev, C. Olah, M. Tyka, "Inceptionism: Going Deeper into Neural Networks", Google
+Research blog, 2015, and their deepdream notebook: gradient ascent on ½‖A‖² of a layer's
+activations A, with random jitter between steps, steps normalised by the mean gradient magnitude,
+and octaves (start on a downscaled copy, then add the detail found to each larger scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnnlab.viz.inputs import stats
+from cnnlab.viz.layers import forward_until, recording
+
+__all__ = ["dream"]
+
+
+def dream(model: nn.Module, x: Tensor, layer: str, mean: Sequence[float], std: Sequence[float], *,
+          steps: int = 20, step_size: float = 0.02, octaves: int = 3, octave_scale: float = 1.4,
+          jitter: int | None = None, seed: int = 0) -> Tensor:
+    """The batch ``x`` (network inputs) dreamed at ``layer``; returns network inputs of the same shape."""
+    m, s = stats(mean, std, x.shape[1], x.device)
+    base = (x * s + m).clamp(0, 1)
+    side = x.shape[-1]
+    sizes = [max(8, round(side / octave_scale ** k)) for k in range(octaves - 1, -1, -1)]
+    jitter = jitter if jitter is not None else max(1, side // 16)
+    g = torch.Generator().manual_seed(seed)
+    detail = torch.zeros_like(base[..., : sizes[0], : sizes[0]])
+    for size in sizes:
+        octave_base = F.interpolate(base, size=(size, size), mode="bilinear", align_corners=False)
+        detail = F.interpolate(detail, size=(size, size), mode="bilinear", align_corners=False)
+        u = (octave_base + detail).detach()
+        for _ in range(steps):
+            dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=g).tolist()
+            shifted = u.roll((dy, dx), (2, 3)).requires_grad_(True)
+            with torch.enable_grad(), recording(model, [layer], detach=False, stop=True) as store:
+                forward_until(model, (shifted - m) / s, store)
+                loss = store[layer].pow(2).sum() / 2
+                (grad,) = torch.autograd.grad(loss, shifted)
+            grad = grad.roll((-dy, -dx), (2, 3))
+            u = (u + step_size * grad / grad.abs().mean((1, 2, 3), keepdim=True).clamp_min(1e-12)).clamp(0, 1)
+        detail = u - octave_base
+    return ((u - m) / s).detach()

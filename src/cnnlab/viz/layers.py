@@ -1,0 +1,112 @@
+"""Layers by name, and the activations they produce.
+
+A layer is named either by its Table 1 row (He et al. 2015: ``conv1``, ``conv2_x`` … ``conv5_x``,
+``pool``, ``fc``) or by its module path (``layer4.1.left.3``), so every method here works on any
+``nn.Module`` whose submodules have names, not only on VGG-shaped chains of convolutions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from cnnlab.errors import UserError
+from cnnlab.models import TABLE1_LAYERS
+
+__all__ = ["capture", "first_conv", "forward_until", "layer_path", "recording", "resolve", "valid_names"]
+
+
+def valid_names(model: nn.Module) -> list[str]:
+    """The Table 1 names this model has (its module paths are accepted too)."""
+    return [name for name, path in TABLE1_LAYERS.items() if _has(model, path)]
+
+
+def _has(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def layer_path(model: nn.Module, name: str) -> str:
+    """The module path of ``name``: a Table 1 row name or a module path of ``model``."""
+    path = TABLE1_LAYERS.get(name, name)
+    if path and _has(model, path):
+        return path
+    tops = [n for n, _ in model.named_children()]
+    example = next((p for p, m in model.named_modules() if p.count(".") >= 2), tops[-1] if tops else "")
+    raise UserError(f"unknown layer {name!r}; choose a Table 1 name ({', '.join(valid_names(model)) or 'none here'}) "
+                    f"or a module path such as {example} (top level: {', '.join(tops)})")
+
+
+def resolve(model: nn.Module, name: str) -> nn.Module:
+    """The module named ``name`` (see :func:`layer_path`)."""
+    return model.get_submodule(layer_path(model, name))
+
+
+def first_conv(model: nn.Module, name: str) -> tuple[str, nn.Conv2d]:
+    """The first ``Conv2d`` at or inside layer ``name``, with its module path: the layer's filters."""
+    path = layer_path(model, name)
+    for sub, module in model.get_submodule(path).named_modules():
+        if isinstance(module, nn.Conv2d):
+            return (f"{path}.{sub}" if sub else path), module
+    convs = [p for p, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    raise UserError(f"layer {name!r} holds no convolution, so it has no filters; choose one of "
+                    f"{', '.join(valid_names(model)[:-2]) or ', '.join(convs[:8])} or a conv's path ({convs[-1]})")
+
+
+class _Enough(Exception):
+    """Raised by a hook once every wanted layer has run, to skip the rest of the forward pass."""
+
+
+@contextmanager
+def recording(model: nn.Module, names: Sequence[str], detach: bool = True,
+              stop: bool = False) -> Iterator[dict[str, Tensor]]:
+    """While open, each forward of ``model`` stores the output of every named layer in the dict yielded.
+
+    ``detach=False`` keeps the graph, for methods that differentiate the activation itself.
+    ``stop=True`` ends a forward pass as soon as all the layers have run (call it through
+    :func:`forward_until`): methods that optimise an image against an early layer need not pay for the
+    layers after it.
+    """
+    store: dict[str, Tensor] = {}
+    handles = []
+    wanted = set(names)
+    for name in names:
+        module = resolve(model, name)
+
+        def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor, name: str = name) -> None:
+            store[name] = output.detach() if detach else output
+            if stop and wanted <= store.keys():
+                raise _Enough
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_until(model: nn.Module, x: Tensor, store: dict[str, Tensor]) -> None:
+    """Run ``model`` on ``x`` inside ``recording(…, stop=True)``; it stops once the layers are stored."""
+    store.clear()
+    try:
+        model(x)
+    except _Enough:
+        pass
+
+
+def capture(model: nn.Module, x: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
+    """The outputs of the named layers for the batch ``x``, in one forward pass without gradients."""
+    with recording(model, names, stop=True) as store, torch.no_grad():
+        forward_until(model, x, store)
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise UserError(f"layer {missing[0]!r} does not run in the model's forward pass; "
+                        f"choose one of {', '.join(valid_names(model))}")
+    return {n: store[n] for n in names}

@@ -1,0 +1,85 @@
+"""The images that excite a channel most, and where (Zeiler & Fergus 2014, Fig. 2; Girshick et al. 2014).
+
+Each image is scored by the channel's strongest activation. The excited region is the effective
+receptive field of that strongest unit (Luo et al., "Understanding the Effective Receptive Field in
+Deep Convolutional Neural Networks", NeurIPS 2016): the pixels whose gradient on the unit is at
+least ``threshold`` of the largest, as a box.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from cnnlab.data.transforms import to_input
+from cnnlab.errors import UserError
+from cnnlab.viz.layers import forward_until, recording
+
+__all__ = ["TopImages", "channel_scores", "excited_regions", "top_images"]
+
+
+@dataclass
+class TopImages:
+    indices: Tensor  # (K,) into the images searched
+    scores: Tensor  # (K,) the channel's maximum activation on each
+    boxes: list[tuple[int, int, int, int]]  # (top, left, bottom, right) in input pixels
+    maps: Tensor  # (K, h, w) the channel's activation map on each
+
+
+def _channel(acts: Tensor, layer: str, channel: int) -> Tensor:
+    if acts.ndim != 4:
+        raise UserError(f"layer {layer!r} outputs shape {list(acts.shape[1:])}, not feature maps; "
+                        "choose a convolutional layer such as conv1 … conv5_x")
+    if not 0 <= channel < acts.shape[1]:
+        raise UserError(f"--channel {channel} is out of range; layer {layer!r} has {acts.shape[1]} channels "
+                        f"(0 … {acts.shape[1] - 1})")
+    return acts[:, channel]
+
+
+@torch.no_grad()
+def channel_scores(model: nn.Module, images: Tensor, layer: str, channel: int, image_size: int,
+                   mean: Sequence[float], std: Sequence[float], batch_size: int = 256) -> Tensor:
+    """The channel's maximum activation on every uint8 image (N,), in batches."""
+    device = next(model.parameters()).device
+    scores = []
+    with recording(model, [layer], stop=True) as store:
+        for start in range(0, len(images), batch_size):
+            forward_until(model, to_input(images[start:start + batch_size].to(device), image_size, mean, std), store)
+            scores.append(_channel(store[layer], layer, channel).flatten(1).amax(1).cpu())
+    return torch.cat(scores)
+
+
+def excited_regions(model: nn.Module, x: Tensor, layer: str, channel: int,
+                    threshold: float = 0.1) -> tuple[list[tuple[int, int, int, int]], Tensor]:
+    """Box around the effective receptive field of the channel's strongest unit, and the channel's map."""
+    inp = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), recording(model, [layer], detach=False, stop=True) as store:
+        forward_until(model, inp, store)
+        maps = _channel(store[layer], layer, channel)
+        flat = maps.flatten(1)
+        strongest = flat.gather(1, flat.argmax(1, keepdim=True))
+        # Images are independent in eval mode, so one backward gives every image's own field.
+        (grad,) = torch.autograd.grad(strongest.sum(), inp)
+    field = grad.abs().sum(1)
+    boxes = []
+    for f in field:
+        rows, cols = torch.nonzero(f >= threshold * f.max().clamp_min(1e-12), as_tuple=True)
+        if len(rows) == 0:
+            boxes.append((0, 0, f.shape[0], f.shape[1]))
+        else:
+            boxes.append((int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1))
+    return boxes, maps.detach()
+
+
+def top_images(model: nn.Module, images: Tensor, layer: str, channel: int, image_size: int,
+               mean: Sequence[float], std: Sequence[float], count: int = 9) -> TopImages:
+    """The ``count`` uint8 ``images`` on which ``channel`` of ``layer`` fires hardest, best first."""
+    scores = channel_scores(model, images, layer, channel, image_size, mean, std)
+    best = scores.topk(min(count, len(scores))).indices
+    device = next(model.parameters()).device
+    x = to_input(images[best].to(device), image_size, mean, std)
+    boxes, maps = excited_regions(model, x, layer, channel)
+    return TopImages(best, scores[best], boxes, maps.cpu())

@@ -1,0 +1,221 @@
+"""The methods of ``cnnlab.viz`` against their definitions, computed here independently."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab import run
+from cnnlab.data import load_dataset
+from cnnlab.data.splits import reported_test_set
+from cnnlab.models import build
+from cnnlab.viz.attribute import guided_backprop, integrated_gradients
+from cnnlab.viz.cam import grad_cam, layer_cam
+from cnnlab.viz.deconv import deconv
+from cnnlab.viz.features import feature_maps
+from cnnlab.viz.filters import conv_filters, filter_tiles
+from cnnlab.viz.inputs import from_test_set
+from cnnlab.viz.invert import feature_distance, invert
+from cnnlab.viz.maximize import maximize, objective
+from cnnlab.viz.render import mosaic
+
+
+@pytest.fixture(scope="module")
+def loaded(small_run):
+    return run.load(small_run)
+
+
+@pytest.fixture(scope="module")
+def test_images(loaded):
+    images, labels = reported_test_set(load_dataset("sample"), loaded.config["limit_test"])
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def x(loaded, test_images):
+    # One image of each of four classes (the test set is ordered by class).
+    return from_test_set(*test_images, [0, 60, 120, 180], 32, loaded.mean, loaded.std).x
+
+
+def forward_output(model, module, x):
+    seen = []
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return seen[0]
+
+
+def test_feature_maps_are_the_layers_forward_output(loaded, x):
+    model = loaded.model
+    maps = feature_maps(model, x, ["conv1", "conv5_x", "layer2.1.left.2"])
+    assert torch.equal(maps["conv1"], forward_output(model, model.conv1, x))
+    assert torch.equal(maps["conv5_x"], forward_output(model, model.layer4, x))
+    assert torch.equal(maps["layer2.1.left.2"], forward_output(model, model.layer2[1].left[2], x))
+    assert maps["conv1"].shape == (4, 8, 32, 32) and maps["conv5_x"].shape == (4, 64, 4, 4)
+    assert maps["conv5_x"].abs().sum() > 0
+
+
+def acts_and_grads(model, layer, x, target):
+    """The layer's output and the gradient of each image's target logit with respect to it."""
+    seen = []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        seen.append(output)
+
+    handle = layer.register_forward_hook(keep)
+    inp = x.clone().requires_grad_(True)
+    model(inp).gather(1, target[:, None]).sum().backward()
+    handle.remove()
+    return seen[0].detach(), seen[0].grad
+
+
+def test_grad_cam_is_its_definition(loaded, x):
+    model = loaded.model
+    target = torch.tensor([0, 3, 6, 9])
+    acts, grads = acts_and_grads(model, model.layer4, x, target)
+    weights = grads.mean((2, 3), keepdim=True)  # α_k: global-average-pooled gradients
+    expected = F.interpolate(F.relu((weights * acts).sum(1, keepdim=True)), size=(32, 32), mode="bilinear",
+                             align_corners=False)
+    got = grad_cam(model, x, target, "conv5_x")
+    assert got.shape == (4, 1, 32, 32)
+    assert expected.amax() > 0
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # The predicted class is the default target.
+    predicted = model(x).argmax(1)
+    torch.testing.assert_close(grad_cam(model, x, None), grad_cam(model, x, predicted), atol=1e-6, rtol=0)
+    # LayerCAM weighs each location by its own positive gradient.
+    expected = F.interpolate(F.relu((F.relu(grads) * acts).sum(1, keepdim=True)), size=(32, 32),
+                             mode="bilinear", align_corners=False)
+    torch.testing.assert_close(layer_cam(model, x, target, "conv5_x"), expected, atol=1e-5, rtol=0)
+
+
+def test_integrated_gradients_are_complete(loaded, x):
+    model = loaded.model
+    attributions = integrated_gradients(model, x)
+    with torch.no_grad():
+        logits, base = model(x), model(torch.zeros_like(x))
+    c = logits.argmax(1, keepdim=True)
+    gain = (logits.gather(1, c) - base.gather(1, c))[:, 0]
+    error = (attributions.sum((1, 2, 3)) - gain).abs() / gain.abs()
+    print(f"integrated gradients: relative completeness error {error.tolist()}")
+    assert (error < 0.02).all(), error
+
+
+class GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward passes only positive gradients, and only where the input was positive."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (x > 0)
+
+
+@pytest.mark.parametrize("name, size", [("resnet18", 64), ("resnet18-seed", 64), ("resnet18-cifar", 32)])
+def test_guided_backprop_rectifies_every_relu(name, size):
+    torch.manual_seed(0)
+    model = build(name, num_classes=5, width=4).eval()
+    x = torch.randn(2, 3, size, size)
+    target = torch.tensor([1, 3])
+    got = guided_backprop(model, x, target)
+
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == 1 + 8 * 2  # the stem, and two in every block: one inside, one after the sum
+    for relu in relus:
+        relu.forward = GuidedReLU.apply
+    inp = x.clone().requires_grad_(True)
+    model(inp).gather(1, target[:, None]).sum().backward()
+    for relu in relus:
+        del relu.forward
+    torch.testing.assert_close(got, inp.grad, atol=1e-6, rtol=1e-4)
+
+    # Not the plain gradient, and not guided backprop that skips the ReLUs after the residual sums.
+    inp = x.clone().requires_grad_(True)
+    model(inp).gather(1, target[:, None]).sum().backward()
+    assert (got - inp.grad).abs().max() > 1e-3
+    inner = [m.left[2] for m in model.modules() if hasattr(m, "left")] + [model.conv1[2]]
+    for relu in inner:
+        relu.forward = GuidedReLU.apply
+    inp = x.clone().requires_grad_(True)
+    model(inp).gather(1, target[:, None]).sum().backward()
+    for relu in inner:
+        del relu.forward
+    assert (got - inp.grad).abs().max() > 1e-4
+
+
+def test_channel_maximisation_raises_the_channel_fivefold(loaded):
+    model, layer, channels = loaded.model, "conv5_x", [0, 1, 2, 3]
+    picks = torch.tensor(channels)
+    start = maximize(model, 32, loaded.mean, loaded.std, layer=layer, channels=channels, steps=0)
+    end = maximize(model, 32, loaded.mean, loaded.std, layer=layer, channels=channels)
+    with torch.no_grad():
+        before, after = objective(model, start, layer, picks, None), objective(model, end, layer, picks, None)
+    print(f"channel maximisation: {before.tolist()} -> {after.tolist()}, ratio {(after / before).tolist()}")
+    assert (before > 0).all()
+    assert (after >= 5 * before).all()
+
+
+def test_class_maximisation_is_confident(loaded, test_images):
+    model = loaded.model
+    # A model trained for a few steps has only learned some classes; take the one it predicts most.
+    x = from_test_set(*test_images, range(200), 32, loaded.mean, loaded.std).x
+    with torch.no_grad():
+        target = int(torch.bincount(model(x).argmax(1), minlength=10).argmax())
+    start = maximize(model, 32, loaded.mean, loaded.std, classes=[target], steps=0)
+    end = maximize(model, 32, loaded.mean, loaded.std, classes=[target])
+    with torch.no_grad():
+        before, after = model(start).softmax(1)[0, target], model(end).softmax(1)[0, target]
+    print(f"class maximisation of {loaded.classes[target]}: softmax {before:.3f} -> {after:.3f}")
+    assert after >= 0.9 and before < 0.5
+
+
+def test_inversion_matches_the_conv2_x_representation(loaded, x):
+    model = loaded.model
+    x0 = x[:2]
+    recon = invert(model, x0, "conv2_x", loaded.mean, loaded.std)
+    distance = feature_distance(model, recon, x0, "conv2_x")
+    start = feature_distance(model, invert(model, x0, "conv2_x", loaded.mean, loaded.std, steps=0), x0, "conv2_x")
+    print(f"inversion at conv2_x: relative feature distance {start.tolist()} -> {distance.tolist()}")
+    assert (distance < 0.2).all() and (start > 0.5).all()
+    # The reconstruction is an image in range, not the original copied.
+    pixels = recon * torch.tensor(loaded.std).view(1, 3, 1, 1) + torch.tensor(loaded.mean).view(1, 3, 1, 1)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    assert (recon - x0).abs().mean() > 1e-3
+
+
+def test_conv1_filter_grid_has_every_filter_min_max_scaled():
+    model = build("resnet18", num_classes=10)
+    path, weight = conv_filters(model, "conv1")
+    assert path == "conv1.0" and weight.shape == (64, 3, 7, 7)
+    tiles = filter_tiles(weight)
+    assert tiles.shape == (64, 3, 7, 7)
+    for w, tile in zip(weight, tiles):
+        torch.testing.assert_close(tile, (w - w.min()) / (w.max() - w.min()))
+        assert tile.min() == 0 and tile.max() == 1
+    grid, cols = mosaic(tiles.permute(0, 2, 3, 1).numpy(), pad=1)
+    assert cols == 8 and grid.shape == (8 * (7 + 1) + 1, 8 * (7 + 1) + 1, 3)
+    for i in range(64):
+        r, c = divmod(i, 8)
+        placed = grid[1 + r * 8: 1 + r * 8 + 7, 1 + c * 8: 1 + c * 8 + 7]
+        assert (placed == tiles[i].permute(1, 2, 0).numpy()).all()
+
+
+def test_deconv_keeps_positive_signals_and_follows_zeiler_fergus(loaded, x):
+    from captum.attr import NeuronDeconvolution
+
+    model = loaded.model
+    maps = feature_maps(model, x[:1], ["conv5_x"])["conv5_x"][0]
+    channel = int(maps.flatten(1).amax(1).argmax())
+    got = deconv(model, x[:1], "conv5_x", channel)
+    acts = maps[channel]
+    i, j = divmod(int(acts.argmax()), acts.shape[1])
+    expected = NeuronDeconvolution(model, model.layer4).attribute(x[:1].clone().requires_grad_(True),
+                                                                  (channel, i, j))
+    torch.testing.assert_close(got, acts.max() * expected.detach(), atol=1e-5, rtol=1e-4)
+    assert got.abs().sum() > 0
