@@ -47,9 +47,9 @@ def _batches(n=10, batch=4, augment="flip-crop", seed=0):
 def test_each_epoch_is_a_permutation_with_nothing_dropped():
     b = _batches(n=10, batch=4)
     assert len(b) == 3
-    labels = torch.cat([y for _, y in b.epoch(0)])
+    labels = torch.cat([y for _, y, _ in b.epoch(0)])
     assert sorted(labels.tolist()) == list(range(10))
-    other = torch.cat([y for _, y in b.epoch(1)])
+    other = torch.cat([y for _, y, _ in b.epoch(1)])
     assert not torch.equal(labels, other)
 
 
@@ -58,16 +58,31 @@ def test_batches_depend_only_on_seed_and_epoch_so_resume_is_exact():
     full = list(b.epoch(3))
     resumed = list(b.epoch(3, start=1))
     assert len(resumed) == len(full) - 1
-    for (x1, y1), (x2, y2) in zip(full[1:], resumed):
+    for (x1, y1, _), (x2, y2, _) in zip(full[1:], resumed):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     again = list(_batches().epoch(3))
     assert all(torch.equal(a[0], b_[0]) for a, b_ in zip(full, again))
-    assert not torch.equal(torch.cat([y for _, y in _batches(seed=1).epoch(3)]), torch.cat([y for _, y in full]))
+    assert not torch.equal(torch.cat([y for _, y, _ in _batches(seed=1).epoch(3)]), torch.cat([y for _, y, _ in full]))
+
+
+def test_ranks_split_each_batch_and_together_see_what_one_process_sees():
+    images = torch.arange(11, dtype=torch.uint8).view(11, 1, 1, 1).expand(11, 3, 8, 8).contiguous()
+    make = lambda rank, world: TrainBatches(images, torch.arange(11), 4, 8, (0.0,), (1 / 255,), "flip-crop", 2,
+                                            rank=rank, world=world)
+    one = list(make(0, 1).epoch(5))
+    two = [list(make(r, 2).epoch(5)) for r in range(2)]
+    assert len(one) == len(two[0]) == len(two[1]) == 3
+    for (x, y, n), (x0, y0, n0), (x1, y1, n1) in zip(one, *two):
+        assert n == n0 == n1 == len(y)  # every rank knows the global batch's size
+        assert torch.equal(torch.cat([y0, y1]), y) and torch.equal(torch.cat([x0, x1]), x)
+    # A last batch smaller than the number of ranks cannot be split: it is dropped, and said so.
+    three = make(0, 4)
+    assert len(three) == 2 and three.dropped == 3 and make(0, 1).dropped == 0
 
 
 def test_augmentation_keeps_image_content_with_its_label():
     # Each image is constant (its index); padding brings zeros in, never another image's pixels.
-    for x, y in _batches(n=16, batch=8).epoch(0):
+    for x, y, _ in _batches(n=16, batch=8).epoch(0):
         for img, label in zip(x, y):
             values = set(img.unique().round().tolist())
             assert values <= {0.0, float(label)}

@@ -7,12 +7,14 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 from cnnlab import __version__
-from cnnlab.errors import UserError
+from cnnlab.errors import UserError, one_line
 
 TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
     "dataset": (str, "cifar10, sample or folder:PATH (a folder or .tar/.tar.gz/.zip of train/<class>/ and test/<class>/)"),
@@ -33,11 +35,14 @@ TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
 }
 
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line, not a usage block."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> Parser:
@@ -54,11 +59,17 @@ def build_parser() -> Parser:
     for flag, (kind, text) in TRAIN_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, help=text)
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if it is not in --data-dir")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be decoded (they are counted and listed) instead of stopping")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
+                   help="with torchrun: normalise with the statistics of the whole global batch")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--stop-after", type=int, metavar="STEPS",
+                   help="stop after this many steps with a checkpoint; continue later with --resume")
 
     p = sub.add_parser("evaluate", help="top-1, per-class accuracy and confusion matrix of a run")
     p.add_argument("path", metavar="RUN_DIR|CKPT")
@@ -126,7 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"cnnlab {args.command}: error: {e}", file=sys.stderr)
+        print(f"cnnlab {args.command}: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        # A full disk or a folder we may not write to: the machine, not our code, is at fault.
+        print(f"cnnlab {args.command}: error: {one_line(str(e.filename or 'a file'))}: {e.strerror}; "
+              "free some space, or check the folder's permissions or choose another output folder", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cnnlab {args.command}: interrupted", file=sys.stderr)
@@ -137,22 +155,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cnnlab.config import resolve
     from cnnlab.train.engine import train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "stop_after")}
+    stop_after = getattr(args, "stop_after", None)
     if "resume" in args:
         extra = sorted(set(given) - {"device"})
         if extra or "config" in args:
             flags = ", ".join("--" + k.replace("_", "-") for k in extra + (["config"] if "config" in args else []))
             raise UserError(f"--resume continues the saved configuration; drop {flags} (only --device may change)")
-        result = train(resume=args.resume, device=given.get("device"))
+        result = train(resume=args.resume, device=given.get("device"), stop_after=stop_after)
     else:
         cfg = resolve(toml_path=getattr(args, "config", None), overrides=given)
-        print("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
-        result = train(cfg)
-    _print_result(result)
+        if os.environ.get("RANK", "0") == "0":  # torchrun starts one copy per rank; one says it
+            print("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+        result = train(cfg, stop_after=stop_after)
+    if os.environ.get("RANK", "0") == "0":
+        _print_result(result)
     return 0
 
 
 def _print_result(result) -> None:
+    if not result.last or result.last.get("step") != result.step:
+        print(f"stopped at step {result.step} as asked; continue with: cnnlab train --resume {result.run_dir}")
+        return
     r = result.last
     parts = [f"{k} {r[k]:.4f}" for k in ("train_acc", "val_acc", "test_acc") if r.get(k) is not None]
     print(f"finished {r['epoch']} epochs: " + ", ".join(parts))
@@ -178,10 +202,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     from cnnlab.models.summary import format_table, summarize
 
-    for name in ("image_size", "num_classes", "width"):
+    from cnnlab.config import MAX_IMAGE_SIZE, MAX_WIDTH
+
+    limits = {"image_size": MAX_IMAGE_SIZE, "num_classes": 100_000, "width": MAX_WIDTH}
+    for name, most in limits.items():
         value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+        if value is not None and not 1 <= value <= most:
+            raise UserError(f"--{name.replace('_', '-')} must be between 1 and {most} (got {value})")
     result = summarize(args.model, image_size=args.image_size, num_classes=args.num_classes, width=args.width)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
@@ -201,7 +228,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     good = [r for r in results if "error" not in r]
     for r in results:
         if "error" in r:
-            print(f"cnnlab predict: {r['image']}: {r['error']}", file=sys.stderr)
+            print(one_line(f"cnnlab predict: {r['image']}: {r['error']}"), file=sys.stderr)
     if args.json:
         print(json.dumps(good))
     else:

@@ -59,6 +59,7 @@ class TrainConfig:
     amp: bool | None = None  # None: bf16 autocast on CUDA only
     channels_last: bool | None = None  # None: on CUDA only
     compile: bool = False
+    sync_bn: bool = False  # with several ranks: BatchNorm statistics of the global batch
     seed: int = 0
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
     out: str | None = None

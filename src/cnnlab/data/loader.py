@@ -1,7 +1,9 @@
 """Batches straight from uint8 tensors that live on the training device: no workers, no per-image PIL.
 
 Every epoch's order and augmentation come from a generator seeded by (seed, epoch) alone, so a run
-resumed at any step sees exactly the batches the uninterrupted run would have seen.
+resumed at any step sees exactly the batches the uninterrupted run would have seen. With several
+ranks, each draws the same global batches and keeps its own contiguous slice of each: together they
+see what one process would, whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -34,12 +36,22 @@ class TrainBatches:
     augment: str = "none"
     seed: int = 0
     channels_last: bool = False
+    rank: int = 0
+    world: int = 1
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)  # the last, smaller batch is kept: nothing dropped
+        # The last, smaller batch is kept, unless it is too small to give every rank an image.
+        full, rest = divmod(len(self.labels), self.batch_size)
+        return full + (rest >= self.world)
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The batches of ``epoch``, skipping the first ``start`` (for resuming mid-epoch)."""
+    @property
+    def dropped(self) -> int:
+        """Images per epoch left out because the last batch could not be split over the ranks."""
+        rest = len(self.labels) % self.batch_size
+        return rest if rest < self.world else 0
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """This rank's part of each batch of ``epoch``, and the global batch's size; skips the first ``start``."""
         n = len(self.labels)
         g = epoch_generator(self.seed, epoch)
         # Drawn on the CPU so the stream is the same on every device, then moved once per epoch.
@@ -47,12 +59,13 @@ class TrainBatches:
         flips = (torch.rand(n, generator=g) < 0.5).to(self.images.device)
         offsets = torch.randint(0, 2 * CROP_PAD + 1, (n, 2), generator=g).to(self.images.device)
         for i in range(start, len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            batch = order[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = batch.tensor_split(self.world)[self.rank]
             x = self.images[idx]
             if self.augment == "flip-crop":
                 x = transforms.flip(x, flips[idx])
                 x = transforms.pad_crop(x, offsets[idx], CROP_PAD)
-            yield self.prepare(x), self.labels[idx]
+            yield self.prepare(x), self.labels[idx], len(batch)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return transforms.to_input(x, self.image_size, self.mean, self.std, self.channels_last)

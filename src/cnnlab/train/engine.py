@@ -29,7 +29,7 @@ from cnnlab.errors import UserError
 from cnnlab.evaluate import score
 from cnnlab.models import build
 from cnnlab.run import new_run_dir
-from cnnlab.train import checkpoint
+from cnnlab.train import checkpoint, distributed
 from cnnlab.train.device import on_by_default, pick_device
 from cnnlab.train.lock import RunLock
 from cnnlab.train.logging import RunLog
@@ -40,45 +40,71 @@ FLUSH_EVERY = 25  # steps between reading losses back from the device (each read
 @dataclass
 class Result:
     run_dir: Path
-    last: dict[str, Any]  # the final epoch record
+    last: dict[str, Any]  # the final epoch record ({} when stopped before an epoch ended)
     best_val_acc: float | None
+    step: int = 0  # the step training stopped at
 
 
-def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, device: str | None = None) -> Result:
-    """Train from ``cfg`` into a new run folder, or continue the run in folder ``resume``."""
+def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, device: str | None = None,
+          stop_after: int | None = None) -> Result:
+    """Train from ``cfg`` into a new run folder, or continue the run in folder ``resume``.
+
+    ``stop_after`` ends this call after that many steps with a checkpoint, for jobs with a time
+    limit: the run goes on later with ``resume``. Started by torchrun, every rank calls this.
+    """
+    if stop_after is not None and stop_after < 1:
+        raise UserError(f"--stop-after must be at least 1 step (got {stop_after})")
+    group = distributed.setup(device or (cfg.device if cfg is not None else "auto"))
+    try:
+        return _train(group, cfg, resume, device, stop_after)
+    except Exception as e:
+        lost = distributed.describe_failure(e, group)
+        if lost is None:
+            raise
+        raise UserError(lost) from None
+    finally:
+        distributed.teardown(group)
+
+
+def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path | None, device: str | None,
+           stop_after: int | None) -> Result:
+    # Only rank 0 touches the run folder's lock, config, logs and checkpoints; all ranks read.
+    only_main = RunLock if group.main else (lambda _: nullcontext())
     if resume is not None:
         run_dir = Path(resume)
         path = _resume_checkpoint(run_dir)
-        with RunLock(run_dir):  # before reading last.pt, so that no live run is rewriting it
+        with only_main(run_dir):  # before reading last.pt, so that no live run is rewriting it
             state = checkpoint.load(path)
             cfg = TrainConfig(**{k: tuple(v) if k in ("mean", "std") else v for k, v in state["config"].items()})
             if device is not None:
                 cfg.device = device
             validate(cfg)
-            dev, data, model, spec = _prepare(cfg)
+            dev, data, model, spec = _prepare(cfg, group)
             _check_same_run(state, spec, data)
-            return _start(cfg, dev, data, model, spec, run_dir, state)
+            return _start(cfg, dev, data, model, spec, run_dir, state, group, stop_after)
     assert cfg is not None
-    run_dir = _new_run_dir(cfg)
+    run_dir = Path(distributed.broadcast(str(_new_run_dir(cfg)) if group.main else None, group))
     _refuse_existing_run(run_dir)
-    dev, data, model, spec = _prepare(cfg)
-    # Only once the data and model are ready, so that a failed start leaves no empty run folder behind.
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
-    with RunLock(run_dir):
-        _refuse_existing_run(run_dir)  # again: another process may have started here meanwhile
-        return _start(cfg, dev, data, model, spec, run_dir, None)
+    dev, data, model, spec = _prepare(cfg, group)
+    if group.main:
+        # Only once the data and model are ready, so that a failed start leaves no empty run folder behind.
+        try:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
+    with only_main(run_dir):
+        if group.main:
+            _refuse_existing_run(run_dir)  # again: another process may have started here meanwhile
+        return _start(cfg, dev, data, model, spec, run_dir, None, group, stop_after)
 
 
-def _prepare(cfg: TrainConfig) -> tuple[torch.device, Splits, nn.Module, dict[str, Any]]:
+def _prepare(cfg: TrainConfig, group: distributed.Group) -> tuple[torch.device, Splits, nn.Module, dict[str, Any]]:
     """The device, the data splits and a freshly initialised model (seeded) for ``cfg``."""
-    dev = pick_device(cfg.device)
+    dev = distributed.device_for(group, pick_device(cfg.device))
     torch.manual_seed(cfg.seed)
     dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                            skip_bad_images=cfg.skip_bad_images)
-    if dataset.skipped:
+    if dataset.skipped and group.main:
         shown = ", ".join(dataset.skipped[:5]) + (" …" if len(dataset.skipped) > 5 else "")
         print(f"skipped {len(dataset.skipped)} unreadable image(s): {shown}", file=sys.stderr)
     data = split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split)
@@ -90,35 +116,46 @@ def _prepare(cfg: TrainConfig) -> tuple[torch.device, Splits, nn.Module, dict[st
 
 
 def _start(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, spec: dict[str, Any],
-           run_dir: Path, state: dict[str, Any] | None) -> Result:
-    for stale in (run_dir / "checkpoints").glob(".*.tmp"):
-        stale.unlink(missing_ok=True)  # half-written checkpoints of a process that was killed
-    _write_config(run_dir, cfg, dev, data)
+           run_dir: Path, state: dict[str, Any] | None, group: distributed.Group, stop_after: int | None) -> Result:
+    if group.main:
+        for stale in (run_dir / "checkpoints").glob(".*.tmp"):
+            stale.unlink(missing_ok=True)  # half-written checkpoints of a process that was killed
+        _write_config(run_dir, cfg, dev, data, group)
     try:
-        return _fit(cfg, dev, data, model, spec, run_dir, state)
+        return _fit(cfg, dev, data, model, spec, run_dir, state, group, stop_after)
     except torch.cuda.OutOfMemoryError:
-        raise UserError(f"the GPU ran out of memory with batch size {cfg.batch_size} at {cfg.image_size} px; "
+        per_rank = -(-cfg.batch_size // group.world)
+        raise UserError(f"the GPU ran out of memory with {per_rank} images per GPU at {cfg.image_size} px; "
                         f"try --batch-size {max(cfg.batch_size // 2, 1)}, a smaller --image-size or --amp") from None
 
 
 def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, spec: dict[str, Any],
-         run_dir: Path, state: dict[str, Any] | None) -> Result:
+         run_dir: Path, state: dict[str, Any] | None, group: distributed.Group, stop_after: int | None) -> Result:
     amp = on_by_default(cfg.amp, dev)
     channels_last = on_by_default(cfg.channels_last, dev)
     model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     batches = TrainBatches(data.train_x.to(dev), data.train_y.to(dev), cfg.batch_size, cfg.image_size,
-                           cfg.mean, cfg.std, cfg.augment, cfg.seed, channels_last)
+                           cfg.mean, cfg.std, cfg.augment, cfg.seed, channels_last, group.rank, group.world)
     val = (data.val_x.to(dev), data.val_y.to(dev))
     test = (data.test_x.to(dev), data.test_y.to(dev))
     steps_per_epoch = len(batches)
+    if batches.dropped and group.main:
+        print(f"the last {batches.dropped} training image(s) of each epoch are left out: too few to split "
+              f"over {group.world} ranks (choose a --batch-size that leaves a remainder of 0 or at least "
+              f"{group.world})", file=sys.stderr)
     total_steps = cfg.epochs * steps_per_epoch
 
+    forward = distributed.wrap(model, group, dev, cfg.sync_bn)  # before the optimizer sees the parameters
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                                 fused=dev.type == "cuda" or None)
     scheduler = _scheduler(cfg, optimizer, total_steps)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    forward = torch.compile(model) if cfg.compile else model
+    # Summed, then divided by the global batch: N ranks' averaged gradients equal one process's.
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+    forward = torch.compile(forward) if cfg.compile else forward
+    # Evaluation runs each rank's shard through the plain model: no collectives inside, so shards
+    # of different lengths cannot leave a rank waiting.
+    evaluator = model if group.active else forward
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()
 
     step, best_val, partial = 0, None, {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
@@ -137,6 +174,9 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
 
     def save(name: str) -> None:
         nonlocal saved_step
+        saved_step = step
+        if not group.main:
+            return
         checkpoint.save({
             "model": model.state_dict(), "model_spec": spec, "classes": data.classes,
             "normalize": {"mean": list(cfg.mean), "std": list(cfg.std)},
@@ -146,34 +186,38 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
                     "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []},
             "config": cfg.to_dict(), "versions": {"cnnlab": cnnlab.__version__, "torch": str(torch.__version__)},
         }, run_dir / "checkpoints" / name)
-        saved_step = step
 
-    log = RunLog(run_dir, total_steps, start_step=step, epochs=cfg.epochs)
+    log = RunLog(run_dir, total_steps, start_step=step, epochs=cfg.epochs) if group.main else None
     if step == 0:
-        log.hyperparameters(cfg.to_dict())
+        if log is not None:
+            log.hyperparameters(cfg.to_dict())
         save("last.pt")  # so that even a run that fails in its first epoch can be resumed or inspected
     last: dict[str, Any] = {}
+    stop_at = step + stop_after if stop_after else None
+    stopping = False
     model.train()
     try:
         for epoch in range(step // steps_per_epoch, cfg.epochs):
             start = step - epoch * steps_per_epoch
             pending: list[tuple[torch.Tensor, torch.Tensor, int, float]] = []
             tick = time.perf_counter()
-            for i, (x, y) in enumerate(batches.epoch(epoch, start), start=start):
+            for i, (x, y, n_global) in enumerate(batches.epoch(epoch, start), start=start):
                 with autocast:
                     logits = forward(x)
-                    loss = criterion(logits.float(), y)
+                    loss_sum = criterion(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss_sum * (group.world / n_global)).backward()
                 optimizer.step()
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 step += 1
-                pending.append((loss.detach(), (logits.argmax(1) == y).sum(), len(y), lr))
+                pending.append((loss_sum.detach(), (logits.argmax(1) == y).sum(), len(y), lr))
                 last_of_epoch = i == steps_per_epoch - 1
-                mid_checkpoint = cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and not last_of_epoch
+                stopping = stop_at is not None and step >= stop_at
+                mid_checkpoint = not last_of_epoch and (
+                    stopping or cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
                 if len(pending) == FLUSH_EVERY or last_of_epoch or mid_checkpoint:
-                    bad = _flush(log, epoch + 1, step, pending, partial, time.perf_counter() - tick)
+                    bad = _flush(log, epoch + 1, step, pending, partial, time.perf_counter() - tick, group)
                     if bad is not None:
                         raise UserError(
                             f"training diverged: the loss became {bad[1]} at step {bad[0]} (epoch {epoch + 1}); "
@@ -183,6 +227,10 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
                     pending, tick = [], time.perf_counter()
                 if mid_checkpoint:
                     save("last.pt")
+                if stopping and not last_of_epoch:
+                    break
+            if stopping and not last_of_epoch:
+                break
 
             record = {"epoch": epoch + 1, "step": step, "lr": lr,  # the rate its last step used
                       "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
@@ -190,12 +238,17 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
                       "seconds": partial["seconds"], "images_per_s": partial["seen"] / max(partial["seconds"], 1e-9)}
             scored = {"val": val, "test": test} if len(val[1]) else {"test": test}
             for name, (vx, vy) in scored.items():
-                s = score(forward, vx, vy, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
+                vx, vy = distributed.shard(vx, group), distributed.shard(vy, group)
+                s = score(evaluator, vx, vy, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
                           batch_size=max(cfg.batch_size, 256), amp=amp, channels_last=channels_last)
-                record[f"{name}_loss"], record[f"{name}_acc"] = s.loss, s.top1
-            log.filters(model, step)
-            log.predictions(test[0], test[1], s.predictions, data.classes, step)  # s: the test set's scores
-            log.epoch(record)
+                totals = distributed.all_sum(torch.tensor(
+                    [s.loss * len(vy), (s.predictions == s.labels).sum().item(), len(vy)], dtype=torch.float64,
+                    device=dev), group).tolist()
+                record[f"{name}_loss"], record[f"{name}_acc"] = totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1)
+            if log is not None:
+                log.filters(model, step)
+                log.predictions(vx, vy, s.predictions, data.classes, step)  # the (rank 0 shard of the) test set
+                log.epoch(record)
             partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
             improved = "val_acc" in record and (best_val is None or record["val_acc"] > best_val)
             if improved:
@@ -204,32 +257,45 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
             if improved:
                 save("best.pt")
             last = record
+            if stopping:
+                break
     finally:
-        log.close()
-    return Result(run_dir, last, best_val)
+        if log is not None:
+            log.close()
+    return Result(run_dir, last, best_val, step)
 
 
-def _flush(log: RunLog, epoch: int, step: int, pending: list, partial: dict[str, Any],
-           seconds: float) -> tuple[int, float, float] | None:
-    """Read a window of per-step numbers back from the device in one go and log them.
+def _flush(log: RunLog | None, epoch: int, step: int, pending: list, partial: dict[str, Any],
+           seconds: float, group: distributed.Group) -> tuple[int, float, float] | None:
+    """Read a window of per-step numbers back from the device in one go (summed over ranks) and log them.
 
     Returns (step, loss, lr) of the first step whose loss is not finite, after logging the steps before it.
     """
-    losses = torch.stack([p[0] for p in pending]).float().tolist()
+    sums = torch.stack([torch.stack([p[0].double(), p[1].double(), torch.tensor(float(p[2]), dtype=torch.float64,
+                                                                                 device=p[0].device)])
+                        for p in pending])
+    loss_sums, correct, sizes = distributed.all_sum(sums, group).T.tolist()
+    losses = [l / n for l, n in zip(loss_sums, sizes)]
     first = step - len(pending) + 1
     bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
     if bad is not None:
         if bad:
-            _flush(log, epoch, first + bad - 1, pending[:bad], partial, seconds * bad / len(pending))
+            _log_steps(log, epoch, first, losses[:bad], correct[:bad], sizes[:bad], pending[:bad], partial,
+                       seconds * bad / len(pending))
         return first + bad, losses[bad], pending[bad][3]
-    correct = torch.stack([p[1] for p in pending]).tolist()
-    sizes = [p[2] for p in pending]
+    _log_steps(log, epoch, first, losses, correct, sizes, pending, partial, seconds)
+    return None
+
+
+def _log_steps(log: RunLog | None, epoch: int, first: int, losses: list[float], correct: list[float],
+               sizes: list[float], pending: list, partial: dict[str, Any], seconds: float) -> None:
     partial["loss_sum"] += sum(l * n for l, n in zip(losses, sizes))
-    partial["correct"] += sum(correct)
-    partial["seen"] += sum(sizes)
+    partial["correct"] += int(sum(correct))
+    partial["seen"] += int(sum(sizes))
     partial["seconds"] += seconds
-    log.steps(epoch, step - len(pending) + 1, losses, [c / n for c, n in zip(correct, sizes)],
-              [p[3] for p in pending], sum(sizes) / max(seconds, 1e-9))
+    if log is not None:
+        log.steps(epoch, first, losses, [c / n for c, n in zip(correct, sizes)], [p[3] for p in pending],
+                  sum(sizes) / max(seconds, 1e-9))
 
 
 def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -273,12 +339,14 @@ def _check_same_run(state: dict[str, Any], spec: dict[str, Any], data: Splits) -
                         "(was the dataset changed?); start a new run instead of resuming")
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig, dev: torch.device, data: Splits) -> None:
+def _write_config(run_dir: Path, cfg: TrainConfig, dev: torch.device, data: Splits, group: distributed.Group) -> None:
     info = {
         "config": cfg.to_dict(),
         "cnnlab": cnnlab.__version__, "torch": str(torch.__version__),
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
+        "world_size": group.world, "global_batch": cfg.batch_size,
+        "per_rank_batch": -(-cfg.batch_size // group.world),  # the global batch, split as evenly as possible
         "data": {"classes": data.classes, "train": len(data.train_y), "val": len(data.val_y),
                  "test": len(data.test_y), "stored_size": list(data.train_x.shape[1:]),
                  "skipped_images": data.skipped},

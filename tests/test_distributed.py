@@ -1,0 +1,142 @@
+"""torchrun on CPUs (gloo, 2 processes on 127.0.0.1): the same numbers as one process, resumable either way."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.evaluate import evaluate
+from cnnlab.train import checkpoint
+
+# No augmentation: then 2 ranks × 32 and 1 process × 64 see the very same global batches. A small,
+# constant learning rate: float rounding differs between one batch of 64 and two of 32 (in the
+# convolutions too), and at larger rates training amplifies that ~4× a step, so that after 20
+# steps no two float32 runs agree to 1e-4, even one process with 1 and with 2 threads.
+RUN = ["--recipe", "fast", "--dataset", "sample", "--model", "resnet18-cifar", "--width", "4", "--image-size", "16",
+       "--epochs", "2", "--batch-size", "64", "--lr", "0.002", "--schedule", "constant", "--label-smoothing", "0",
+       "--augment", "none", "--limit-train", "704",
+       "--limit-test", "101", "--val-split", "64", "--device", "cpu", "--seed", "1", "--sync-bn"]
+STEPS = 20  # 640 training images in global batches of 64, 2 epochs
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CNNLAB_DIST_TIMEOUT": "60"}
+
+
+def one(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "cnnlab", "train", *args], env=ENV, capture_output=True,
+                          text=True, check=check, timeout=300)
+
+
+def two(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "cnnlab", "train", *args], env=ENV, capture_output=True, text=True, check=check,
+                          timeout=300)
+
+
+def weights(run_dir: Path) -> dict:
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def assert_close(a: dict, b: dict, tol: float = 1e-4) -> None:
+    for name, tensor in a.items():
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, b[name], atol=tol, rtol=0), (name, (tensor - b[name]).abs().max())
+        else:
+            assert torch.equal(tensor, b[name]), name
+
+
+def epochs(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "epoch"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    one(*RUN, "--out", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def double(tmp_path_factory):
+    out = tmp_path_factory.mktemp("double") / "run"
+    proc = two(*RUN, "--out", str(out), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_two_ranks_with_sync_bn_equal_one_process_with_the_global_batch(single, double):
+    assert_close(weights(single), weights(double))
+    info = json.loads((double / "config.json").read_text())
+    assert (info["world_size"], info["global_batch"], info["per_rank_batch"]) == (2, 64, 32)
+    a, b = epochs(single), epochs(double)
+    assert [e["step"] for e in b] == [STEPS // 2, STEPS]
+    for x, y in zip(a, b):
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-4)
+        assert x["test_acc"] == pytest.approx(y["test_acc"], abs=0.011)  # one image of 101 may flip
+
+
+def test_test_accuracy_of_two_ranks_is_exact_over_the_whole_test_set(double):
+    # 101 test images do not split evenly over 2 ranks: each image must still count once.
+    final = epochs(double)[-1]
+    scores = evaluate(double / "checkpoints" / "last.pt", device="cpu", out=double / "eval-last")
+    assert scores["n"] == 101
+    assert final["test_acc"] == pytest.approx(scores["top1"], abs=1e-12)
+    assert final["test_loss"] == pytest.approx(scores["loss"], rel=1e-5)
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process_and_back(single, tmp_path):
+    # 2 ranks → stop mid-epoch 1 → 1 process → stop mid-epoch 2 → 2 ranks to the end.
+    out = tmp_path / "mixed"
+    assert two(*RUN, "--out", str(out), "--stop-after", "6", check=False).returncode == 0
+    assert checkpoint.load(out / "checkpoints" / "last.pt")["step"] == 6
+    one("--resume", str(out), "--stop-after", "8")
+    assert checkpoint.load(out / "checkpoints" / "last.pt")["step"] == 14
+    proc = two("--resume", str(out), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close(weights(single), weights(out))
+    assert [e["epoch"] for e in epochs(out)] == [1, 2]
+
+
+def test_killing_one_rank_ends_the_whole_job(tmp_path):
+    out = tmp_path / "doomed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "cnnlab",
+           "train", *RUN, "--epochs", "500", "--out", str(out)]
+    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert job.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        victim = next(pid for pid in _descendants(job.pid) if _environ(pid).get("RANK") == "1")
+        os.kill(victim, signal.SIGKILL)
+        _, err = job.communicate(timeout=90)  # bounded: the job must not hang on the dead rank
+        assert job.returncode != 0
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    # What rank 0 finished is still there.
+    assert checkpoint.load(out / "checkpoints" / "last.pt")["step"] >= 0
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        children += [int(c) for c in text]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
