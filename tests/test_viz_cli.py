@@ -1,10 +1,21 @@
 """``cnnlab visualize``: every method writes its figures; every user mistake is one line and exit 2."""
 
 import pytest
+import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnlab.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tensors here are tiny; on a CPU shared with other jobs, two threads spin-waiting on each
+    # other make the optimisation loops ten times slower than one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pngs(capsys):

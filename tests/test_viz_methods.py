@@ -20,6 +20,16 @@ from cnnlab.viz.maximize import maximize, objective
 from cnnlab.viz.render import mosaic
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tensors here are tiny; on a CPU shared with other jobs, two threads spin-waiting on each
+    # other make the optimisation loops ten times slower than one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def loaded(small_run):
     return run.load(small_run)
@@ -206,6 +216,7 @@ def test_conv1_filter_grid_has_every_filter_min_max_scaled():
         assert (placed == tiles[i].permute(1, 2, 0).numpy()).all()
 
 
+@pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU")
 def test_deconv_keeps_positive_signals_and_follows_zeiler_fergus(loaded, x):
     from captum.attr import NeuronDeconvolution
 

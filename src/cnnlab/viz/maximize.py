@@ -90,7 +90,7 @@ def objective(model: nn.Module, x: Tensor, layer: str | None, channels: Tensor |
     if acts.ndim < 2 or int(channels.max()) >= acts.shape[1]:
         raise UserError(f"--channel {int(channels.max())} is out of range; layer {layer!r} has "
                         f"{acts.shape[1]} channels (0 … {acts.shape[1] - 1})")
-    picked = acts[torch.arange(len(x)), channels.to(acts.device)]
+    picked = acts[torch.arange(len(x), device=acts.device), channels.to(acts.device)]
     return picked.flatten(1).mean(1) if picked.ndim > 1 else picked
 
 
