@@ -1,0 +1,75 @@
+"""Input pipelines compared batch for batch: normalised 224 px batches of 64, ready for the model.
+
+Three ways to turn stored 32 px uint8 images into network inputs:
+
+* ``assignment``: per-image PIL resize, ToTensor and Normalize in two DataLoader workers
+  (:mod:`benchmarks.assignment`);
+* ``cnnlab``: :class:`cnnlab.data.loader.TrainBatches`, whole batches resized and normalised with
+  tensor ops in the training process, optionally in channels-last layout;
+* ``cnnlab-norm-first``: the same, but normalising the small 32 px batch *before* the resize. A
+  bilinear resize is a convex combination of pixels, so per-channel affine normalisation commutes
+  with it; doing it first touches 49× fewer values. It is a candidate for ``data/transforms.py``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import assignment
+from cnnlab.data.loader import TrainBatches
+
+PIPELINES = ("assignment", "cnnlab", "cnnlab-channels-last", "cnnlab-norm-first")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def normalise_then_resize(x: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float],
+                          channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, C, H, W) → normalised float input, normalising before the bilinear resize."""
+    c = x.shape[1]
+    scale = torch.tensor([1 / (255 * s) for s in std]).view(1, c, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, c, 1, 1)
+    x = torch.addcmul(shift, x.float(), scale)  # (x/255 - mean) / std in one pass
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)  # interpolate keeps the input's layout
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+
+class NormFirstBatches(TrainBatches):
+    """:class:`TrainBatches` with :func:`normalise_then_resize` as its last step."""
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return normalise_then_resize(x, self.image_size, self.mean, self.std, self.channels_last)
+
+
+def batches(kind: str, images: torch.Tensor, labels: torch.Tensor, image_size: int = 224,
+            batch_size: int = 64, seed: int = 0) -> Iterator[Batch]:
+    """Endless training batches of pipeline ``kind`` (one of PIPELINES), epoch after epoch."""
+    if kind == "assignment":
+        loader = assignment.loader(images, labels, image_size, batch_size, seed=seed)
+        # One iterator per epoch, as a training loop does; its workers start on the first batch.
+        return itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
+    if kind not in PIPELINES:
+        raise ValueError(f"unknown pipeline {kind!r}; choose one of {PIPELINES}")
+    cls = NormFirstBatches if kind == "cnnlab-norm-first" else TrainBatches
+    source = cls(images, labels, batch_size, image_size, assignment.MEAN, assignment.STD,
+                 augment="none", seed=seed, channels_last=kind == "cnnlab-channels-last")
+    # TrainBatches may add fields after (inputs, labels), e.g. the global batch size under DDP.
+    return (item[:2] for e in itertools.count() for item in source.epoch(e))
+
+
+def batches_per_second(stream: Iterator[Batch], warmup: int, count: int) -> dict[str, float]:
+    """Time ``count`` batches drawn from ``stream`` after ``warmup`` (worker start-up, first allocations)."""
+    for _ in range(warmup):
+        next(stream)
+    start = time.perf_counter()
+    for _ in range(count):
+        x, _ = next(stream)
+    seconds = time.perf_counter() - start
+    return {"batches_per_s": count / seconds, "images_per_s": count * x.shape[0] / seconds,
+            "seconds": seconds, "batch_shape": list(x.shape)}

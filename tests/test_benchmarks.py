@@ -1,0 +1,74 @@
+"""The benchmark code at tiny sizes: it runs, its JSON has the promised shape, and the two input
+pipelines it compares make the same normalised batches."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks package lives at the root
+
+from benchmarks import assignment, cpu, pipeline  # noqa: E402
+from cnnlab.data.transforms import to_input  # noqa: E402
+
+TINY = cpu.Settings(dataset="synthetic", width=4, image_size=64, batch_size=8, pipeline_warmup=1,
+                    pipeline_batches=2, pipeline_rounds=2, train_warmup=1, train_steps=1,
+                    variants=("assignment", "cnnlab", "cnnlab channels-last bf16"))
+
+
+def test_cpu_benchmark_document(tmp_path):
+    document = cpu.run(TINY, fresh_process=False, progress=lambda line: None)
+    path = cpu.report.write_json(document, "cpu.json", tmp_path)
+    loaded = json.loads(path.read_text())
+    assert {"date", "cpu", "cores", "torch", "load_average"} <= set(loaded["machine"])
+    assert [r["name"] for r in loaded["pipeline"]] == list(TINY.pipelines)
+    assert [r["name"] for r in loaded["training"]] == list(TINY.variants)
+    for row in loaded["pipeline"] + loaded["training"]:
+        assert "error" not in row, row
+        assert row["host_rss_peak_mb"] > 0 and row["children_rss_peak_mb"] >= 0
+        assert row["speedup"] > 0
+    assert loaded["pipeline"][0]["speedup"] == 1 and len(loaded["pipeline"][0]["runs"]) == 2
+    assert all(r["images_per_s"] > 0 for r in loaded["training"])
+    assert "× assignment" in cpu.tables(loaded)
+
+
+def test_schedule_alternates_rounds():
+    assert cpu.schedule(("a", "b", "c"), 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+
+
+@pytest.mark.parametrize("kind", [k for k in pipeline.PIPELINES if k != "assignment"])
+def test_pipelines_make_the_assignments_batches(kind):
+    """cnnlab's batches at 224 px match the assignment's for the same images.
+
+    Both resize bilinearly with half-pixel centres. PIL's Resize also antialiases, which for an
+    upscale (32 → 224) changes nothing, but it resizes the 8-bit image and rounds the result to 8 bits,
+    where cnnlab interpolates in float. So they differ by that rounding alone: at most half an 8-bit
+    step plus PIL's fixed-point error, and on average about a quarter of a step (uniform rounding
+    error). In [-1, 1] units one step is 2/255 ≈ 0.0078: we allow one step for any value, half a step
+    on average, and batch statistics equal to a tenth of a step.
+    """
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    theirs = torch.stack([assignment.transform(224)(im) for im in assignment.to_pil(images)])
+    ours = next(pipeline.batches(kind, images, torch.zeros(4, dtype=torch.long), 224, batch_size=4))[0]
+    ours = ours[torch.argsort(_order(kind, images, ours))]  # TrainBatches shuffles: line the images up
+    assert ours.shape == theirs.shape == (4, 3, 224, 224)
+    step = 2 / 255
+    diff = (ours - theirs).abs()
+    assert diff.max() <= step and diff.mean() <= 0.5 * step
+    assert abs(ours.mean() - theirs.mean()) < 0.1 * step and abs(ours.std() - theirs.std()) < 0.1 * step
+
+
+def _order(kind, images, batch):
+    # Which stored image each batch row is: the one whose own resize is nearest.
+    single = to_input(images, 224, assignment.MEAN, assignment.STD)
+    return torch.tensor([min(range(len(images)), key=lambda i: (row - single[i]).abs().mean()) for row in batch])
+
+
+def test_norm_first_equals_normalise_after_resize():
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    expected = to_input(images, 224, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
+    got = pipeline.normalise_then_resize(images, 224, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), channels_last=True)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
