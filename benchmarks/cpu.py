@@ -35,34 +35,34 @@ import torch
 
 from benchmarks import isolate, pipeline, report, training
 from benchmarks.training import Variant
+from cnnlab.train.device import keep_freed_memory
 
 DEFAULT_DATASET = os.environ.get("CNNLAB_CIFAR10_JPEG",
                                  str(isolate.REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"))
 
-# glibc malloc hands every block above 32 MiB back to the kernel when freed, so each 224 px batch
-# (38 MiB) and every large activation is freshly mapped and page-faulted in, step after step.
-# Keeping freed memory in the heap instead (no mmap, no trimming) removes that cost.
-HEAP_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
-
-PIPELINE_ROWS = {  # row name → (pipeline kind, environment of its process)
-    "assignment": ("assignment", {}),
-    "cnnlab": ("cnnlab", {}),
-    "cnnlab channels-last": ("cnnlab-channels-last", {}),
-    "cnnlab norm-first": ("cnnlab-norm-first", {}),
-    "cnnlab norm-first heap-malloc": ("cnnlab-norm-first", HEAP_MALLOC),
+# "allocator": whether the row's process keeps freed memory in the heap as the trainer does on a CPU
+# (cnnlab.train.device.keep_freed_memory); glibc's default unmaps every freed block above 32 MiB, so
+# each 224 px batch (38 MiB) and every large activation is page-faulted in again, step after step.
+PIPELINE_ROWS = {  # row name → (pipeline kind, allocator kept as the trainer keeps it)
+    "assignment": ("assignment", False),
+    "cnnlab": ("cnnlab", True),  # what the trainer does on a CPU
+    "cnnlab default allocator": ("cnnlab", False),
+    "cnnlab resize first": ("cnnlab-resize-first", True),
+    "cnnlab resize first, default allocator": ("cnnlab-resize-first", False),  # cnnlab's first version
+    "cnnlab channels-last": ("cnnlab-channels-last", True),
 }
 
 VARIANTS = {v.name: v for v in (
-    Variant("assignment", pipeline="assignment"),
-    Variant("cnnlab", pipeline="cnnlab"),  # what the trainer does on a CPU today
+    Variant("assignment", pipeline="assignment", keep_freed_memory=False),
+    Variant("cnnlab"),  # what the trainer does on a CPU: fp32, default layout, eager
+    Variant("cnnlab default allocator", keep_freed_memory=False),
     Variant("cnnlab channels-last", pipeline="cnnlab-channels-last", channels_last=True),
+    Variant("cnnlab bf16", bf16=True),
     Variant("cnnlab channels-last bf16", pipeline="cnnlab-channels-last", channels_last=True, bf16=True),
-    Variant("cnnlab channels-last compile", pipeline="cnnlab-channels-last", channels_last=True, compile=True),
-    Variant("cnnlab channels-last bf16 heap-malloc", pipeline="cnnlab-norm-first", channels_last=True, bf16=True,
-            env=HEAP_MALLOC),
-    Variant("cnnlab channels-last 1 thread", pipeline="cnnlab-channels-last", channels_last=True, threads=1),
+    Variant("cnnlab compile", compile=True),
+    Variant("cnnlab 1 thread", threads=1),
 )}
-SLOW_VARIANTS = ("cnnlab channels-last 1 thread",)  # only on request (--variants): half the cores, ~2× slower
+SLOW_VARIANTS = ("cnnlab 1 thread",)  # only on request (--variants): half the cores, ~2× slower
 BASELINE = "assignment"
 
 
@@ -87,8 +87,8 @@ class Settings:
     @classmethod
     def quick(cls, **changes: Any) -> "Settings":
         base = dict(pipeline_batches=20, pipeline_rounds=2, train_steps=1,
-                    pipelines=("assignment", "cnnlab", "cnnlab norm-first heap-malloc"),
-                    variants=("assignment", "cnnlab channels-last bf16", "cnnlab channels-last bf16 heap-malloc"))
+                    pipelines=("assignment", "cnnlab", "cnnlab resize first, default allocator"),
+                    variants=("assignment", "cnnlab", "cnnlab bf16"))
         return cls(**{**base, **changes})
 
 
@@ -111,7 +111,10 @@ def pipeline_row(name: str, settings: Settings) -> dict[str, Any]:
     """Batches per second of input pipeline ``name``; exactly one epoch's worth of images is loaded."""
     n = (settings.pipeline_warmup + settings.pipeline_batches) * settings.batch_size
     images, labels = load_images(settings, n)
-    stream = pipeline.batches(PIPELINE_ROWS[name][0], images, labels, settings.image_size, settings.batch_size)
+    kind, allocator = PIPELINE_ROWS[name]
+    if allocator:
+        keep_freed_memory()
+    stream = pipeline.batches(kind, images, labels, settings.image_size, settings.batch_size)
     result = pipeline.batches_per_second(stream, settings.pipeline_warmup, settings.pipeline_batches)
     del stream  # stops DataLoader workers, so their peak memory is counted as children's
     return result
@@ -137,8 +140,7 @@ def run_row(section: str, name: str, settings: Settings, fresh_process: bool = T
         result.update(report.peak_host_rss_mb())
     else:
         job = {"section": section, "name": name, "settings": dataclasses.asdict(settings)}
-        env = VARIANTS[name].env if section == "training" else PIPELINE_ROWS[name][1]
-        result = isolate.run("benchmarks.cpu", job, settings.row_timeout_s, env)
+        result = isolate.run("benchmarks.cpu", job, settings.row_timeout_s)
     result.update(load_1min=round(load, 2), wall_s=round(time.time() - started, 1))
     return result
 

@@ -1,14 +1,14 @@
 """Input pipelines compared batch for batch: normalised 224 px batches of 64, ready for the model.
 
-Three ways to turn stored 32 px uint8 images into network inputs:
+Ways to turn stored 32 px uint8 images into network inputs:
 
 * ``assignment``: per-image PIL resize, ToTensor and Normalize in two DataLoader workers
   (:mod:`benchmarks.assignment`);
-* ``cnnlab``: :class:`cnnlab.data.loader.TrainBatches`, whole batches resized and normalised with
-  tensor ops in the training process, optionally in channels-last layout;
-* ``cnnlab-norm-first``: the same, but normalising the small 32 px batch *before* the resize. A
-  bilinear resize is a convex combination of pixels, so per-channel affine normalisation commutes
-  with it; doing it first touches 49× fewer values. It is a candidate for ``data/transforms.py``.
+* ``cnnlab``: :class:`cnnlab.data.loader.TrainBatches`, whole batches normalised and resized with
+  tensor ops in the training process (what the trainer does);
+* ``cnnlab-channels-last``: the same, handing out channels-last batches;
+* ``cnnlab-resize-first``: the same, but resizing before normalising, as cnnlab did at first: every
+  normalisation op then touches 49× more values.
 """
 
 from __future__ import annotations
@@ -22,29 +22,27 @@ import torch.nn.functional as F
 
 from benchmarks import assignment
 from cnnlab.data.loader import TrainBatches
+from cnnlab.data.transforms import per_channel
 
-PIPELINES = ("assignment", "cnnlab", "cnnlab-channels-last", "cnnlab-norm-first")
+PIPELINES = ("assignment", "cnnlab", "cnnlab-channels-last", "cnnlab-resize-first")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def normalise_then_resize(x: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float],
+def resize_then_normalise(x: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float],
                           channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, C, H, W) → normalised float input, normalising before the bilinear resize."""
+    """uint8 (B, C, H, W) → normalised float input, resizing first (the slower order)."""
     c = x.shape[1]
-    scale = torch.tensor([1 / (255 * s) for s in std]).view(1, c, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, c, 1, 1)
-    x = torch.addcmul(shift, x.float(), scale)  # (x/255 - mean) / std in one pass
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)  # interpolate keeps the input's layout
-    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = F.interpolate(x.float().div_(255), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = (x - torch.tensor(per_channel(mean, c)).view(1, c, 1, 1)) / torch.tensor(per_channel(std, c)).view(1, c, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-class NormFirstBatches(TrainBatches):
-    """:class:`TrainBatches` with :func:`normalise_then_resize` as its last step."""
+class ResizeFirstBatches(TrainBatches):
+    """:class:`TrainBatches` with :func:`resize_then_normalise` as its last step."""
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return normalise_then_resize(x, self.image_size, self.mean, self.std, self.channels_last)
+        return resize_then_normalise(x, self.image_size, self.mean, self.std, self.channels_last)
 
 
 def batches(kind: str, images: torch.Tensor, labels: torch.Tensor, image_size: int = 224,
@@ -56,7 +54,7 @@ def batches(kind: str, images: torch.Tensor, labels: torch.Tensor, image_size: i
         return itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
     if kind not in PIPELINES:
         raise ValueError(f"unknown pipeline {kind!r}; choose one of {PIPELINES}")
-    cls = NormFirstBatches if kind == "cnnlab-norm-first" else TrainBatches
+    cls = ResizeFirstBatches if kind == "cnnlab-resize-first" else TrainBatches
     source = cls(images, labels, batch_size, image_size, assignment.MEAN, assignment.STD,
                  augment="none", seed=seed, channels_last=kind == "cnnlab-channels-last")
     # TrainBatches may add fields after (inputs, labels), e.g. the global batch size under DDP.

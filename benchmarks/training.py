@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
 from benchmarks import pipeline
 from cnnlab.models import build
+from cnnlab.train.device import keep_freed_memory
 
 # The assignment's optimiser (and the seed recipe's).
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
@@ -31,7 +32,7 @@ class Variant:
     compile: bool = False
     bf16: bool = False
     threads: int | None = None  # torch.set_num_threads; None leaves torch's default
-    env: dict[str, str] = field(default_factory=dict)  # set before the row's process starts (allocator)
+    keep_freed_memory: bool = True  # glibc keeps freed blocks for reuse, as the trainer sets it on a CPU
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +67,8 @@ def measure(variant: Variant, images: torch.Tensor, labels: torch.Tensor, *, mod
     """
     if variant.threads:
         torch.set_num_threads(variant.threads)
+    if variant.keep_freed_memory:
+        keep_freed_memory()
     torch.manual_seed(0)
     device = torch.device("cpu")
     model = build(model_name, num_classes=10, width=width)

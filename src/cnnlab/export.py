@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 import cnnlab
-from cnnlab.data.transforms import _per_channel
+from cnnlab.data.transforms import per_channel
 from cnnlab.errors import UserError
 
 FORMATS = ("onnx", "torchscript")
@@ -43,8 +43,8 @@ class Normalized(nn.Module):
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], channels: int):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(_per_channel(mean, channels)).view(1, channels, 1, 1))
-        self.register_buffer("std", torch.tensor(_per_channel(std, channels)).view(1, channels, 1, 1))
+        self.register_buffer("mean", torch.tensor(per_channel(mean, channels)).view(1, channels, 1, 1))
+        self.register_buffer("std", torch.tensor(per_channel(std, channels)).view(1, channels, 1, 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model((image - self.mean) / self.std)
@@ -68,7 +68,7 @@ def export(path: str | Path, format: str, out: str | Path) -> dict[str, Any]:  #
     wrapped = Normalized(loaded.model, loaded.mean, loaded.std, channels).eval()
     metadata = {
         "classes": loaded.classes, "image_size": size, "in_channels": channels,
-        "mean": _per_channel(loaded.mean, channels), "std": _per_channel(loaded.std, channels),
+        "mean": per_channel(loaded.mean, channels), "std": per_channel(loaded.std, channels),
         "input": INPUT_CONVENTION, "output": f"float32 (N, {len(loaded.classes)}) logits, in the order of classes",
         "model": loaded.spec["name"], "cnnlab_version": cnnlab.__version__,
     }

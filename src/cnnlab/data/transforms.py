@@ -33,22 +33,26 @@ def pad_crop(x: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
 
 def to_input(x: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float],
              channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, C, H, W) → float network input: resize (bilinear, as the assignment's 32→224), normalise.
+    """uint8 (B, C, H, W) → float network input: normalise, resize (bilinear, as the assignment's 32→224).
 
-    Resizing before normalising keeps the ops on the small uint8 images until the last moment.
+    Bilinear weights sum to one, so normalising commutes with resizing; doing it first, on the small
+    images, makes the per-pixel work 49× cheaper at 32→224 (equal to the other order to float rounding).
     """
-    x = x.float().div_(255)
+    c = x.shape[1]
+    scale = torch.tensor([1 / (255 * s) for s in per_channel(std, c)], device=x.device).view(1, c, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(per_channel(mean, c), per_channel(std, c))],
+                         device=x.device).view(1, c, 1, 1)
+    x = torch.addcmul(shift, x.float(), scale)  # (x / 255 − mean) / std in one pass
     if x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    c = x.shape[1]
-    m = torch.tensor(_per_channel(mean, c), device=x.device).view(1, c, 1, 1)
-    s = torch.tensor(_per_channel(std, c), device=x.device).view(1, c, 1, 1)
-    x = (x - m) / s
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _per_channel(values: Sequence[float], channels: int) -> list[float]:
-    # One-channel datasets may carry RGB statistics in a recipe, and vice versa: average or repeat.
+def per_channel(values: Sequence[float], channels: int) -> list[float]:
+    """``values`` (a mean or std) for ``channels`` channels.
+
+    One-channel datasets may carry RGB statistics in a recipe, and vice versa: average or repeat.
+    """
     values = list(values)
     if len(values) == channels:
         return values

@@ -30,7 +30,7 @@ from cnnlab.evaluate import score
 from cnnlab.models import build
 from cnnlab.run import new_run_dir
 from cnnlab.train import checkpoint, distributed
-from cnnlab.train.device import on_by_default, pick_device
+from cnnlab.train.device import keep_freed_memory, on_by_default, pick_device, use_channels_last
 from cnnlab.train.lock import RunLock
 from cnnlab.train.logging import RunLog
 
@@ -101,6 +101,8 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
 def _prepare(cfg: TrainConfig, group: distributed.Group) -> tuple[torch.device, Splits, nn.Module, dict[str, Any]]:
     """The device, the data splits and a freshly initialised model (seeded) for ``cfg``."""
     dev = distributed.device_for(group, pick_device(cfg.device))
+    if dev.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(cfg.seed)
     dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
                            skip_bad_images=cfg.skip_bad_images)
@@ -132,7 +134,7 @@ def _start(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, 
 def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, spec: dict[str, Any],
          run_dir: Path, state: dict[str, Any] | None, group: distributed.Group, stop_after: int | None) -> Result:
     amp = on_by_default(cfg.amp, dev)
-    channels_last = on_by_default(cfg.channels_last, dev)
+    channels_last = use_channels_last(cfg.channels_last, dev)
     model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     batches = TrainBatches(data.train_x.to(dev), data.train_y.to(dev), cfg.batch_size, cfg.image_size,
                            cfg.mean, cfg.std, cfg.augment, cfg.seed, channels_last, group.rank, group.world)
@@ -303,10 +305,12 @@ def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: 
     sched = torch.optim.lr_scheduler
     if cfg.schedule == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=total_steps)
-    if cfg.schedule == "onecycle":
-        # Momentum is left as configured: --momentum should mean what it says.
-        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25,
-                                anneal_strategy="linear", cycle_momentum=False)
+    if cfg.schedule == "onecycle" and total_steps >= 2:
+        # Momentum is left as configured: --momentum should mean what it says. The warm-up is a
+        # quarter of the run, but more than one step: OneCycleLR divides by its length.
+        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+                                pct_start=max(0.25, 1.5 / total_steps), anneal_strategy="linear",
+                                cycle_momentum=False)
     return sched.LambdaLR(optimizer, lambda _: 1.0)
 
 

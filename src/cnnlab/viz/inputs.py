@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from cnnlab.data.transforms import _per_channel, to_input
+from cnnlab.data.transforms import per_channel, to_input
 from cnnlab.errors import UserError
 
 __all__ = ["Batch", "from_files", "from_test_set", "parse_target", "stats", "to_pixels"]
@@ -70,8 +70,8 @@ def from_test_set(images: Tensor, labels: Tensor, indices: Sequence[int], image_
 def stats(mean: Sequence[float], std: Sequence[float], channels: int, device: torch.device | str = "cpu",
           ) -> tuple[Tensor, Tensor]:
     """The normalisation as (1, C, 1, 1) tensors, for methods that optimise images in pixel space."""
-    m = torch.tensor(_per_channel(mean, channels), device=device).view(1, channels, 1, 1)
-    s = torch.tensor(_per_channel(std, channels), device=device).view(1, channels, 1, 1)
+    m = torch.tensor(per_channel(mean, channels), device=device).view(1, channels, 1, 1)
+    s = torch.tensor(per_channel(std, channels), device=device).view(1, channels, 1, 1)
     return m, s
 
 
