@@ -45,6 +45,11 @@ def test_demo_trains_evaluates_and_says_where(one_epoch, tmp_path, capsys):
     features = Image.open(out / "viz" / "features" / "conv5_x_test300.png")
     assert features.size[0] > features.size[1]
 
+    # The report, last: one self-contained page in the run folder.
+    assert printed.rstrip().splitlines()[-1].startswith(f"  report:          {out / 'report.html'}")
+    page = (out / "report.html").read_text()
+    assert 'id="misclassified"' in page and "data:image/png;base64," in page
+
 
 def test_demo_runs_twice_without_out(one_epoch, tmp_path, monkeypatch):
     # `make demo` twice in a row must not trip over the first run's folder.

@@ -129,6 +129,15 @@ def build_parser() -> Parser:
     p.add_argument("--tensorboard", action="store_true", help="also log the images to the run's TensorBoard")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", help="where the run's dataset is, for --index and top-images")
+
+    p = sub.add_parser(
+        "report", help="one self-contained HTML page about a run: accuracy, curves, mistakes, what it learned",
+        description="Write one HTML file that opens from disk with no server or network: what was trained, final "
+                    "accuracies, Table 1, training curves, per-class accuracy, confusion matrix, most-confused "
+                    "pairs, misclassified images, conv1 filters, feature maps, Grad-CAM and class models.")
+    p.add_argument("path", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html)")
+    p.add_argument("--device", default="auto")
     return parser
 
 
@@ -259,9 +268,16 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from cnnlab.report import report
+
+    print(f"wrote {report(args.path, out=args.out, device=args.device)}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "demo": cmd_demo,
             "predict": cmd_predict, "export": cmd_export,
-            "visualize": cmd_visualize}
+            "visualize": cmd_visualize, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,8 +1,8 @@
 """``cnnlab demo``: the whole path on a laptop CPU in about a minute, offline.
 
 A width-16 ResNet-18 (CIFAR stem, 32 px) trains on the CIFAR-10 sample bundled with the package,
-then is evaluated, and a small gallery of what it learned is drawn (``cnnlab visualize``); the run
-folder it leaves is the same kind that a full run writes.
+then is evaluated, a small gallery of what it learned is drawn (``cnnlab visualize``) and the HTML
+report is written (``cnnlab report``); the run folder it leaves is the same kind that a full run writes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cnnlab.config import resolve
 from cnnlab.evaluate import evaluate
+from cnnlab.report import report
 from cnnlab.run import new_run_dir
 from cnnlab.train.engine import train
 
@@ -41,6 +42,8 @@ def demo(out: str | Path | None = None) -> Path:
     pngs = gallery(result.run_dir)
     print(f"  inside the net:  {result.run_dir / 'viz'}  ({len(pngs)} figures: conv1 filters, feature maps at conv1 "
           "and conv5_x, Grad-CAM; more with: cnnlab visualize METHOD RUN_DIR)")
+    page = report(result.run_dir, device="cpu")
+    print(f"  report:          {page}  (one HTML page with all of the above; open it in a browser)")
     return result.run_dir
 
 

@@ -1,0 +1,306 @@
+"""The report as one HTML page: inline CSS, images as ``data:`` URIs, no script, nothing fetched.
+
+Every string that comes from the user or the data (class names are folder names; paths, dataset
+specs, file names) goes through :func:`html.escape`, and the page's Content-Security-Policy allows
+no script at all, so a class named ``<img src=x onerror=alert(1)>`` is shown as text.
+"""
+
+from __future__ import annotations
+
+import html
+import platform
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import torch
+
+import cnnlab
+from cnnlab.report.figures import ASSIGNMENT_TEST, ASSIGNMENT_TRAIN
+from cnnlab.report.sections import Contents, Example, Picture
+
+__all__ = ["SECTIONS", "render"]
+
+# id → heading, in page order
+SECTIONS: dict[str, str] = {
+    "summary": "What was trained",
+    "accuracy": "Final accuracy",
+    "architecture": "Architecture (Table 1)",
+    "curves": "Training curves",
+    "per-class": "Accuracy per class",
+    "confusion": "Confusion matrix",
+    "confused-pairs": "Most-confused classes",
+    "misclassified": "Misclassified test images",
+    "filters": "conv1 filters",
+    "features": "Feature maps",
+    "gradcam": "Grad-CAM",
+    "patterns": "Class models (activation maximisation)",
+}
+
+CSS = """
+:root { --fg: #1d2330; --muted: #5b6475; --line: #d9dde5; --accent: #2f6fde; --bad: #c0392b; --good: #1e8449; }
+* { box-sizing: border-box; }
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
+       margin: 0 auto; max-width: 1180px; padding: 1.2rem 1.5rem 3rem; background: #fff; }
+h1 { font-size: 1.6rem; margin: 0.2rem 0; }
+h2 { font-size: 1.25rem; border-bottom: 2px solid var(--line); padding-bottom: 0.2rem; margin-top: 2.2rem; }
+h3 { font-size: 1.02rem; margin: 1.2rem 0 0.4rem; }
+.sub, .note, figcaption, .muted { color: var(--muted); }
+.note { font-style: italic; }
+nav ol { columns: 3; padding-left: 1.2rem; margin: 0.6rem 0; }
+nav a, a { color: var(--accent); text-decoration: none; }
+table { border-collapse: collapse; margin: 0.4rem 0; }
+th, td { border-bottom: 1px solid var(--line); padding: 0.25rem 0.7rem; text-align: left; vertical-align: top; }
+th { background: #f4f6f9; font-weight: 600; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 0.2rem 1.2rem; margin: 0.4rem 0; }
+dl.facts dt { font-weight: 600; } dl.facts dd { margin: 0; overflow-wrap: anywhere; }
+img.plot { max-width: 100%; height: auto; display: block; margin: 0.5rem 0; border: 1px solid var(--line); }
+.bar { background: #e8ecf3; width: 240px; height: 0.9rem; position: relative; }
+.bar span { display: block; height: 100%; background: var(--accent); }
+.grid { display: flex; flex-wrap: wrap; gap: 0.6rem; }
+figure.thumb { margin: 0; width: 104px; font-size: 0.74rem; line-height: 1.25; overflow-wrap: anywhere; }
+figure.thumb img { width: 96px; height: 96px; object-fit: contain; image-rendering: pixelated; background: #000;
+                   display: block; }
+figure.thumb .true { color: var(--good); } figure.thumb .pred { color: var(--bad); }
+.columns { display: flex; flex-wrap: wrap; gap: 1.5rem; } .columns > div { flex: 1 1 380px; min-width: 0; }
+.good { color: var(--good); } .bad { color: var(--bad); }
+footer { margin-top: 3rem; font-size: 0.8rem; color: var(--muted); border-top: 1px solid var(--line); padding-top: 0.6rem; }
+"""
+
+# No script may run, whatever ends up in the page; images are inline; nothing is fetched.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+
+def e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def pct(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _img(p: Picture, cls: str = "plot") -> str:
+    return f'<img class="{cls}" src="{e(p.uri)}" alt="{e(p.alt)}">'
+
+
+def _notes(c: Contents, section: str) -> str:
+    return "".join(f'<p class="note">{e(n)}</p>' for n in c.notes.get(section, []))
+
+
+def _facts(rows: Iterable[tuple[str, str]]) -> str:
+    """A definition list; values are already-escaped HTML."""
+    return '<dl class="facts">' + "".join(f"<dt>{e(k)}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h} h {m:02d} min {s:02d} s" if h else f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def _summary(c: Contents) -> str:
+    cfg, info = c.config, c.info
+    data = info.get("data", {})
+    classes = c.classes
+    shown = ", ".join(classes[:20]) + (f" … ({len(classes)} in all)" if len(classes) > 20 else "")
+    seconds = sum(float(r.get("seconds") or 0) for r in c.epochs)
+    rates = [float(r["images_per_s"]) for r in c.epochs if r.get("images_per_s")]
+    amp = cfg.get("amp")
+    rows = [
+        ("model", f"{e(cfg.get('model', '?'))}, width {e(cfg.get('width', '?'))}, "
+                  f"{e(cfg.get('image_size', '?'))}×{e(cfg.get('image_size', '?'))} px input"),
+        ("dataset", e(cfg.get("dataset", "?"))),
+        ("images", (f"{e(data.get('train', '?'))} train, {e(data.get('val', '?'))} validation, "
+                    f"{e(data.get('test', '?'))} test") if data else "–"),
+        ("classes", f"{len(classes)}: {e(shown)}"),
+        ("recipe", e(cfg.get("recipe", "?"))),
+        ("optimisation", e(f"SGD, lr {cfg.get('lr')} ({cfg.get('schedule')} schedule), momentum {cfg.get('momentum')}"
+                           f"{' (Nesterov)' if cfg.get('nesterov') else ''}, weight decay {cfg.get('weight_decay')}, "
+                           f"batch {cfg.get('batch_size')}, label smoothing {cfg.get('label_smoothing')}, "
+                           f"augmentation {cfg.get('augment')}, seed {cfg.get('seed')}")),
+        ("epochs", e(f"{len(c.epochs)} finished of {cfg.get('epochs', '?')} planned, "
+                     f"{c.last.get('step', '?')} steps")),
+        ("device", e(f"{info.get('device', cfg.get('device', '?'))} ({info.get('device_name', '?')}), "
+                     f"{info.get('threads', '?')} CPU threads, {info.get('world_size', 1)} process(es), "
+                     f"bf16 autocast {'on' if amp else 'off' if amp is False else 'auto (on for CUDA)'}")),
+        ("training time", e(f"{_duration(seconds)}: the sum of the epochs' training-step time as logged "
+                            "(start-up, data decoding, evaluation after each epoch and checkpoint writing not "
+                            "included)" + (f"; {sum(rates) / len(rates):.0f} images/s on average" if rates else ""))),
+        ("versions", e(f"cnnlab {info.get('cnnlab', '?')}, torch {info.get('torch', '?')}")),
+        ("run folder", e(c.run_dir)),
+        ("checkpoint scored", e(f"{c.checkpoint.name}" + (f" (after epoch {c.checkpoint_epoch})"
+                                                          if c.checkpoint_epoch is not None else ""))),
+    ]
+    skipped = data.get("skipped_images") or []
+    if skipped:
+        rows.append(("images left out", e(f"{len(skipped)} unreadable: " + ", ".join(map(str, skipped[:10]))
+                                          + (" …" if len(skipped) > 10 else ""))))
+    if c.skipped_lines:
+        rows.append(("metrics.jsonl", e(f"{c.skipped_lines} unreadable line(s) ignored")))
+    return _facts(rows)
+
+
+def _accuracy(c: Contents) -> str:
+    last = c.last
+    rows = [("train", "train_acc", ASSIGNMENT_TRAIN, "running mean over the last epoch's batches, as trained "
+             "(augmentation on, weights still changing)"),
+            ("validation", "val_acc", None, "held out of the training set; picks best.pt"),
+            ("test", "test_acc", ASSIGNMENT_TEST, "reported only, never used to choose a checkpoint")]
+    body = "".join(
+        f'<tr><th>{name}</th><td class="num" id="final-{key.split("_")[0]}-acc">{pct(last.get(key))}</td>'
+        f'<td class="num">{pct(goal, 0) if goal is not None else "–"}</td><td class="muted">{e(why)}</td></tr>'
+        for name, key, goal, why in rows)
+    html_ = ("<table><thead><tr><th>split</th><th class=\"num\">this run, epoch "
+             f"{e(last.get('epoch'))}</th><th class=\"num\">assignment</th><th>what it is</th></tr></thead>"
+             f"<tbody>{body}</tbody></table>"
+             "<p class=\"muted\">The assignment's figures: the <code>seed</code> recipe (ResNet-18 at 224 px) after "
+             "20 epochs on the full CIFAR-10 on a GPU. A short run on a subset or at small width is not expected "
+             "to reach them.</p>")
+    if c.test is not None:
+        html_ += (f"<p>The scored checkpoint ({e(c.checkpoint.name)}) gets <strong id=\"scored-test-acc\">"
+                  f"{pct(c.test.top1)}</strong> top-1 on the {c.test.n} test images the run reported on "
+                  f"(mean loss {c.test.loss:.3f}); the sections below are about that checkpoint.</p>")
+    return html_
+
+
+def _architecture(c: Contents) -> str:
+    s = c.summary
+    if s is None:
+        return ""
+    rows = "".join(
+        f"<tr><td>{e(st['name'])}</td><td>{e('×'.join(str(d) for d in st['output_size']))}</td>"
+        f"<td>{e(st['layers'])}</td><td class=\"num\">{st['params']:,}</td><td class=\"num\">{st['macs']:,}</td></tr>"
+        for st in s["stages"])
+    return (f"<p>{e(s['model'])} at {s['image_size']}×{s['image_size']} px, {s['num_classes']} classes, width "
+            f"{s['width']}: <strong>{s['params'] / 1e6:.2f} M parameters</strong>, <strong>{s['macs'] / 1e6:.1f} M "
+            "multiply-accumulates</strong> per image, both counted on the model (forward hooks), not quoted.</p>"
+            "<table><thead><tr><th>stage</th><th>output size (C×H×W)</th><th>layers</th><th class=\"num\">params</th>"
+            f"<th class=\"num\">MACs</th></tr></thead><tbody>{rows}</tbody><tfoot><tr><th>total</th><th></th><th></th>"
+            f"<th class=\"num\">{s['params']:,}</th><th class=\"num\">{s['macs']:,}</th></tr></tfoot></table>")
+
+
+def _curves(c: Contents) -> str:
+    return ("<p>Per step: loss and accuracy of each training batch (as logged, before the step's update). "
+            "Per epoch: the training figures are running means over the epoch; validation and test are scored "
+            "after it.</p>" + "".join(_img(p) for p in c.curves))
+
+
+def _per_class(c: Contents) -> str:
+    t = c.test
+    if t is None:
+        return ""
+    rows = []
+    for name, acc, n in sorted(t.per_class, key=lambda r: -1 if r[1] is None else r[1]):
+        width = 0 if acc is None else round(100 * acc, 1)
+        rows.append(f"<tr><td>{e(name)}</td><td class=\"num\">{pct(acc, 1)}</td><td class=\"num\">{n}</td>"
+                    f"<td><div class=\"bar\" title=\"{pct(acc, 1)}\"><span style=\"width:{width}%\"></span></div>"
+                    "</td></tr>")
+    return (f"<p>Top-1 accuracy of each class on the test set ({t.n} images), worst first.</p>"
+            "<table><thead><tr><th>class</th><th class=\"num\">accuracy</th><th class=\"num\">test images</th>"
+            f"<th>0 – 100%</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _thumb(x: Example, show_true: bool = True) -> str:
+    lines = [f'<span class="true">true: {e(x.true)}</span>'] if show_true else []
+    lines.append(f'<span class="pred">predicted: {e(x.pred)} ({100 * x.prob:.0f}%)</span>')
+    return (f'<figure class="thumb"><img src="{e(x.uri)}" alt="test image {x.index}: {e(x.true)}, '
+            f'predicted {e(x.pred)}"><figcaption>#{x.index}<br>{"<br>".join(lines)}</figcaption></figure>')
+
+
+def _pairs(c: Contents) -> str:
+    t = c.test
+    if t is None:
+        return ""
+    if not t.pairs:
+        return "<p>No test image was misclassified.</p>"
+    parts = ["<p>The (true, predicted) pairs with the most mistakes on the test set, with examples.</p>"]
+    for p in t.pairs:
+        parts.append(f"<h3>{e(p.true)} → {e(p.pred)}: {p.count} image{'s' if p.count != 1 else ''} "
+                     f"({pct(p.share, 1)} of the {e(p.true)} test images)</h3>"
+                     f'<div class="grid">{"".join(_thumb(x, show_true=False) for x in p.examples)}</div>')
+    return "".join(parts)
+
+
+def _misclassified(c: Contents) -> str:
+    t = c.test
+    if t is None:
+        return ""
+    if not t.wrong:
+        return "<p>No test image was misclassified.</p>"
+    return (f"<p>{len(t.wrong)} of the {t.wrong_total} misclassified test images (of {t.n}), spread over the test "
+            "set, with the true class and the prediction (its probability in brackets).</p>"
+            f'<div class="grid">{"".join(_thumb(x) for x in t.wrong)}</div>')
+
+
+def _pictures(text: str, pictures: list[Picture]) -> str:
+    return (f"<p>{text}</p>" if pictures else "") + "".join(_img(p) for p in pictures)
+
+
+def _gradcam(c: Contents) -> str:
+    parts = []
+    if c.cam_right or c.cam_wrong:
+        parts.append("<p>Grad-CAM (Selvaraju et al. 2017) at conv5_x for the predicted class: the regions whose "
+                     "features raised that class's score most, overlaid on the input (bright = more).</p>")
+    columns = [(title, pictures) for title, pictures in (("Correct predictions", c.cam_right),
+                                                         ("Wrong predictions", c.cam_wrong)) if pictures]
+    if columns:
+        parts.append('<div class="columns">' + "".join(
+            f"<div><h3>{title}</h3>{''.join(_img(p) for p in pictures)}</div>" for title, pictures in columns)
+            + "</div>")
+    return "".join(parts)
+
+
+def render(c: Contents) -> str:
+    """The whole page for the gathered ``Contents``."""
+    bodies = {
+        "summary": _summary(c),
+        "accuracy": _accuracy(c),
+        "architecture": _architecture(c),
+        "curves": _curves(c),
+        "per-class": _per_class(c),
+        "confusion": _pictures("Rows are the true classes, columns the predictions; the colour is the fraction "
+                               "of the true class, the numbers are counts.",
+                               [c.test.confusion] if c.test else []),
+        "confused-pairs": _pairs(c),
+        "misclassified": _misclassified(c),
+        "filters": _pictures("Every filter of the first convolution, each scaled to its own range: what colours "
+                             "and edges the network looks for first. Below, one filter enlarged with its signed "
+                             "weights per input channel.", c.filters),
+        "features": _pictures("The output of every channel of conv1 and conv5_x for one test image, beside the "
+                              "input as the network saw it.", c.features),
+        "gradcam": _gradcam(c),
+        "patterns": _pictures(f"Images optimised from noise ({c.pattern_steps} steps, Fourier-parameterised with "
+                              "jitter, as in cnnlab visualize maximize) to be classified as each class, with the "
+                              "probability the model gives them.", c.patterns),
+    }
+    nav = "".join(f'<li><a href="#{sid}">{e(title)}</a></li>' for sid, title in SECTIONS.items())
+    sections = "".join(f'<section id="{sid}"><h2>{e(title)}</h2>{bodies[sid]}{_notes(c, sid)}</section>\n'
+                       for sid, title in SECTIONS.items())
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in c.seconds.items())
+    name = c.run_dir.resolve().name
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>cnnlab report: {e(name)}</title>
+<link rel="icon" href="data:,">
+<style>{CSS}</style>
+</head>
+<body>
+<header>
+<h1>cnnlab report: {e(name)}</h1>
+<p class="sub">{e(c.config.get('model', '?'))} on {e(c.config.get('dataset', '?'))} ·
+final test accuracy {pct(c.last.get('test_acc'))} · written {datetime.now():%Y-%m-%d %H:%M}</p>
+<nav><ol>{nav}</ol></nav>
+</header>
+<main>
+{sections}</main>
+<footer>Written by cnnlab {e(cnnlab.__version__)} with torch {e(torch.__version__)} on Python
+{e(platform.python_version())}. Time spent: {e(timing)}.</footer>
+</body>
+</html>
+"""
