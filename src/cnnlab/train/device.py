@@ -53,6 +53,8 @@ def keep_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (e.g. musl)
         return
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**30)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    # Blocks up to 1 GiB come from the heap and stay there when freed; fixing the thresholds also
+    # turns off glibc's own adaptation of them.
+    libc.mallopt(m_mmap_threshold, 2**30)
+    libc.mallopt(m_trim_threshold, 2**31)
