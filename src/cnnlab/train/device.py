@@ -44,7 +44,7 @@ def keep_freed_memory() -> None:
 
     By default glibc returns every freed block above 32 MiB to the system, so each new batch and
     each large activation is faulted in page by page again; on a 2-core machine that was most of
-    the input pipeline's time (normalised 224 px batches of 64: 62 → 176 a second). A training
+    the input pipeline's time (normalised 224 px batches of 64: 62 → 153 a second). A training
     process keeps its peak memory anyway. Elsewhere this does nothing.
     """
     if not sys.platform.startswith("linux"):
