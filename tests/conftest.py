@@ -38,3 +38,15 @@ def small_run(tmp_path_factory) -> Path:
                                  epochs=1, batch_size=128, lr=0.2, limit_train=1000, limit_test=200, device="cpu",
                                  out=str(tmp_path_factory.mktemp("small") / "run")))
     return train(cfg).run_dir
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module whose tensors are tiny: on a CPU shared with other jobs,
+    two threads spin-waiting on each other make optimisation loops ten times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

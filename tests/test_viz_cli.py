@@ -8,14 +8,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cnnlab.cli import main
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors here are tiny; on a CPU shared with other jobs, two threads spin-waiting on each
-    # other make the optimisation loops ten times slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pngs(capsys):

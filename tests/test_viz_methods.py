@@ -20,14 +20,7 @@ from cnnlab.viz.maximize import maximize, objective
 from cnnlab.viz.render import mosaic
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors here are tiny; on a CPU shared with other jobs, two threads spin-waiting on each
-    # other make the optimisation loops ten times slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
