@@ -1,7 +1,6 @@
 """``cnnlab visualize``: every method writes its figures; every user mistake is one line and exit 2."""
 
 import pytest
-import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
