@@ -273,10 +273,10 @@ def _flush(log: RunLog | None, epoch: int, step: int, pending: list, partial: di
 
     Returns (step, loss, lr) of the first step whose loss is not finite, after logging the steps before it.
     """
-    sums = torch.stack([torch.stack([p[0].double(), p[1].double(), torch.tensor(float(p[2]), dtype=torch.float64,
-                                                                                 device=p[0].device)])
-                        for p in pending])
-    loss_sums, correct, sizes = distributed.all_sum(sums, group).T.tolist()
+    device = pending[0][0].device
+    sums = torch.stack([torch.stack([p[0] for p in pending]).double(), torch.stack([p[1] for p in pending]).double(),
+                        torch.tensor([float(p[2]) for p in pending], dtype=torch.float64, device=device)])
+    loss_sums, correct, sizes = distributed.all_sum(sums, group).tolist()
     losses = [l / n for l, n in zip(loss_sums, sizes)]
     first = step - len(pending) + 1
     bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnlab.errors import UserError
-from cnnlab.viz.layers import forward_until, recording, resolve
+from cnnlab.viz.layers import forward_until, recording, require_feature_maps, resolve
 
 __all__ = ["CAMS", "cam", "grad_cam", "grad_cam_pp", "layer_cam", "predicted", "score_cam"]
 
@@ -45,9 +45,7 @@ def upsample(maps: Tensor, x: Tensor) -> Tensor:
 
 
 def _spatial(acts: Tensor, layer: str) -> None:
-    if acts.ndim != 4:
-        raise UserError(f"layer {layer!r} outputs shape {list(acts.shape[1:])}, not feature maps; "
-                        "a CAM needs a convolutional layer such as conv5_x, conv4_x … conv1")
+    require_feature_maps(acts, layer)
 
 
 def activations_and_gradients(model: nn.Module, x: Tensor, target: Tensor, layer: str) -> tuple[Tensor, Tensor]:

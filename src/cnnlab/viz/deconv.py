@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlab.errors import UserError
-from cnnlab.viz.layers import forward_until, recording
+from cnnlab.viz.layers import forward_until, recording, require_channel, require_feature_maps
 
 __all__ = ["deconv"]
 
@@ -36,13 +35,8 @@ def deconv(model: nn.Module, x: Tensor, layer: str, channel: int, strongest_only
         with torch.enable_grad(), recording(model, [layer], detach=False, stop=True) as store:
             inp = x.detach().clone().requires_grad_(True)
             forward_until(model, inp, store)
-            acts = store[layer]
-            if acts.ndim != 4:
-                raise UserError(f"layer {layer!r} outputs shape {list(acts.shape[1:])}, not feature maps; "
-                                "deconv needs a convolutional layer such as conv1 … conv5_x")
-            if not 0 <= channel < acts.shape[1]:
-                raise UserError(f"--channel {channel} is out of range; layer {layer!r} has "
-                                f"{acts.shape[1]} channels (0 … {acts.shape[1] - 1})")
+            acts = require_feature_maps(store[layer], layer)
+            require_channel(acts, layer, channel)
             a = acts[:, channel].flatten(1)
             if strongest_only:
                 keep = F.one_hot(a.argmax(1), a.shape[1]).to(a.dtype)

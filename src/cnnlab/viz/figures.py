@@ -15,6 +15,7 @@ from cnnlab.errors import UserError
 from cnnlab.viz import render
 from cnnlab.viz.command import Job
 from cnnlab.viz.inputs import Batch, to_pixels
+from cnnlab.viz.layers import require_feature_maps
 from cnnlab.viz.render import HEAT, SIGNED, Panel, image, minmax, save_grid, save_panels
 
 __all__ = ["FIGURES"]
@@ -94,10 +95,7 @@ def features(job: Job) -> list:
     pixels, captions = _pixels(job, batch.x), _captions(job, batch)
     written = []
     for layer in layers:
-        acts = maps[layer].float().cpu()
-        if acts.ndim != 4:
-            raise UserError(f"layer {layer!r} outputs {list(acts.shape[1:])} values, not feature maps; "
-                            f"choose one of {', '.join(STAGES)} or a conv module path")
+        acts = require_feature_maps(maps[layer].float().cpu(), layer)
         c, h, w = acts.shape[1:]
         for i, name in enumerate(batch.names):
             a = acts[i]
@@ -184,10 +182,7 @@ def deconv(job: Job) -> list:
 
     layer = job.layers[0] if job.layers else "conv5_x"
     batch = job.batch()
-    acts = feature_maps(job.model, batch.x, [layer])[layer]
-    if acts.ndim != 4:
-        raise UserError(f"layer {layer!r} outputs {list(acts.shape[1:])} values, not feature maps; "
-                        f"choose one of {', '.join(STAGES)}")
+    acts = require_feature_maps(feature_maps(job.model, batch.x, [layer])[layer], layer)
     strongest = acts.flatten(2).amax(2)
     channels = job.channels or strongest[0].topk(min(job.count or 4, acts.shape[1])).indices.tolist()
     projections = {c: project(job.model, batch.x, layer, c).float().cpu() for c in channels}

@@ -110,3 +110,18 @@ def capture(model: nn.Module, x: Tensor, names: Sequence[str]) -> dict[str, Tens
         raise UserError(f"layer {missing[0]!r} does not run in the model's forward pass; "
                         f"choose one of {', '.join(valid_names(model))}")
     return {n: store[n] for n in names}
+
+
+def require_feature_maps(acts: Tensor, layer: str) -> Tensor:
+    """``acts`` if it is (B, C, h, w) feature maps, else the one-line error every method gives."""
+    if acts.ndim != 4:
+        raise UserError(f"layer {layer!r} outputs shape {list(acts.shape[1:])}, not feature maps; choose a "
+                        "convolutional layer: conv1, conv2_x … conv5_x or a conv module path")
+    return acts
+
+
+def require_channel(acts: Tensor, layer: str, channel: int) -> None:
+    """Refuse a channel index that ``layer``'s output (B, C, …) does not have."""
+    if acts.ndim < 2 or not 0 <= channel < acts.shape[1]:
+        raise UserError(f"--channel {channel} is out of range; layer {layer!r} has "
+                        f"{acts.shape[1]} channels (0 … {acts.shape[1] - 1})")

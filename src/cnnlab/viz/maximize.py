@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlab.errors import UserError
 from cnnlab.viz.inputs import stats
-from cnnlab.viz.layers import forward_until, recording
+from cnnlab.viz.layers import forward_until, recording, require_channel
 
 __all__ = ["FourierImage", "maximize", "objective", "random_transform"]
 
@@ -88,9 +87,7 @@ def objective(model: nn.Module, x: Tensor, layer: str | None, channels: Tensor |
     with recording(model, [layer], detach=False, stop=True) as store:
         forward_until(model, x, store)
     acts = store[layer]
-    if acts.ndim < 2 or int(channels.max()) >= acts.shape[1]:
-        raise UserError(f"--channel {int(channels.max())} is out of range; layer {layer!r} has "
-                        f"{acts.shape[1]} channels (0 … {acts.shape[1] - 1})")
+    require_channel(acts, layer, int(channels.max()))
     picked = acts[torch.arange(len(x), device=acts.device), channels.to(acts.device)]
     return picked.flatten(1).mean(1) if picked.ndim > 1 else picked
 

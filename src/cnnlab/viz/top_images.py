@@ -15,8 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab.data.transforms import to_input
-from cnnlab.errors import UserError
-from cnnlab.viz.layers import forward_until, recording
+from cnnlab.viz.layers import forward_until, recording, require_channel, require_feature_maps
 
 __all__ = ["TopImages", "channel_scores", "excited_regions", "top_images"]
 
@@ -30,12 +29,7 @@ class TopImages:
 
 
 def _channel(acts: Tensor, layer: str, channel: int) -> Tensor:
-    if acts.ndim != 4:
-        raise UserError(f"layer {layer!r} outputs shape {list(acts.shape[1:])}, not feature maps; "
-                        "choose a convolutional layer such as conv1 … conv5_x")
-    if not 0 <= channel < acts.shape[1]:
-        raise UserError(f"--channel {channel} is out of range; layer {layer!r} has {acts.shape[1]} channels "
-                        f"(0 … {acts.shape[1] - 1})")
+    require_channel(require_feature_maps(acts, layer), layer, channel)
     return acts[:, channel]
 
 
