@@ -47,6 +47,7 @@ PIPELINE_ROWS = {  # row name → (pipeline kind, allocator kept as the trainer 
     "assignment": ("assignment", False),
     "cnnlab": ("cnnlab", True),  # what the trainer does on a CPU
     "cnnlab default allocator": ("cnnlab", False),
+    "cnnlab interpolate kernel": ("cnnlab-interpolate", True),  # cnnlab before the matrix-product resize
     "cnnlab resize first": ("cnnlab-resize-first", True),
     "cnnlab resize first, default allocator": ("cnnlab-resize-first", False),  # cnnlab's first version
     "cnnlab channels-last": ("cnnlab-channels-last", True),

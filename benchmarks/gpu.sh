@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of BENCHMARKS.md on one card, in at most 9 minutes (H100/H200):
 # the card's bf16 matmul rate, the dataset decode, `cnnlab train --recipe seed --epochs 20`, the fast
-# recipe (with and without flip TTA) at two lengths, and ResNet-18 model FLOPs utilisation.
+# recipe at two lengths (scored with and without flip TTA), and ResNet-18 model FLOPs utilisation.
 # Prints a table and writes benchmarks/results/gpu-YYYYMMDD.json.
 #
 #   benchmarks/gpu.sh [--dry-run] [DATASET.tar.gz]

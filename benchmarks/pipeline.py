@@ -7,8 +7,10 @@ Ways to turn stored 32 px uint8 images into network inputs:
 * ``cnnlab``: :class:`cnnlab.data.loader.TrainBatches`, whole batches normalised and resized with
   tensor ops in the training process (what the trainer does);
 * ``cnnlab-channels-last``: the same, handing out channels-last batches;
-* ``cnnlab-resize-first``: the same, but resizing before normalising, as cnnlab did at first: every
-  normalisation op then touches 49× more values.
+* ``cnnlab-interpolate``: the same, but resizing with torch's bilinear kernel (``F.interpolate``),
+  as cnnlab did before it used two matrix products (:func:`cnnlab.data.transforms.resize`);
+* ``cnnlab-resize-first``: torch's kernel, and resizing before normalising, as cnnlab did at first:
+  every normalisation op then touches 49× more values.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import torch.nn.functional as F
 
 from benchmarks import assignment
 from cnnlab.data.loader import TrainBatches
-from cnnlab.data.transforms import per_channel
+from cnnlab.data.transforms import per_channel, to_input
 
-PIPELINES = ("assignment", "cnnlab", "cnnlab-channels-last", "cnnlab-resize-first")
+PIPELINES = ("assignment", "cnnlab", "cnnlab-channels-last", "cnnlab-interpolate", "cnnlab-resize-first")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -36,6 +38,15 @@ def resize_then_normalise(x: torch.Tensor, image_size: int, mean: Sequence[float
     x = F.interpolate(x.float().div_(255), size=(image_size, image_size), mode="bilinear", align_corners=False)
     x = (x - torch.tensor(per_channel(mean, c)).view(1, c, 1, 1)) / torch.tensor(per_channel(std, c)).view(1, c, 1, 1)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class InterpolateBatches(TrainBatches):
+    """:class:`TrainBatches` resizing its normalised batches with ``F.interpolate``."""
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = to_input(x, x.shape[-1], self.mean, self.std)  # normalised only: the size is unchanged
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 class ResizeFirstBatches(TrainBatches):
@@ -54,7 +65,7 @@ def batches(kind: str, images: torch.Tensor, labels: torch.Tensor, image_size: i
         return itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
     if kind not in PIPELINES:
         raise ValueError(f"unknown pipeline {kind!r}; choose one of {PIPELINES}")
-    cls = ResizeFirstBatches if kind == "cnnlab-resize-first" else TrainBatches
+    cls = {"cnnlab-resize-first": ResizeFirstBatches, "cnnlab-interpolate": InterpolateBatches}.get(kind, TrainBatches)
     source = cls(images, labels, batch_size, image_size, assignment.MEAN, assignment.STD,
                  augment="none", seed=seed, channels_last=kind == "cnnlab-channels-last")
     # TrainBatches may add fields after (inputs, labels), e.g. the global batch size under DDP.

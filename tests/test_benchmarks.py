@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks package lives at the root
 
-from benchmarks import assignment, cpu, pipeline  # noqa: E402
+from benchmarks import assignment, cpu, pipeline, recipe  # noqa: E402
 from cnnlab.data.transforms import to_input  # noqa: E402
 
 TINY = cpu.Settings(dataset="synthetic", width=4, image_size=64, batch_size=8, pipeline_warmup=1,
@@ -32,6 +33,26 @@ def test_cpu_benchmark_document(tmp_path):
     assert loaded["pipeline"][0]["speedup"] == 1 and len(loaded["pipeline"][0]["runs"]) == 2
     assert all(r["images_per_s"] > 0 for r in loaded["training"])
     assert "× assignment" in cpu.tables(loaded)
+
+
+def test_recipe_ablation_document(tmp_path, monkeypatch):
+    monkeypatch.delenv("CNNLAB_CIFAR10_JPEG", raising=False)  # the bundled sample, whatever the machine has
+    assert recipe.main(["--width", "4", "--epochs", "1", "--limit-train", "600", "--variants", "fast recipe",
+                        "EMA 0.98", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 0
+    [path] = tmp_path.glob("recipe-cpu-*.json")
+    document = json.loads(path.read_text())
+    assert document["dataset"] == "sample"
+    plain, averaged = document["rows"]
+    assert plain["settings"]["ema"] == 0.0 and averaged["settings"]["ema"] == 0.98
+    assert plain["settings"]["width"] == 4 and plain["n_val"] == 60 and plain["n_test"] == 1000
+    for row in document["rows"]:
+        for key in ("val", "val_tta", "test", "test_tta"):
+            assert 0 <= row[key] <= 100
+            # Whole images right: a percentage of 60 or 1,000 images.
+            n = row["n_val"] if key.startswith("val") else row["n_test"]
+            assert abs(row[key] * n / 100 - round(row[key] * n / 100)) < 1e-6
+    scored = json.loads((tmp_path / "runs" / "EMA-0.98" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert scored["test_acc"] * 100 == pytest.approx(averaged["test"])  # the run's own score, without TTA
 
 
 def test_schedule_alternates_rounds():
@@ -68,8 +89,14 @@ def _order(kind, images, batch):
 
 def test_normalising_first_equals_normalising_after_the_resize():
     # Bilinear weights sum to one, so cnnlab's order (normalise, then resize) changes nothing but rounding.
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    expected = pipeline.resize_then_normalise(images, 224, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
-    got = to_input(images, 224, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), channels_last=True)
+    truth = F.interpolate(images.double() / 255, size=224, mode="bilinear", align_corners=False)
+    truth = (truth - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
+        std, dtype=torch.float64).view(1, 3, 1, 1)
+    got = to_input(images, 224, mean, std, channels_last=True)
     assert got.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.double(), truth, atol=2e-6, rtol=0)
+    # The slower order, with torch's float32 interpolation kernel, is equal to its own rounding.
+    torch.testing.assert_close(pipeline.resize_then_normalise(images, 224, mean, std).double(), truth,
+                               atol=5e-5, rtol=0)

@@ -19,11 +19,12 @@ from cnnlab.train import checkpoint
 # convolutions too), and at larger rates training amplifies that ~4× a step, so that after 20
 # steps no two float32 runs agree to 1e-4, even one process with 1 and with 2 threads: a BatchNorm
 # channel of a tiny model with almost no variance multiplies such differences by up to 1/sqrt(eps).
-# So: one epoch of 10 steps.
+# So: one epoch of 10 steps. With a weight average and flip TTA, whose states must survive ranks too.
 RUN = ["--recipe", "fast", "--dataset", "sample", "--model", "resnet18-cifar", "--width", "4", "--image-size", "16",
        "--epochs", "1", "--batch-size", "64", "--lr", "0.002", "--schedule", "constant", "--label-smoothing", "0",
        "--augment", "none", "--limit-train", "704",
-       "--limit-test", "101", "--val-split", "64", "--device", "cpu", "--seed", "1", "--sync-bn"]
+       "--limit-test", "101", "--val-split", "64", "--device", "cpu", "--seed", "1", "--sync-bn",
+       "--ema", "0.9", "--tta"]
 STEPS = 10  # 640 training images in global batches of 64
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CNNLAB_DIST_TIMEOUT": "60"}
@@ -40,8 +41,8 @@ def two(*args, check=True):
                           timeout=300)
 
 
-def weights(run_dir: Path) -> dict:
-    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+def weights(run_dir: Path, key: str = "model") -> dict:
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")[key]
 
 
 def assert_close(a: dict, b: dict, tol: float = 1e-4) -> None:
@@ -74,6 +75,7 @@ def double(tmp_path_factory):
 
 def test_two_ranks_with_sync_bn_equal_one_process_with_the_global_batch(single, double):
     assert_close(weights(single), weights(double))
+    assert_close(weights(single, "train_model"), weights(double, "train_model"))
     info = json.loads((double / "config.json").read_text())
     assert (info["world_size"], info["global_batch"], info["per_rank_batch"]) == (2, 64, 32)
     a, b = epochs(single), epochs(double)

@@ -23,9 +23,12 @@ def reference(small_run):
     """The reported test images and what ``evaluate`` scores them as: predictions and probabilities."""
     loaded = run.load(small_run)
     images, labels = reported_test_set(load_dataset("sample"), loaded.config["limit_test"])
-    scores = score(loaded.model, images, labels, image_size=32, mean=loaded.mean, std=loaded.std)
+    assert loaded.config["tta"]  # the fast recipe scores with flip TTA: predict must too
+    scores = score(loaded.model, images, labels, image_size=32, mean=loaded.mean, std=loaded.std, tta=True)
     with torch.no_grad():
-        probs = torch.softmax(loaded.model(to_input(images, 32, loaded.mean, loaded.std)), 1)
+        x = to_input(images, 32, loaded.mean, loaded.std)
+        probs = torch.softmax((loaded.model(x) + loaded.model(x.flip(-1))) / 2, 1)
+    assert torch.equal(probs.argmax(1), scores.predictions)
     return images, scores.predictions, probs, loaded.classes
 
 
@@ -55,6 +58,12 @@ def test_known_test_images_are_predicted_as_in_evaluate(small_run, reference, tm
         expected = probs[i].topk(3)
         assert [t["label"] for t in top] == [classes[j] for j in expected.indices]
         assert [t["prob"] for t in top] == pytest.approx(expected.values.tolist(), abs=1e-5)
+    # Without the flips: the single view's probabilities.
+    loaded = run.load(small_run)
+    with torch.no_grad():
+        plain = torch.softmax(loaded.model(to_input(images[PICKS], 32, loaded.mean, loaded.std)), 1)
+    for r, p in zip(predict(small_run, files, top_k=1, device="cpu", tta=False), plain):
+        assert r["top"][0]["prob"] == pytest.approx(p.max().item(), abs=1e-5)
 
 
 def test_folder_with_a_text_file_predicts_the_images_and_names_the_bad_file(small_run, reference, tmp_path, capsys):

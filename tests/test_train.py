@@ -7,6 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnlab.config import resolve
+from cnnlab.evaluate import evaluate
 from cnnlab.train import engine
 from cnnlab.train.checkpoint import load as load_checkpoint
 
@@ -99,6 +100,7 @@ def crash_after(monkeypatch, step):
 @pytest.mark.parametrize("stop_step, changes", [
     (STEPS_PER_EPOCH, {}),  # stopped after epoch 1
     (12, {"checkpoint_every": 4, "schedule": "cosine"}),  # stopped mid-epoch 2
+    (12, {"checkpoint_every": 4, "ema": 0.9, "tta": True}),  # the weight average resumes too
 ])
 def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_step, changes):
     whole = engine.train(tiny(tmp_path / "whole", **changes)).run_dir
@@ -110,8 +112,9 @@ def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_step, cha
     engine.train(resume=tmp_path / "resumed")
     a = load_checkpoint(whole / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    for key in ("model", "train_model") if "ema" in changes else ("model",):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
     timing = ("seconds", "images_per_s")
     strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
     assert strip(read_metrics(whole)) == strip(read_metrics(tmp_path / "resumed"))
@@ -123,3 +126,18 @@ def test_same_seed_same_metrics_and_another_seed_differs(tiny_run, tmp_path):
     losses = lambda d: [r["loss"] for r in read_metrics(d) if r["kind"] == "step"]
     assert losses(again) == losses(tiny_run)
     assert losses(other) != losses(tiny_run)[:STEPS_PER_EPOCH]
+
+
+def test_a_weight_average_is_what_the_run_scores_saves_and_evaluate_finds(tmp_path):
+    run_dir = engine.train(tiny(tmp_path / "ema", ema=0.9, tta=True)).run_dir
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    averaged, trained = last["model"], last["train_model"]
+    assert averaged.keys() == trained.keys()
+    assert not torch.equal(averaged["fc.weight"], trained["fc.weight"])
+    record = [r for r in read_metrics(run_dir) if r["kind"] == "epoch"][-1]
+    scores = evaluate(run_dir / "checkpoints" / "last.pt", device="cpu", out=tmp_path / "eval")
+    assert scores["tta"] is True  # as the run scored itself
+    assert scores["top1"] == pytest.approx(record["test_acc"])
+    assert scores["loss"] == pytest.approx(record["test_loss"], rel=1e-4)
+    plain = evaluate(run_dir / "checkpoints" / "last.pt", device="cpu", out=tmp_path / "plain", tta=False)
+    assert plain["tta"] is False and plain["loss"] != scores["loss"]

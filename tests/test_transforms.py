@@ -1,5 +1,6 @@
 """Batched on-device transforms and the deterministic batch stream."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -30,13 +31,26 @@ def test_to_input_resizes_bilinearly_and_normalises():
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     out = transforms.to_input(x, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert out.shape == (2, 3, 224, 224) and out.dtype == torch.float32
-    expected = F.interpolate(x.float() / 255, size=224, mode="bilinear", align_corners=False) * 2 - 1
-    assert torch.allclose(out, expected, atol=2e-6)
+    expected = F.interpolate(x.double() / 255, size=224, mode="bilinear", align_corners=False) * 2 - 1
+    assert torch.allclose(out.double(), expected, atol=2e-6)
     assert -1.0 - 1e-6 <= out.min() and out.max() <= 1.0 + 1e-6  # bilinear never overshoots
     same = transforms.to_input(x, 32, (0.0,), (1.0,))
     assert torch.allclose(same, x.float() / 255)
     assert transforms.to_input(x, 32, (0, 0, 0), (1, 1, 1), channels_last=True).is_contiguous(
         memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 32, 32), 224), ((1, 1, 37, 50), 24), ((3, 2, 5, 7), 9),
+                                        ((1, 3, 64, 64), 32), ((1, 1, 1, 1), 8)])
+def test_resize_equals_torch_bilinear_interpolation(shape, size):
+    # Against torch's kernel in float64: in float32 that kernel is itself off by up to 2e-5 here
+    # (it computes source positions in float32), the matrix products by about 4e-7.
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    expected = F.interpolate(x.double(), size=(size, size), mode="bilinear", align_corners=False)
+    out = transforms.resize(x, size)
+    assert out.shape == expected.shape and out.dtype == torch.float32
+    assert (out.double() - expected).abs().max() < 2e-6
+    assert torch.allclose(transforms.resize(x.double(), size), expected, atol=1e-12)
 
 
 def _batches(n=10, batch=4, augment="flip-crop", seed=0):

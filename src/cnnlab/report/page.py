@@ -161,7 +161,8 @@ def _accuracy(c: Contents) -> str:
     if c.test is not None:
         html_ += (f"<p>The scored checkpoint ({e(c.checkpoint.name)}) gets <strong id=\"scored-test-acc\">"
                   f"{pct(c.test.top1)}</strong> top-1 on the {c.test.n} test images the run reported on "
-                  f"(mean loss {c.test.loss:.3f}); the sections below are about that checkpoint.</p>")
+                  f"(mean loss {c.test.loss:.3f}{', with flip TTA as the run scored itself' if c.test.tta else ''}); "
+                  "the sections below are about that checkpoint.</p>")
     return html_
 
 

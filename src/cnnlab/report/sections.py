@@ -72,6 +72,7 @@ class TestResults:
     pairs: list[Pair]
     wrong: list[Example]  # a spread of the misclassified images
     wrong_total: int
+    tta: bool = False  # scored with test-time flip augmentation, as the run scored itself
 
 
 @dataclass
@@ -191,7 +192,10 @@ def _examples(loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor, ind
     device = next(loaded.model.parameters()).device
     with torch.no_grad():
         x = to_input(images[idx].to(device), int(loaded.spec["image_size"]), loaded.mean, loaded.std)
-        probs = loaded.model(x).softmax(1).cpu()
+        logits = loaded.model(x)
+        if _tta(loaded):  # the prediction the scores counted
+            logits = (logits + loaded.model(x.flip(-1))) / 2
+        probs = logits.softmax(1).cpu()
     p, pred = probs.max(1)
     return [Example(i, figures.thumbnail(images[i]), loaded.classes[int(labels[i])], loaded.classes[int(pred[k])],
                     float(p[k])) for k, i in enumerate(indices)]
@@ -202,7 +206,7 @@ def _score_test(contents: Contents, loaded: LoadedRun, images: torch.Tensor, lab
 
     device = next(loaded.model.parameters()).device
     scores = score(loaded.model, images.to(device), labels.to(device), image_size=int(loaded.spec["image_size"]),
-                   mean=loaded.mean, std=loaded.std)
+                   mean=loaded.mean, std=loaded.std, tta=_tta(loaded))
     result = report(scores, loaded.classes)
     classes = loaded.classes
     matrix = confusion_matrix(scores.predictions, scores.labels, len(classes))
@@ -225,8 +229,13 @@ def _score_test(contents: Contents, loaded: LoadedRun, images: torch.Tensor, lab
     contents.test = TestResults(len(y), result["top1"], result["loss"], per_class,
                                 Picture(figures.confusion(result, classes), "confusion matrix of the test set"),
                                 pairs, _examples(loaded, images, labels, _spread(wrong, MISCLASSIFIED_SHOWN)),
-                                len(wrong))
+                                len(wrong), _tta(loaded))
     return pred
+
+
+def _tta(loaded: LoadedRun) -> bool:
+    """Whether the run scores with flip TTA: the report scores as ``cnnlab evaluate`` does by default."""
+    return bool(loaded.config.get("tta", False))
 
 
 def _viz(method: str, loaded: LoadedRun, test: tuple[torch.Tensor, torch.Tensor] | None, out_dir: Path,

@@ -39,6 +39,21 @@ def use_channels_last(setting: bool | None, device: torch.device) -> bool:
     return on_by_default(setting, device)
 
 
+def compile_mode(compile: bool, cuda_graphs: bool, device: torch.device) -> str | None:
+    """The ``torch.compile`` mode for the training step, or None to run eagerly.
+
+    CUDA graphs (mode ``reduce-overhead``) replay a whole compiled step with one launch: they pay
+    off when a step is many small kernels, e.g. small images or small batches on a fast GPU. The
+    step's shapes must stay fixed; the last, smaller batch of an epoch gets a graph of its own.
+    """
+    if cuda_graphs and device.type != "cuda":
+        print("note: --cuda-graphs is ignored off CUDA (the step is compiled without them)", file=sys.stderr)
+        return "default"
+    if cuda_graphs:
+        return "reduce-overhead"
+    return "default" if compile else None
+
+
 def keep_freed_memory() -> None:
     """Let glibc reuse freed blocks instead of unmapping them, for CPU training on Linux.
 

@@ -30,7 +30,8 @@ from cnnlab.evaluate import score
 from cnnlab.models import build
 from cnnlab.run import new_run_dir
 from cnnlab.train import checkpoint, distributed
-from cnnlab.train.device import keep_freed_memory, on_by_default, pick_device, use_channels_last
+from cnnlab.train.device import compile_mode, keep_freed_memory, on_by_default, pick_device, use_channels_last
+from cnnlab.train.ema import WeightAverage
 from cnnlab.train.lock import RunLock
 from cnnlab.train.logging import RunLog
 
@@ -146,6 +147,10 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
               f"over {group.world} ranks (choose a --batch-size that leaves a remainder of 0 or at least "
               f"{group.world})", file=sys.stderr)
     total_steps = cfg.epochs * steps_per_epoch
+    # The average is of the plain model (before sync-BN conversion): it only ever runs in eval mode.
+    ema = WeightAverage(model, cfg.ema) if cfg.ema else None
+    # What is scored, logged and saved as "model": the average when there is one.
+    reported = ema.module if ema is not None else model
 
     forward = distributed.wrap(model, group, dev, cfg.sync_bn)  # before the optimizer sees the parameters
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -154,15 +159,19 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
     scheduler = _scheduler(cfg, optimizer, total_steps)
     # Summed, then divided by the global batch: N ranks' averaged gradients equal one process's.
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
-    forward = torch.compile(forward) if cfg.compile else forward
+    mode = compile_mode(cfg.compile, cfg.cuda_graphs, dev)
+    forward = torch.compile(forward, mode=mode) if mode else forward
+    graphs = mode == "reduce-overhead"
     # Evaluation runs each rank's shard through the plain model: no collectives inside, so shards
     # of different lengths cannot leave a rank waiting.
-    evaluator = model if group.active else forward
+    evaluator = reported if group.active or ema is not None else forward
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()
 
     step, best_val, partial = 0, None, {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
     if state is not None:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("train_model", state["model"]))
+        if ema is not None:
+            ema.module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -180,7 +189,8 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
         if not group.main:
             return
         checkpoint.save({
-            "model": model.state_dict(), "model_spec": spec, "classes": data.classes,
+            "model": reported.state_dict(), **({"train_model": model.state_dict()} if ema is not None else {}),
+            "model_spec": spec, "classes": data.classes,
             "normalize": {"mean": list(cfg.mean), "std": list(cfg.std)},
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": step // steps_per_epoch, "step": step, "best_val_acc": best_val, "partial_epoch": partial,
@@ -204,6 +214,8 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
             pending: list[tuple[torch.Tensor, torch.Tensor, int, float]] = []
             tick = time.perf_counter()
             for i, (x, y, n_global) in enumerate(batches.epoch(epoch, start), start=start):
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
                 with autocast:
                     logits = forward(x)
                     loss_sum = criterion(logits.float(), y)
@@ -213,6 +225,8 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 step += 1
+                if ema is not None:
+                    ema.update(step)
                 pending.append((loss_sum.detach(), (logits.argmax(1) == y).sum(), len(y), lr))
                 last_of_epoch = i == steps_per_epoch - 1
                 stopping = stop_at is not None and step >= stop_at
@@ -242,13 +256,13 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
             for name, (vx, vy) in scored.items():
                 vx, vy = distributed.shard(vx, group), distributed.shard(vy, group)
                 s = score(evaluator, vx, vy, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
-                          batch_size=max(cfg.batch_size, 256), amp=amp, channels_last=channels_last)
+                          batch_size=max(cfg.batch_size, 256), amp=amp, channels_last=channels_last, tta=cfg.tta)
                 totals = distributed.all_sum(torch.tensor(
                     [s.loss * len(vy), (s.predictions == s.labels).sum().item(), len(vy)], dtype=torch.float64,
                     device=dev), group).tolist()
                 record[f"{name}_loss"], record[f"{name}_acc"] = totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1)
             if log is not None:
-                log.filters(model, step)
+                log.filters(reported, step)
                 log.predictions(vx, vy, s.predictions, data.classes, step)  # the (rank 0 shard of the) test set
                 log.epoch(record)
             partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}

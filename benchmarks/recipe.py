@@ -1,0 +1,126 @@
+"""Which levers the ``fast`` recipe uses, chosen by measurement: one-change ablations trained side by side.
+
+Every variant is the ``fast`` recipe with one setting changed, trained from the same seed on the same
+split. Each run is scored on the validation split (what chooses) and on the test set (reported only),
+with and without test-time flip augmentation, from its final weights (the weight average, when the
+variant keeps one). Wall time is the training call's. Each variant runs in a fresh process, so its
+peak host memory (and peak GPU memory, on a GPU) is its own.
+
+    python -m benchmarks.recipe                     # CPU scale (width 16, 10 epochs, bf16): ~25 min on 2 cores
+    python -m benchmarks.recipe --width 64 --epochs 18 --device cuda   # the recipe's own scale, on a GPU
+
+Prints a table and writes ``benchmarks/results/recipe-{cpu,cuda}-YYYYMMDD.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import isolate, report
+
+# Row → changes to the fast recipe (the recipe itself is the first row, whatever it currently is).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fast recipe": {},
+    "label smoothing 0": {"label_smoothing": 0.0},
+    "label smoothing 0.1": {"label_smoothing": 0.1},
+    "EMA 0.98": {"ema": 0.98},
+    "EMA 0.995": {"ema": 0.995},
+    "no EMA": {"ema": 0.0},
+    "no nesterov": {"nesterov": False},
+}
+DEFAULT = tuple(VARIANTS)[:5]  # the rest only on request (--variants)
+
+
+def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: Path) -> dict[str, Any]:
+    from cnnlab.config import resolve
+    from cnnlab.data import load_dataset
+    from cnnlab.data.splits import split
+    from cnnlab.evaluate import score
+    from cnnlab.run import load
+    from cnnlab.train.engine import train
+
+    out = runs / name.replace(" ", "-")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = resolve("fast", overrides={**base, **changes, "out": str(out), "tta": False})
+    start = time.perf_counter()
+    train(cfg)
+    seconds = time.perf_counter() - start
+    run = load(out / "checkpoints" / "last.pt", cfg.device if cfg.device != "auto" else "cpu")
+    data = split(load_dataset(cfg.dataset), cfg.limit_train, cfg.limit_test, cfg.val_split)
+    device = next(run.model.parameters()).device
+    row: dict[str, Any] = {"name": name, "changes": changes, "train_s": seconds, **_gpu_peak(device),
+                           "settings": {k: getattr(cfg, k) for k in ("label_smoothing", "nesterov", "ema", "lr",
+                                                                     "epochs", "batch_size", "width")}}
+    for split_name, (x, y) in {"val": (data.val_x, data.val_y), "test": (data.test_x, data.test_y)}.items():
+        for tta in (False, True):
+            s = score(run.model, x.to(device), y.to(device), image_size=cfg.image_size, mean=cfg.mean,
+                      std=cfg.std, tta=tta)
+            row[f"{split_name}{'_tta' if tta else ''}"] = 100 * s.top1
+    row["n_val"], row["n_test"] = len(data.val_y), len(data.test_y)
+    return row
+
+
+def _gpu_peak(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {"gpu_peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+
+
+def _child_rows() -> dict:
+    def variant(spec: dict[str, Any]) -> dict[str, Any]:
+        return run_variant(spec["name"], VARIANTS[spec["name"]], spec["base"], Path(spec["runs"]))
+    return {"variant": variant}
+
+
+COLUMNS = [("name", "variant"), ("val", "val %"), ("val_tta", "val % flip TTA"), ("test", "test %"),
+           ("test_tta", "test % flip TTA"), ("train_s", "train s"), ("host_rss_peak_mb", "host peak MiB"),
+           ("gpu_peak_mb", "GPU peak MiB")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default=None, help="default: folder:$CNNLAB_CIFAR10_JPEG, else the bundled sample")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--limit-train", type=int)
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT))
+    parser.add_argument("--out", type=Path, help="folder for the JSON (default benchmarks/results)")
+    parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "runs" / "recipe",
+                        help="folder for the variants' run folders (default benchmarks/runs/recipe)")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: one variant in this process
+    args = parser.parse_args(argv)
+    if args.row:
+        isolate.child_main(args.row, _child_rows())
+        return 0
+    archive = os.environ.get("CNNLAB_CIFAR10_JPEG")
+    dataset = args.dataset or (f"folder:{Path(archive).resolve()}" if archive else "sample")
+    base = {"dataset": dataset, "device": args.device, "width": args.width, "epochs": args.epochs,
+            "limit_train": args.limit_train, "amp": args.amp}
+    runs = args.runs
+    started = time.perf_counter()
+    rows = []
+    for name in args.variants:
+        job = {"section": "variant", "name": name, "base": base, "runs": str(runs.resolve())}
+        rows.append({"name": name, **isolate.run("benchmarks.recipe", job, timeout_s=6 * 3600)})
+        print(report.format_table(rows[-1:], COLUMNS).splitlines()[-1], file=sys.stderr, flush=True)
+    document = {"benchmark": "recipe", "machine": report.machine_info(), "dataset": dataset, "base": base,
+                "command": report.command_line(), "total_s": time.perf_counter() - started, "rows": rows}
+    print(report.format_table(rows, COLUMNS))
+    kind = "cuda" if args.device == "cuda" else "cpu"
+    date = document["machine"]["date"].replace("-", "")
+    print(f"\nwritten {report.write_json(document, f'recipe-{kind}-{date}.json', args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
