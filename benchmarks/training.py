@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from benchmarks import pipeline
 from cnnlab.models import build
-from cnnlab.train.device import keep_freed_memory
+from cnnlab.train.device import compiled, keep_freed_memory
 
 # The assignment's optimiser (and the seed recipe's).
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
@@ -43,7 +43,7 @@ def make_step(model: nn.Module, variant: Variant, device: torch.device):
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
                                 fused=device.type == "cuda" or None)
     criterion = nn.CrossEntropyLoss()
-    forward = torch.compile(model) if variant.compile else model
+    forward = compiled(model, variant.compile, False, device)  # as the trainer compiles
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if variant.bf16 else nullcontext()
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -69,3 +69,18 @@ def test_cuda_graphs_need_cuda_and_imply_compiling(capsys):
     assert capsys.readouterr().err == ""
     assert compile_mode(False, True, cpu) == "default"  # still compiled, without graphs
     assert "--cuda-graphs is ignored" in capsys.readouterr().err
+
+
+def test_compiled_training_on_a_cpu_with_a_narrow_model(tmp_path, capsys):
+    # Inductor's channels-last convolutions corrupt the heap on CPUs for models this narrow with odd
+    # batches (torch 2.14); the trainer compiles without that layout change. --cuda-graphs on a CPU
+    # compiles without graphs, and says so.
+    from cnnlab.config import resolve
+    from cnnlab.train.engine import train
+
+    result = train(resolve(overrides=dict(recipe="fast", dataset="sample", width=4, epochs=2, batch_size=64,
+                                          limit_train=256, limit_test=64, device="cpu", cuda_graphs=True,
+                                          out=str(tmp_path / "run"))))
+    assert result.step == 2 * 4  # 231 images: batches of 64, 64, 64 and 39
+    assert "--cuda-graphs is ignored" in capsys.readouterr().err
+    assert 0 <= result.last["test_acc"] <= 1

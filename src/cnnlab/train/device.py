@@ -6,6 +6,7 @@ import ctypes
 import sys
 
 import torch
+import torch.nn as nn
 
 from cnnlab.errors import UserError
 
@@ -39,13 +40,27 @@ def use_channels_last(setting: bool | None, device: torch.device) -> bool:
     return on_by_default(setting, device)
 
 
-def compile_mode(compile: bool, cuda_graphs: bool, device: torch.device) -> str | None:
-    """The ``torch.compile`` mode for the training step, or None to run eagerly.
+def compiled(forward: nn.Module, compile: bool, cuda_graphs: bool, device: torch.device) -> nn.Module:
+    """``forward`` through ``torch.compile`` when asked (``--compile``, or ``--cuda-graphs`` which implies it).
 
     CUDA graphs (mode ``reduce-overhead``) replay a whole compiled step with one launch: they pay
     off when a step is many small kernels, e.g. small images or small batches on a fast GPU. The
     step's shapes must stay fixed; the last, smaller batch of an epoch gets a graph of its own.
     """
+    mode = compile_mode(compile, cuda_graphs, device)
+    if mode is None:
+        return forward
+    if device.type == "cpu":
+        # Inductor would switch convolutions to channels-last on the CPU, where torch 2.14's kernels
+        # corrupt the heap for models narrower than 16 channels (the bug use_channels_last avoids).
+        import torch._inductor.config
+
+        torch._inductor.config.layout_optimization = False
+    return torch.compile(forward, mode=mode)
+
+
+def compile_mode(compile: bool, cuda_graphs: bool, device: torch.device) -> str | None:
+    """The ``torch.compile`` mode for the training step, or None to run eagerly."""
     if cuda_graphs and device.type != "cuda":
         print("note: --cuda-graphs is ignored off CUDA (the step is compiled without them)", file=sys.stderr)
         return "default"

@@ -30,7 +30,7 @@ from cnnlab.evaluate import score
 from cnnlab.models import build
 from cnnlab.run import new_run_dir
 from cnnlab.train import checkpoint, distributed
-from cnnlab.train.device import compile_mode, keep_freed_memory, on_by_default, pick_device, use_channels_last
+from cnnlab.train.device import compiled, keep_freed_memory, on_by_default, pick_device, use_channels_last
 from cnnlab.train.ema import WeightAverage
 from cnnlab.train.lock import RunLock
 from cnnlab.train.logging import RunLog
@@ -159,9 +159,8 @@ def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, sp
     scheduler = _scheduler(cfg, optimizer, total_steps)
     # Summed, then divided by the global batch: N ranks' averaged gradients equal one process's.
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
-    mode = compile_mode(cfg.compile, cfg.cuda_graphs, dev)
-    forward = torch.compile(forward, mode=mode) if mode else forward
-    graphs = mode == "reduce-overhead"
+    forward = compiled(forward, cfg.compile, cfg.cuda_graphs, dev)
+    graphs = cfg.cuda_graphs and dev.type == "cuda"
     # Evaluation runs each rank's shard through the plain model: no collectives inside, so shards
     # of different lengths cannot leave a rank waiting.
     evaluator = reported if group.active or ema is not None else forward
