@@ -29,6 +29,12 @@ class Scores:
     labels: torch.Tensor
 
 
+def logits(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """float32 logits of ``model`` for inputs ``x``; with ``tta``, averaged with those of the mirror images."""
+    out = model(x).float()
+    return (out + model(x.flip(-1)).float()) / 2 if tta else out
+
+
 @torch.no_grad()
 def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, image_size: int,
           mean: Sequence[float], std: Sequence[float], batch_size: int = 256, amp: bool = False,
@@ -46,11 +52,9 @@ def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, image
     preds = []
     for x, y in eval_batches(images, labels, batch_size, image_size, mean, std, channels_last):
         with autocast:
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(-1)).float()) / 2
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        preds.append(logits.argmax(1))
+            out = logits(model, x, tta)
+        loss_sum += F.cross_entropy(out, y, reduction="sum")
+        preds.append(out.argmax(1))
     model.train(was_training)
     predictions = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)
     n = max(len(labels), 1)

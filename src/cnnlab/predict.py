@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from cnnlab.data.sources import _EXIF_ORIENTATION, _GRAY_MODES, MAX_FIT_SIDE, _as_gray
 from cnnlab.data.transforms import to_input
 from cnnlab.errors import UserError
+from cnnlab.evaluate import logits
 
 BATCH_SIZE = 64
 
@@ -73,11 +74,7 @@ def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: 
             entries.append(entry)
         if batch:
             with torch.no_grad():
-                x = torch.cat(batch)
-                logits = loaded.model(x).float()
-                if tta:
-                    logits = (logits + loaded.model(x.flip(-1)).float()) / 2
-                probs = torch.softmax(logits, dim=1)
+                probs = torch.softmax(logits(loaded.model, torch.cat(batch), tta), dim=1)
             values, indices = probs.topk(k, dim=1)
             good = iter(e for e in entries if "error" not in e)
             for entry, vals, idxs in zip(good, values.tolist(), indices.tolist()):

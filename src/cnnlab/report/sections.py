@@ -185,6 +185,7 @@ def _test_set(loaded: LoadedRun) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _examples(loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor, indices: list[int]) -> list[Example]:
     from cnnlab.data.transforms import to_input
+    from cnnlab.evaluate import logits
 
     if not indices:
         return []
@@ -192,10 +193,7 @@ def _examples(loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor, ind
     device = next(loaded.model.parameters()).device
     with torch.no_grad():
         x = to_input(images[idx].to(device), int(loaded.spec["image_size"]), loaded.mean, loaded.std)
-        logits = loaded.model(x)
-        if _tta(loaded):  # the prediction the scores counted
-            logits = (logits + loaded.model(x.flip(-1))) / 2
-        probs = logits.softmax(1).cpu()
+        probs = logits(loaded.model, x, _tta(loaded)).softmax(1).cpu()  # the prediction the scores counted
     p, pred = probs.max(1)
     return [Example(i, figures.thumbnail(images[i]), loaded.classes[int(labels[i])], loaded.classes[int(pred[k])],
                     float(p[k])) for k, i in enumerate(indices)]
