@@ -100,7 +100,7 @@ def evaluate(path: str | Path, dataset: str | None = None, data_dir: str | None 
     run.check_classes(loaded, data.classes, spec)
     x, y = reported_test_set(data, limit_test)
     dev = next(loaded.model.parameters()).device
-    tta = bool(config.get("tta", False)) if tta is None else tta
+    tta = loaded.tta if tta is None else tta
     scores = score(loaded.model, x.to(dev), y.to(dev), image_size=loaded.spec["image_size"],
                    mean=loaded.mean, std=loaded.std, tta=tta)
     result = report(scores, loaded.classes)

@@ -72,7 +72,7 @@ def export(path: str | Path, format: str, out: str | Path) -> dict[str, Any]:  #
         "input": INPUT_CONVENTION, "output": f"float32 (N, {len(loaded.classes)}) logits, in the order of classes",
         "model": loaded.spec["name"], "cnnlab_version": cnnlab.__version__,
         # The file holds one view; a run scored with flip TTA averaged the logits of x and x.flip(-1).
-        "flip_tta": bool(loaded.config.get("tta", False)),
+        "flip_tta": loaded.tta,
     }
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: 
     dev = next(loaded.model.parameters()).device
     size, channels = loaded.spec["image_size"], loaded.spec.get("in_channels", 3)
     k = min(top_k, len(loaded.classes))
-    tta = bool(loaded.config.get("tta", False)) if tta is None else tta
+    tta = loaded.tta if tta is None else tta
 
     results: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):

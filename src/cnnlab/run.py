@@ -30,6 +30,12 @@ class LoadedRun:
     run_dir: Path | None  # the run folder, when the checkpoint sits in one
     state: dict[str, Any] = field(repr=False, default_factory=dict)
 
+    @property
+    def tta(self) -> bool:
+        """Whether the run scored with test-time flip augmentation: what evaluate, predict and report
+        do by default, so that they find the numbers the run reported."""
+        return bool(self.config.get("tta", False))
+
 
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint file as given, or a run folder's best.pt (else last.pt)."""

@@ -193,7 +193,7 @@ def _examples(loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor, ind
     device = next(loaded.model.parameters()).device
     with torch.no_grad():
         x = to_input(images[idx].to(device), int(loaded.spec["image_size"]), loaded.mean, loaded.std)
-        probs = logits(loaded.model, x, _tta(loaded)).softmax(1).cpu()  # the prediction the scores counted
+        probs = logits(loaded.model, x, loaded.tta).softmax(1).cpu()  # the prediction the scores counted
     p, pred = probs.max(1)
     return [Example(i, figures.thumbnail(images[i]), loaded.classes[int(labels[i])], loaded.classes[int(pred[k])],
                     float(p[k])) for k, i in enumerate(indices)]
@@ -204,7 +204,7 @@ def _score_test(contents: Contents, loaded: LoadedRun, images: torch.Tensor, lab
 
     device = next(loaded.model.parameters()).device
     scores = score(loaded.model, images.to(device), labels.to(device), image_size=int(loaded.spec["image_size"]),
-                   mean=loaded.mean, std=loaded.std, tta=_tta(loaded))
+                   mean=loaded.mean, std=loaded.std, tta=loaded.tta)
     result = report(scores, loaded.classes)
     classes = loaded.classes
     matrix = confusion_matrix(scores.predictions, scores.labels, len(classes))
@@ -227,13 +227,8 @@ def _score_test(contents: Contents, loaded: LoadedRun, images: torch.Tensor, lab
     contents.test = TestResults(len(y), result["top1"], result["loss"], per_class,
                                 Picture(figures.confusion(result, classes), "confusion matrix of the test set"),
                                 pairs, _examples(loaded, images, labels, _spread(wrong, MISCLASSIFIED_SHOWN)),
-                                len(wrong), _tta(loaded))
+                                len(wrong), loaded.tta)
     return pred
-
-
-def _tta(loaded: LoadedRun) -> bool:
-    """Whether the run scores with flip TTA: the report scores as ``cnnlab evaluate`` does by default."""
-    return bool(loaded.config.get("tta", False))
 
 
 def _viz(method: str, loaded: LoadedRun, test: tuple[torch.Tensor, torch.Tensor] | None, out_dir: Path,
