@@ -9,7 +9,7 @@ from cnnlab import run
 from cnnlab.data import load_dataset
 from cnnlab.data.splits import reported_test_set
 from cnnlab.models import build
-from cnnlab.viz.attribute import guided_backprop, integrated_gradients
+from cnnlab.viz.attribute import guided_backprop, integrated_gradients, path_integral
 from cnnlab.viz.cam import grad_cam, layer_cam
 from cnnlab.viz.deconv import deconv
 from cnnlab.viz.features import feature_maps
@@ -94,19 +94,83 @@ def test_grad_cam_is_its_definition(loaded, x):
     torch.testing.assert_close(layer_cam(model, x, target, "conv5_x"), expected, atol=1e-5, rtol=0)
 
 
-def test_integrated_gradients_are_complete(loaded, x):
-    model = loaded.model
-    attributions = integrated_gradients(model, x)
-    with torch.no_grad():
-        logits, base = model(x), model(torch.zeros_like(x))
-    c = logits.argmax(1, keepdim=True)
-    gain = (logits.gather(1, c) - base.gather(1, c))[:, 0]
-    error = (attributions.sum((1, 2, 3)) - gain).abs() / gain.abs()
-    print(f"integrated gradients: relative completeness error {error.tolist()}")
-    # Within 2% on average; each image within 5%: the tiny, briefly trained test model has BatchNorm
-    # channels with almost no variance, whose near-vertical kinks make the path integral converge
-    # slowly for some images (one sits at 3.5% with 256 trapezoid steps, 2.7% with 2048, in float64 too).
-    assert error.mean() < 0.02 and (error < 0.05).all(), error
+def path_scores(model, x, baseline, target, ts):
+    """f_c and d f_c/dt at positions ``ts`` of the straight path from ``baseline`` to ``x``, by autograd."""
+    scores, slopes = [], []
+    for chunk in torch.as_tensor(ts, dtype=x.dtype).split(32):
+        p = (baseline[:, None] + chunk.view(1, -1, 1, 1, 1) * (x - baseline)[:, None]).flatten(0, 1)
+        p.requires_grad_(True)
+        s = model(p).gather(1, target.repeat_interleave(len(chunk))[:, None])[:, 0]
+        (g,) = torch.autograd.grad(s.sum(), p)
+        scores.append(s.detach().view(len(x), -1))
+        slopes.append((g.view(len(x), len(chunk), -1) * (x - baseline).flatten(1)[:, None]).sum(2))
+    return torch.cat(scores, 1), torch.cat(slopes, 1)
+
+
+@pytest.fixture(scope="module")
+def relu_net():
+    """A ResNet in float64 with seeded random weights and BatchNorm statistics kept away from zero
+    variance: piecewise linear with kinks all along the path, the same network on any CPU, and
+    rounding far below every tolerance here."""
+    torch.manual_seed(0)
+    model = build("resnet18-cifar", num_classes=10, width=4).double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return model, x
+
+
+def test_integrated_gradients_are_complete_to_their_tolerance(relu_net):
+    model, x = relu_net
+    target = torch.tensor([0, 3, 6, 9])
+    result = path_integral(model, x, target, tolerance=0.01)
+    zero = torch.zeros_like(x)
+    # Independently: the score's change, and its total variation along the path (1,000 midpoints).
+    ends, _ = path_scores(model, x, zero, target, [0.0, 1.0])
+    gain = ends[:, 1] - ends[:, 0]
+    _, slopes = path_scores(model, x, zero, target, (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000)
+    variation = slopes.abs().mean(1)
+    miss = (result.attributions.sum((1, 2, 3)) - gain).abs()
+    print(f"integrated gradients: steps {result.steps.tolist()}, gap {result.gap.tolist()}, "
+          f"|gain| {gain.abs().tolist()}, variation {variation.tolist()}")
+    assert (result.gap < 0.01).all()
+    torch.testing.assert_close(result.gap, miss / variation, rtol=0.02, atol=1e-9)  # the gap it reports is the gap
+    # Where the score moves one way along the path, variation = |gain|: the plain relative error.
+    monotone = variation < 1.02 * gain.abs()
+    assert monotone.any()
+    assert (miss[monotone] / gain[monotone].abs() < 0.0102).all()
+    # The attributions themselves converge: against 1,024 trapezoid intervals.
+    dense = path_integral(model, x, target, steps=1024, max_steps=1024).attributions
+    assert ((result.attributions - dense).flatten(1).norm(dim=1) < 0.05 * dense.flatten(1).norm(dim=1)).all()
+
+
+def test_integrated_gradients_of_a_linear_model_are_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).double()
+    x, baseline = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    target = torch.tensor([1, 4])
+    result = path_integral(model, x, target, baseline, steps=1)
+    p = x.clone().requires_grad_(True)
+    model(p).gather(1, target[:, None]).sum().backward()
+    torch.testing.assert_close(result.attributions, (x - baseline) * p.grad, rtol=1e-12, atol=1e-12)
+    assert result.steps.tolist() == [1, 1] and (result.gap < 1e-10).all()
+
+
+def test_integrated_gradients_say_when_the_step_cap_is_reached(relu_net):
+    model, x = relu_net
+    with pytest.warns(UserWarning, match=r"after 4 steps"):
+        integrated_gradients(model, x[:2], 0, tolerance=1e-9, steps=2, max_steps=4)
+    assert path_integral(model, x[:2], 0, tolerance=1e-9, steps=2, max_steps=4).steps.tolist() == [4, 4]
+
+
+def test_integrated_gradients_on_the_trained_model(loaded, x):
+    attributions = path_integral(loaded.model, x)
+    print(f"integrated gradients on the test run: gap {attributions.gap.tolist()}, steps {attributions.steps.tolist()}")
+    assert (attributions.gap < 0.01).all()
 
 
 class GuidedReLU(torch.autograd.Function):

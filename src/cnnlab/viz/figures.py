@@ -145,8 +145,8 @@ def attribute(job: Job) -> list:
     results = {}
     for k in kinds:
         options = {"layer": layer} if k == "guided-grad-cam" else {}
-        if k in ("integrated-gradients",) and job.steps:
-            options["steps"] = job.steps
+        if k == "integrated-gradients" and job.steps:  # --steps caps the refinement
+            options.update(max_steps=job.steps, steps=min(32, job.steps))
         results[k] = run_attribute(job.model, batch.x, t, k, **options).float().cpu()
     pixels, captions = _pixels(job, batch.x), _captions(job, batch, t)
     rows = [[Panel(pixels[i], captions[i])] + [_attribution_panel(k, results[k][i]) for k in kinds]
