@@ -9,6 +9,7 @@ demo: $(VENV)/.installed
 	$(BIN)/cnnlab demo
 
 test: $(VENV)/.installed-test
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 $(VENV)/.installed: pyproject.toml

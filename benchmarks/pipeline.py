@@ -8,7 +8,7 @@ Ways to turn stored 32 px uint8 images into network inputs:
   tensor ops in the training process (what the trainer does);
 * ``cnnlab-channels-last``: the same, handing out channels-last batches;
 * ``cnnlab-interpolate``: the same, but resizing with torch's bilinear kernel (``F.interpolate``),
-  as cnnlab did before it used two matrix products (:func:`cnnlab.data.transforms.resize`);
+  as cnnlab did before it used two matrix products (:func:`cnnlab.core.transforms.resize`);
 * ``cnnlab-resize-first``: torch's kernel, and resizing before normalising, as cnnlab did at first:
   every normalisation op then touches 49× more values.
 """
@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import assignment
+from cnnlab.core.spec import Preprocess
+from cnnlab.core.transforms import per_channel, to_input
 from cnnlab.data.loader import TrainBatches
-from cnnlab.data.transforms import per_channel, to_input
 
 PIPELINES = ("assignment", "cnnlab", "cnnlab-channels-last", "cnnlab-interpolate", "cnnlab-resize-first")
 
@@ -44,8 +45,9 @@ class InterpolateBatches(TrainBatches):
     """:class:`TrainBatches` resizing its normalised batches with ``F.interpolate``."""
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        x = to_input(x, x.shape[-1], self.mean, self.std)  # normalised only: the size is unchanged
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        p = self.preprocess
+        x = to_input(x, x.shape[-1], p.mean, p.std)  # normalised only: the size is unchanged
+        x = F.interpolate(x, size=(p.size, p.size), mode="bilinear", align_corners=False)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
@@ -53,7 +55,8 @@ class ResizeFirstBatches(TrainBatches):
     """:class:`TrainBatches` with :func:`resize_then_normalise` as its last step."""
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return resize_then_normalise(x, self.image_size, self.mean, self.std, self.channels_last)
+        p = self.preprocess
+        return resize_then_normalise(x, p.size, p.mean, p.std, self.channels_last)
 
 
 def batches(kind: str, images: torch.Tensor, labels: torch.Tensor, image_size: int = 224,
@@ -66,7 +69,8 @@ def batches(kind: str, images: torch.Tensor, labels: torch.Tensor, image_size: i
     if kind not in PIPELINES:
         raise ValueError(f"unknown pipeline {kind!r}; choose one of {PIPELINES}")
     cls = {"cnnlab-resize-first": ResizeFirstBatches, "cnnlab-interpolate": InterpolateBatches}.get(kind, TrainBatches)
-    source = cls(images, labels, batch_size, image_size, assignment.MEAN, assignment.STD,
+    preprocess = Preprocess(image_size, images.shape[1], assignment.MEAN, assignment.STD)
+    source = cls(images, labels, batch_size, preprocess,
                  augment="none", seed=seed, channels_last=kind == "cnnlab-channels-last")
     # TrainBatches may add fields after (inputs, labels), e.g. the global batch size under DDP.
     return (item[:2] for e in itertools.count() for item in source.epoch(e))

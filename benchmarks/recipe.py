@@ -44,7 +44,7 @@ def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: 
     from cnnlab.config import resolve
     from cnnlab.data import load_dataset
     from cnnlab.data.splits import split
-    from cnnlab.evaluate import score
+    from cnnlab.core.metrics import score
     from cnnlab.run import load
     from cnnlab.train.engine import train
 
@@ -62,8 +62,7 @@ def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: 
                                                                      "epochs", "batch_size", "width")}}
     for split_name, (x, y) in {"val": (data.val_x, data.val_y), "test": (data.test_x, data.test_y)}.items():
         for tta in (False, True):
-            s = score(run.model, x.to(device), y.to(device), image_size=cfg.image_size, mean=cfg.mean,
-                      std=cfg.std, tta=tta)
+            s = score(run.model, x.to(device), y.to(device), run.preprocess, tta=tta)
             row[f"{split_name}{'_tta' if tta else ''}"] = 100 * s.top1
     row["n_val"], row["n_test"] = len(data.val_y), len(data.test_y)
     return row

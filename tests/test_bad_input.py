@@ -13,8 +13,8 @@ from PIL import Image
 
 from cnnlab import cli
 from cnnlab.data import archives, load_dataset
-from cnnlab.errors import UserError
-from cnnlab.train import checkpoint
+from cnnlab.core.errors import UserError
+from cnnlab.core import checkpoint
 
 
 def one_error_line(capsys, argv):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks package lives at the root
 
 from benchmarks import assignment, cpu, pipeline, recipe  # noqa: E402
-from cnnlab.data.transforms import to_input  # noqa: E402
+from cnnlab.core.transforms import to_input  # noqa: E402
 
 TINY = cpu.Settings(dataset="synthetic", width=4, image_size=64, batch_size=8, pipeline_warmup=1,
                     pipeline_batches=2, pipeline_rounds=2, train_warmup=1, train_steps=1,

@@ -3,7 +3,7 @@
 import pytest
 
 from cnnlab.config import RECIPES, resolve
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 
 
 def test_seed_recipe_is_the_assignment():

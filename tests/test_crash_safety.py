@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cnnlab import cli
-from cnnlab.errors import UserError
-from cnnlab.train import checkpoint
+from cnnlab.core.errors import UserError
+from cnnlab.core import checkpoint
 
 # A tiny model and frequent checkpoints: every step is a moment at which a kill can land.
 KILL_RUN = ["--recipe", "fast", "--dataset", "sample", "--model", "resnet18-cifar", "--width", "4",
@@ -93,7 +93,7 @@ def test_a_process_killed_inside_a_checkpoint_write_leaves_the_old_one(tmp_path)
     script = f"""
 import os, torch
 from pathlib import Path
-from cnnlab.train import checkpoint
+from cnnlab.core import checkpoint
 def dying_save(obj, f):
     f.write(b"PK" + b"x" * 1000)
     f.flush()

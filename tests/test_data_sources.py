@@ -19,7 +19,7 @@ from PIL import Image
 
 from cnnlab.data import DATASET_CHOICES, Dataset, load_dataset
 from cnnlab.data import sources
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cnnlab.evaluate import evaluate
-from cnnlab.train import checkpoint
+from cnnlab.core import checkpoint
 
 # No augmentation: then 2 ranks × 32 and 1 process × 64 see the very same global batches. A small,
 # constant learning rate: float rounding differs between one batch of 64 and two of 32 (in the

@@ -10,7 +10,6 @@ from cnnlab import run
 from cnnlab.cli import main
 from cnnlab.data import load_dataset
 from cnnlab.data.splits import reported_test_set
-from cnnlab.data.transforms import to_input
 from cnnlab.export import METADATA_FILE, read_metadata
 
 ort = pytest.importorskip("onnxruntime")
@@ -23,14 +22,14 @@ def reference(small_run):
     images, _ = reported_test_set(load_dataset("sample"), loaded.config["limit_test"])
     images = images[::3][:64]
     with torch.no_grad():
-        logits = loaded.model(to_input(images, 32, loaded.mean, loaded.std))
+        logits = loaded.model(loaded.preprocess.to_input(images))
     return images.float() / 255, logits, loaded
 
 
 def check_metadata(meta, loaded):
     assert meta["classes"] == loaded.classes and len(meta["classes"]) == 10
     assert meta["image_size"] == 32 and meta["in_channels"] == 3
-    assert meta["mean"] == pytest.approx(loaded.mean) and meta["std"] == pytest.approx(loaded.std)
+    assert meta["mean"] == pytest.approx(loaded.preprocess.mean) and meta["std"] == pytest.approx(loaded.preprocess.std)
     assert "[0, 1]" in meta["input"]
     assert meta["flip_tta"] is loaded.config["tta"]
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 from cnnlab.models import MODELS, NATIVE_IMAGE_SIZE, TABLE1_LAYERS, ResNet, build
 from cnnlab.models.summary import format_table, summarize
 

@@ -11,8 +11,7 @@ from cnnlab import run
 from cnnlab.cli import main
 from cnnlab.data import load_dataset
 from cnnlab.data.splits import reported_test_set
-from cnnlab.data.transforms import to_input
-from cnnlab.evaluate import score
+from cnnlab.core.metrics import score
 from cnnlab.predict import predict
 
 PICKS = list(range(0, 200, 20))  # ten reported test images, one of every class of the sample
@@ -24,9 +23,9 @@ def reference(small_run):
     loaded = run.load(small_run)
     images, labels = reported_test_set(load_dataset("sample"), loaded.config["limit_test"])
     assert loaded.config["tta"]  # the fast recipe scores with flip TTA: predict must too
-    scores = score(loaded.model, images, labels, image_size=32, mean=loaded.mean, std=loaded.std, tta=True)
+    scores = score(loaded.model, images, labels, loaded.preprocess, tta=True)
     with torch.no_grad():
-        x = to_input(images, 32, loaded.mean, loaded.std)
+        x = loaded.preprocess.to_input(images)
         probs = torch.softmax((loaded.model(x) + loaded.model(x.flip(-1))) / 2, 1)
     assert torch.equal(probs.argmax(1), scores.predictions)
     return images, scores.predictions, probs, loaded.classes
@@ -61,7 +60,7 @@ def test_known_test_images_are_predicted_as_in_evaluate(small_run, reference, tm
     # Without the flips: the single view's probabilities.
     loaded = run.load(small_run)
     with torch.no_grad():
-        plain = torch.softmax(loaded.model(to_input(images[PICKS], 32, loaded.mean, loaded.std)), 1)
+        plain = torch.softmax(loaded.model(loaded.preprocess.to_input(images[PICKS])), 1)
     for r, p in zip(predict(small_run, files, top_k=1, device="cpu", tta=False), plain):
         assert r["top"][0]["prob"] == pytest.approx(p.max().item(), abs=1e-5)
 

@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cnnlab.data.transforms import to_input
-from cnnlab.evaluate import score
+from cnnlab.core.transforms import to_input
+from cnnlab.core.metrics import score
+from cnnlab.core.spec import Preprocess
 from cnnlab.train.device import compile_mode
 from cnnlab.train.ema import WeightAverage
 
@@ -45,7 +46,7 @@ def test_tta_averages_each_images_logits_with_its_mirror_images():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
     images = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
     labels = torch.randint(0, 10, (20,))
-    kw = dict(image_size=8, mean=(0.5,), std=(0.5,), batch_size=7)
+    kw = dict(preprocess=Preprocess(8, 3, (0.5,), (0.5,)), batch_size=7)
     plain, flipped = score(model, images, labels, **kw), score(model, images, labels, tta=True, **kw)
     x = to_input(images, 8, (0.5,), (0.5,))
     with torch.no_grad():

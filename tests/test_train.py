@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cnnlab.config import resolve
 from cnnlab.evaluate import evaluate
 from cnnlab.train import engine
-from cnnlab.train.checkpoint import load as load_checkpoint
+from cnnlab.core.checkpoint import load as load_checkpoint
 
 TINY = dict(recipe="fast", dataset="sample", model="resnet18-cifar", width=8, image_size=32, epochs=2,
             batch_size=64, lr=0.1, limit_train=640, limit_test=200, val_split=64, device="cpu", seed=3)
@@ -68,10 +68,11 @@ def test_checkpoints_load_safely_and_best_is_by_validation(tiny_run):
     last = load_checkpoint(tiny_run / "checkpoints" / "last.pt")
     best = load_checkpoint(tiny_run / "checkpoints" / "best.pt")
     assert last["step"] == 2 * STEPS_PER_EPOCH and last["epoch"] == 2
-    assert last["model_spec"] == {"name": "resnet18-cifar", "num_classes": 10, "width": 8, "image_size": 32,
-                                  "in_channels": 3}
+    assert last["schema"] == 2
+    assert last["model_spec"] == {"name": "resnet18-cifar", "num_classes": 10, "width": 8, "in_channels": 3}
+    assert last["preprocess"]["size"] == 32 and last["preprocess"]["channels"] == 3
     assert last["classes"][0] == "airplane" and len(last["classes"]) == 10
-    assert last["normalize"]["mean"] == list(TINY.get("mean", resolve("fast").mean))
+    assert last["preprocess"]["mean"] == pytest.approx(list(TINY.get("mean", resolve("fast").mean)))
     val = [r["val_acc"] for r in read_metrics(tiny_run) if r["kind"] == "epoch"]
     assert best["best_val_acc"] == max(val) and best["epoch"] == 1 + val.index(max(val))
     # Plain data only: torch's safe loader read it, and nothing in it is a pickled object.

@@ -37,7 +37,7 @@ def test_images(loaded):
 @pytest.fixture(scope="module")
 def x(loaded, test_images):
     # One image of each of four classes (the test set is ordered by class).
-    return from_test_set(*test_images, [0, 60, 120, 180], 32, loaded.mean, loaded.std).x
+    return from_test_set(*test_images, [0, 60, 120, 180], loaded.preprocess).x
 
 
 def forward_output(model, module, x):
@@ -222,8 +222,8 @@ def test_guided_backprop_rectifies_every_relu(name, size):
 def test_channel_maximisation_raises_the_channel_fivefold(loaded):
     model, layer, channels = loaded.model, "conv5_x", [0, 1, 2, 3]
     picks = torch.tensor(channels)
-    start = maximize(model, 32, loaded.mean, loaded.std, layer=layer, channels=channels, steps=0)
-    end = maximize(model, 32, loaded.mean, loaded.std, layer=layer, channels=channels)
+    start = maximize(model, 32, loaded.preprocess.mean, loaded.preprocess.std, layer=layer, channels=channels, steps=0)
+    end = maximize(model, 32, loaded.preprocess.mean, loaded.preprocess.std, layer=layer, channels=channels)
     with torch.no_grad():
         before, after = objective(model, start, layer, picks, None), objective(model, end, layer, picks, None)
     print(f"channel maximisation: {before.tolist()} -> {after.tolist()}, ratio {(after / before).tolist()}")
@@ -234,11 +234,11 @@ def test_channel_maximisation_raises_the_channel_fivefold(loaded):
 def test_class_maximisation_is_confident(loaded, test_images):
     model = loaded.model
     # A model trained for a few steps has only learned some classes; take the one it predicts most.
-    x = from_test_set(*test_images, range(200), 32, loaded.mean, loaded.std).x
+    x = from_test_set(*test_images, range(200), loaded.preprocess).x
     with torch.no_grad():
         target = int(torch.bincount(model(x).argmax(1), minlength=10).argmax())
-    start = maximize(model, 32, loaded.mean, loaded.std, classes=[target], steps=0)
-    end = maximize(model, 32, loaded.mean, loaded.std, classes=[target])
+    start = maximize(model, 32, loaded.preprocess.mean, loaded.preprocess.std, classes=[target], steps=0)
+    end = maximize(model, 32, loaded.preprocess.mean, loaded.preprocess.std, classes=[target])
     with torch.no_grad():
         before, after = model(start).softmax(1)[0, target], model(end).softmax(1)[0, target]
     print(f"class maximisation of {loaded.classes[target]}: softmax {before:.3f} -> {after:.3f}")
@@ -248,13 +248,13 @@ def test_class_maximisation_is_confident(loaded, test_images):
 def test_inversion_matches_the_conv2_x_representation(loaded, x):
     model = loaded.model
     x0 = x[:2]
-    recon = invert(model, x0, "conv2_x", loaded.mean, loaded.std)
+    recon = invert(model, x0, "conv2_x", loaded.preprocess.mean, loaded.preprocess.std)
     distance = feature_distance(model, recon, x0, "conv2_x")
-    start = feature_distance(model, invert(model, x0, "conv2_x", loaded.mean, loaded.std, steps=0), x0, "conv2_x")
+    start = feature_distance(model, invert(model, x0, "conv2_x", loaded.preprocess.mean, loaded.preprocess.std, steps=0), x0, "conv2_x")
     print(f"inversion at conv2_x: relative feature distance {start.tolist()} -> {distance.tolist()}")
     assert (distance < 0.2).all() and (start > 0.5).all()
     # The reconstruction is an image in range, not the original copied.
-    pixels = recon * torch.tensor(loaded.std).view(1, 3, 1, 1) + torch.tensor(loaded.mean).view(1, 3, 1, 1)
+    pixels = recon * torch.tensor(loaded.preprocess.std).view(1, 3, 1, 1) + torch.tensor(loaded.preprocess.mean).view(1, 3, 1, 1)
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
     assert (recon - x0).abs().mean() > 1e-3
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from cnnlab import __version__
-from cnnlab.errors import UserError, one_line
+from cnnlab.core.errors import UserError, one_line
 
 TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
     "dataset": (str, "cifar10, sample or folder:PATH (a folder or .tar/.tar.gz/.zip of train/<class>/ and test/<class>/)"),

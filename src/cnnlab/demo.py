@@ -12,7 +12,7 @@ from pathlib import Path
 from cnnlab.config import resolve
 from cnnlab.evaluate import evaluate
 from cnnlab.report import report
-from cnnlab.run import new_run_dir
+from cnnlab.train.engine import new_run_dir
 from cnnlab.train.engine import train
 
 # Test images for the gallery: the sample's test set is ordered by class, 100 images each, so these

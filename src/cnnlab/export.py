@@ -15,10 +15,9 @@ in TorchScript they are one extra file, ``metadata.json``
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,9 @@ import torch
 import torch.nn as nn
 
 import cnnlab
-from cnnlab.data.transforms import per_channel
-from cnnlab.errors import UserError
+from cnnlab import run
+from cnnlab.core.errors import UserError
+from cnnlab.core.files import atomic_write
 
 FORMATS = ("onnx", "torchscript")
 INPUT = "image"
@@ -37,64 +37,46 @@ INPUT_CONVENTION = ("float32 (N, C, image_size, image_size), RGB (or gray) pixel
                     "normalisation by mean/std is inside the model")
 
 
-class Normalized(nn.Module):
-    """``model((image - mean) / std)``: the network with its input normalisation built in."""
-
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float], channels: int):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(per_channel(mean, channels)).view(1, channels, 1, 1))
-        self.register_buffer("std", torch.tensor(per_channel(std, channels)).view(1, channels, 1, 1))
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model((image - self.mean) / self.std)
-
-
 def export(path: str | Path, format: str, out: str | Path) -> dict[str, Any]:  # noqa: A002 - the CLI's name
     """Write the model of a run folder or checkpoint to ``out`` as ONNX or TorchScript.
 
     The export is checked before it is kept: the exported file is run on a random batch and must agree
     with PyTorch within 1e-4. Returns ``{"out", "format", "metadata", "max_abs_diff"}``.
     """
-    from cnnlab import run
-
     if format not in FORMATS:
         raise UserError(f"unknown export format {format!r}: choose onnx or torchscript")
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give the file to write, e.g. {out / ('model.' + _suffix(format))}")
     loaded = run.load(path, device="cpu")
-    channels, size = loaded.spec.get("in_channels", 3), loaded.spec["image_size"]
-    wrapped = Normalized(loaded.model, loaded.mean, loaded.std, channels).eval()
+    pre = loaded.preprocess
+    channels, size = pre.channels, pre.size
+    wrapped = nn.Sequential(pre.normalizer(), loaded.model).eval()
     metadata = {
         "classes": loaded.classes, "image_size": size, "in_channels": channels,
-        "mean": per_channel(loaded.mean, channels), "std": per_channel(loaded.std, channels),
+        "mean": list(pre.mean), "std": list(pre.std),
         "input": INPUT_CONVENTION, "output": f"float32 (N, {len(loaded.classes)}) logits, in the order of classes",
-        "model": loaded.spec["name"], "cnnlab_version": cnnlab.__version__,
+        "model": loaded.spec.name, "cnnlab_version": cnnlab.__version__,
         # The file holds one view; a run scored with flip TTA averaged the logits of x and x.flip(-1).
         "flip_tta": loaded.tta,
     }
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the folder for --out {out}: {e.strerror}") from None
-    tmp = out.with_name(f".{out.name}.tmp")
     example = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    # Exported to bytes and checked from those bytes before anything is written.
+    if format == "onnx":
+        data = _onnx(wrapped, example, metadata)
+        run_exported = _onnx_runner(data)
+    else:
+        data = _torchscript(wrapped, example, metadata)
+        run_exported = _jit_load(io.BytesIO(data))
+    check = torch.rand(3, channels, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (run_exported(check) - wrapped(check)).abs().max().item()
+    if not diff <= 1e-4:
+        raise RuntimeError(f"the exported {format} model differs from PyTorch by {diff:.3g} (over 1e-4)")
     try:
-        if format == "onnx":
-            _onnx(wrapped, example, metadata, tmp)
-            run_exported = _onnx_runner(tmp)
-        else:
-            _torchscript(wrapped, example, metadata, tmp)
-            run_exported = _jit_load(tmp)
-        check = torch.rand(3, channels, size, size, generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            diff = (run_exported(check) - wrapped(check)).abs().max().item()
-        if not diff <= 1e-4:
-            raise RuntimeError(f"the exported {format} model differs from PyTorch by {diff:.3g} (over 1e-4)")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write(out, data)
+    except OSError as e:
+        raise UserError(f"cannot write --out {out}: {e.strerror or e}") from None
     return {"out": str(out), "format": format, "metadata": metadata, "max_abs_diff": diff}
 
 
@@ -102,7 +84,7 @@ def _suffix(format: str) -> str:  # noqa: A002
     return "onnx" if format == "onnx" else "pt"
 
 
-def _onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any], path: Path) -> None:
+def _onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -> bytes:
     try:
         import onnx  # noqa: F401 - torch.onnx needs it, and it writes the metadata
         import onnxscript  # noqa: F401 - the torch.export-based exporter is built on it
@@ -120,29 +102,31 @@ def _onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any], pat
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     proto.doc_string = f"cnnlab {metadata['model']}: input {INPUT_CONVENTION}; output logits"
-    onnx.save(proto, str(path))
+    return proto.SerializeToString()
 
 
-def _onnx_runner(path: Path):
+def _onnx_runner(data: bytes):
     try:
         import onnxruntime as ort
     except ImportError:
         raise UserError("checking the ONNX export needs onnxruntime: pip install 'cnnlab[export]'") from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run([OUTPUT], {INPUT: x.numpy()})[0])
 
 
-def _torchscript(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any], path: Path) -> None:
+def _torchscript(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -> bytes:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notice
         traced = torch.jit.trace(model, example, check_trace=False)  # export() checks the saved file instead
-        torch.jit.save(traced, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={METADATA_FILE: json.dumps(metadata)})
+    return buffer.getvalue()
 
 
-def _jit_load(path: Path, extra_files: dict[str, Any] | None = None):
+def _jit_load(source: Path | io.BytesIO, extra_files: dict[str, Any] | None = None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-        return torch.jit.load(str(path), _extra_files=extra_files)
+        return torch.jit.load(source if isinstance(source, io.BytesIO) else str(source), _extra_files=extra_files)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

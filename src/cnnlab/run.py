@@ -1,4 +1,4 @@
-"""Loading a run folder or a checkpoint back into a model, its classes and its preprocessing.
+"""A run folder or a checkpoint back into a model, its classes, its preprocessing and its test set.
 
 Everything after training (evaluate, visualize, predict, report, export) starts here.
 """
@@ -6,35 +6,63 @@ Everything after training (evaluate, visualize, predict, report, export) starts 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from cnnlab.errors import UserError
+from cnnlab.core import checkpoint
+from cnnlab.core.errors import UserError
+from cnnlab.core.spec import ModelSpec, Preprocess
+from cnnlab.data import load_dataset
+from cnnlab.data.splits import reported_test_set
 from cnnlab.models import build
-from cnnlab.train import checkpoint
 
 
 @dataclass
 class LoadedRun:
     model: nn.Module  # in eval mode
-    spec: dict[str, Any]  # name, num_classes, width, image_size, in_channels
+    spec: ModelSpec
+    preprocess: Preprocess
     classes: list[str]
-    mean: list[float]
-    std: list[float]
-    config: dict[str, Any]
+    config: dict[str, Any]  # the training configuration (TrainConfig as a dict)
     path: Path  # the checkpoint file
     run_dir: Path | None  # the run folder, when the checkpoint sits in one
-    state: dict[str, Any] = field(repr=False, default_factory=dict)
+    checkpoint: checkpoint.Checkpoint = field(repr=False)
+    _test: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def tta(self) -> bool:
         """Whether the run scored with test-time flip augmentation: what evaluate, predict and report
         do by default, so that they find the numbers the run reported."""
         return bool(self.config.get("tta", False))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def test_set(self, dataset: str | None = None, data_dir: str | None = None,
+                 limit_test: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and labels of the test set the run reported on, on the CPU (loaded once).
+
+        ``dataset`` scores another dataset with the same classes (all of its test images unless
+        ``limit_test``); ``data_dir`` says where the run's dataset lives now.
+        """
+        if dataset is None and limit_test is None and self._test is not None:
+            return self._test
+        name = dataset or self.config.get("dataset")
+        if not name:
+            raise UserError(f"{self.path} does not say which dataset it was trained on; give a dataset or image files")
+        if limit_test is None and dataset is None:
+            limit_test = self.config.get("limit_test")  # the same images the run reported on
+        data = load_dataset(name, data_dir=data_dir or self.config.get("data_dir"),
+                            skip_bad_images=bool(self.config.get("skip_bad_images", False)))
+        check_classes(self, data.classes, name)
+        test = reported_test_set(data, limit_test)
+        if dataset is None:
+            self._test = test
+        return test
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -53,19 +81,17 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     ckpt_path = find_checkpoint(path)
-    state = checkpoint.load(ckpt_path)
-    spec = state["model_spec"]
-    model = build(spec["name"], num_classes=spec["num_classes"], width=spec["width"],
-                  in_channels=spec.get("in_channels", 3))
+    ckpt = checkpoint.read(ckpt_path)
+    spec = ckpt.spec
+    model = build(spec.name, num_classes=spec.num_classes, width=spec.width, in_channels=spec.in_channels)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(ckpt.model)
     except RuntimeError as e:
-        raise UserError(f"{ckpt_path} does not match model {spec['name']} "
-                        f"(width {spec['width']}, {spec['num_classes']} classes): {str(e).splitlines()[0]}") from None
+        raise UserError(f"{ckpt_path} does not match model {spec.name} "
+                        f"(width {spec.width}, {spec.num_classes} classes): {str(e).splitlines()[0]}") from None
     model.to(device).eval()
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
-    return LoadedRun(model, dict(spec), list(state["classes"]), list(state["normalize"]["mean"]),
-                     list(state["normalize"]["std"]), dict(state.get("config", {})), ckpt_path, run_dir, state)
+    return LoadedRun(model, spec, ckpt.preprocess, ckpt.classes, ckpt.config, ckpt_path, run_dir, ckpt)
 
 
 def check_classes(loaded: LoadedRun, classes: list[str], dataset: str) -> None:
@@ -78,13 +104,3 @@ def check_classes(loaded: LoadedRun, classes: list[str], dataset: str) -> None:
 def _names(classes: list[str], most: int = 12) -> str:
     shown = ", ".join(classes[:most])
     return shown + (f" … ({len(classes)} in all)" if len(classes) > most else "")
-
-
-def new_run_dir(prefix: str, parent: str | Path = "runs") -> Path:
-    """``runs/PREFIX-YYYYmmdd-HHMMSS``, with a counter added when two runs start in the same second."""
-    stem = Path(parent) / f"{prefix}-{datetime.now():%Y%m%d-%H%M%S}"
-    path, n = stem, 1
-    while path.exists():
-        n += 1
-        path = stem.with_name(f"{stem.name}-{n}")
-    return path

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MAX_TOTAL_BYTES = 16 * 2**30  # uncompressed; far above any image set that fits in memory decoded

@@ -8,12 +8,13 @@ see what one process would, whatever the number of ranks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from cnnlab.data import transforms
+from cnnlab.core import transforms
+from cnnlab.core.spec import Preprocess
 
 CROP_PAD = 4  # pixels at the stored resolution, as in He et al. (2015) §4.2 for CIFAR
 
@@ -30,9 +31,7 @@ class TrainBatches:
     images: torch.Tensor  # uint8 (N, C, H, W) on the training device
     labels: torch.Tensor  # int64 (N,) on the training device
     batch_size: int
-    image_size: int
-    mean: Sequence[float]
-    std: Sequence[float]
+    preprocess: Preprocess
     augment: str = "none"
     seed: int = 0
     channels_last: bool = False
@@ -68,13 +67,4 @@ class TrainBatches:
             yield self.prepare(x), self.labels[idx], len(batch)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return transforms.to_input(x, self.image_size, self.mean, self.std, self.channels_last)
-
-
-def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, image_size: int,
-                 mean: Sequence[float], std: Sequence[float], channels_last: bool = False,
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches in order, without augmentation, for evaluation."""
-    for i in range(0, len(labels), batch_size):
-        x = transforms.to_input(images[i:i + batch_size], image_size, mean, std, channels_last)
-        yield x, labels[i:i + batch_size]
+        return self.preprocess.to_input(x, self.channels_last)

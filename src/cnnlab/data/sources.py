@@ -25,11 +25,12 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
+from cnnlab.core import images
 from cnnlab.data.archives import ArchiveContents, is_archive, read_archive
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 
 DATASET_CHOICES = ("cifar10", "sample", "folder:PATH")
 
@@ -41,16 +42,13 @@ CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 SAMPLE_ARCHIVE = Path(__file__).parent / "sample" / "cifar10-sample.tar.gz"
 
 # Part of every cache key: bump it whenever decoding would give different pixels or labels.
-DECODER_VERSION = 1
+DECODER_VERSION = 2  # 2: one decoder with predict (wide grayscale rescaled in RGB datasets too)
 MAX_FIT_SIDE = 256  # mixed-size folders are resized to a square no larger than this
 POOL_MIN_IMAGES = 4000  # below this a process pool costs more than it saves
 POOL_CHUNK = 1000
 
 _T = TypeVar("_T")  # what a chunk function returns
 
-_GRAY_MODES = frozenset({"L", "1", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
-_EXIF_ORIENTATION = 0x0112
-_ROTATED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF values that swap width and height
 
 
 @dataclass
@@ -328,12 +326,8 @@ class _DecodePlan:
 def _probe(rel: str, data: bytes, source: str) -> tuple[str, int, int]:
     """Mode, width and height from the image header, without decoding pixels."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if img.getexif().get(_EXIF_ORIENTATION, 1) in _ROTATED_ORIENTATIONS:
-                width, height = height, width
-            return img.mode, width, height
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        return images.header(data)
+    except images.DECODE_ERRORS as exc:
         raise UserError(f"{source}: cannot read image {rel} ({exc}); remove or replace the file, "
                         "or pass --skip-bad-images to leave such files out") from None
 
@@ -352,7 +346,7 @@ def _probe_chunk(items: list[tuple[str, bytes]], source: str, skip_bad: bool) ->
 
 
 def _plan(modes: set[str], sizes: list[tuple[int, int]]) -> _DecodePlan:
-    channels = 1 if modes <= _GRAY_MODES else 3
+    channels = 1 if modes <= images.GRAY_MODES else 3
     if len(set(sizes)) == 1:
         width, height = sizes[0]
         return _DecodePlan(channels, height, width, fit=False)
@@ -360,30 +354,8 @@ def _plan(modes: set[str], sizes: list[tuple[int, int]]) -> _DecodePlan:
     return _DecodePlan(channels, side, side, fit=True)
 
 
-def _as_gray(img: Image.Image) -> Image.Image:
-    """8-bit grayscale, rescaling wide integer and float images instead of letting PIL clip them."""
-    if img.mode == "L":
-        return img
-    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-        arr = np.asarray(img).astype(np.float64)
-        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max(initial=0) > 255):
-            arr = arr / 257.0  # 16-bit range onto 8 bits
-        elif img.mode == "F" and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0  # floats in [0, 1]
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
-    return img.convert("L")
-
-
 def _decode_one(data: bytes, plan: _DecodePlan) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            img = ImageOps.exif_transpose(img)
-        img = _as_gray(img) if plan.channels == 1 else img.convert("RGB")
-        if plan.fit:
-            img = ImageOps.fit(img, (plan.width, plan.height), Image.Resampling.BILINEAR)
-        arr = np.asarray(img)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return images.decode(data, plan.channels, fit=(plan.width, plan.height) if plan.fit else None)
 
 
 def _decode_chunk(items: list[tuple[str, bytes]], plan: _DecodePlan, source: str,
@@ -397,7 +369,7 @@ def _decode_chunk(items: list[tuple[str, bytes]], plan: _DecodePlan, source: str
     for i, (rel, data) in enumerate(items):
         try:
             out[i] = _decode_one(data, plan)
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        except images.DECODE_ERRORS as exc:
             if not skip_bad:
                 raise UserError(f"{source}: cannot decode image {rel} ({exc}); remove or replace the file, "
                                 "or pass --skip-bad-images to leave such files out") from None

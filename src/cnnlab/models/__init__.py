@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 from cnnlab.models.resnet import BasicBlock, ResNet, resnet18, resnet18_cifar, resnet18_seed
 
 __all__ = [

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 from cnnlab.models import NATIVE_IMAGE_SIZE, TABLE1_LAYERS, ResNet, build
 
 __all__ = ["format_table", "summarize"]

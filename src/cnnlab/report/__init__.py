@@ -17,7 +17,7 @@ __all__ = ["report"]
 
 def report(run_dir: str | Path, out: str | Path | None = None, device: str = "auto") -> Path:
     """Write the report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``); returns its path."""
-    from cnnlab.errors import UserError
+    from cnnlab.core.errors import UserError
     from cnnlab.report.page import render
     from cnnlab.report.sections import gather
 

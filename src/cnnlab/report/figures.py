@@ -121,10 +121,10 @@ def epoch_curves(epochs: Sequence[dict[str, Any]]) -> str:
 
 def confusion(result: dict[str, Any], classes: list[str]) -> str:
     """The confusion matrix exactly as ``cnnlab evaluate`` draws it."""
-    from cnnlab.evaluate import plot_confusion
+    from cnnlab.evaluate import confusion_figure
 
     buffer = io.BytesIO()
-    plot_confusion(result, classes, buffer)  # savefig writes to a file object as well as to a path
+    confusion_figure(result, classes).savefig(buffer, format="png")
     return png_uri(buffer.getvalue())
 
 

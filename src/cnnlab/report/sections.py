@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 from cnnlab.report import figures
 from cnnlab.run import LoadedRun
 
@@ -169,30 +169,14 @@ def _spread(items: list[int], k: int) -> list[int]:
     return [items[i] for i in picks]
 
 
-def _test_set(loaded: LoadedRun) -> tuple[torch.Tensor, torch.Tensor]:
-    from cnnlab import run
-    from cnnlab.data import load_dataset
-    from cnnlab.data.splits import reported_test_set
-
-    config = loaded.config
-    spec = config.get("dataset")
-    if not spec:
-        raise UserError(f"{loaded.path} does not say which dataset it was trained on")
-    data = load_dataset(spec, data_dir=config.get("data_dir"), skip_bad_images=config.get("skip_bad_images", False))
-    run.check_classes(loaded, data.classes, spec)
-    return reported_test_set(data, config.get("limit_test"))
-
-
 def _examples(loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor, indices: list[int]) -> list[Example]:
-    from cnnlab.data.transforms import to_input
-    from cnnlab.evaluate import logits
+    from cnnlab.core.metrics import logits
 
     if not indices:
         return []
     idx = torch.tensor(indices)
-    device = next(loaded.model.parameters()).device
     with torch.no_grad():
-        x = to_input(images[idx].to(device), int(loaded.spec["image_size"]), loaded.mean, loaded.std)
+        x = loaded.preprocess.to_input(images[idx].to(loaded.device))
         probs = logits(loaded.model, x, loaded.tta).softmax(1).cpu()  # the prediction the scores counted
     p, pred = probs.max(1)
     return [Example(i, figures.thumbnail(images[i]), loaded.classes[int(labels[i])], loaded.classes[int(pred[k])],
@@ -200,12 +184,11 @@ def _examples(loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor, ind
 
 
 def _score_test(contents: Contents, loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from cnnlab.evaluate import confusion_matrix, report, score
+    from cnnlab.core.metrics import breakdown, confusion_matrix, score
 
-    device = next(loaded.model.parameters()).device
-    scores = score(loaded.model, images.to(device), labels.to(device), image_size=int(loaded.spec["image_size"]),
-                   mean=loaded.mean, std=loaded.std, tta=loaded.tta)
-    result = report(scores, loaded.classes)
+    device = loaded.device
+    scores = score(loaded.model, images.to(device), labels.to(device), loaded.preprocess, tta=loaded.tta)
+    result = breakdown(scores, loaded.classes)
     classes = loaded.classes
     matrix = confusion_matrix(scores.predictions, scores.labels, len(classes))
     totals = matrix.sum(1)
@@ -263,7 +246,7 @@ def gather(run_dir: Path, device: str = "auto") -> Contents:
     """Everything the page shows for the run folder ``run_dir``."""
     from cnnlab import run
     from cnnlab.models.summary import summarize
-    from cnnlab.train.device import pick_device
+    from cnnlab.core.device import pick_device
 
     if not run_dir.exists():
         raise UserError(f"{run_dir} does not exist; give the run folder that cnnlab train wrote")
@@ -272,15 +255,14 @@ def gather(run_dir: Path, device: str = "auto") -> Contents:
                         "(config.json, metrics.jsonl, checkpoints/), not a single file")
     steps, epochs, bad = read_metrics(run_dir)
     loaded = run.load(run_dir, device=pick_device(device))
-    state_epoch = loaded.state.get("epoch")
+    training = loaded.checkpoint.training
     contents = Contents(run_dir, _read_info(run_dir, loaded), steps, epochs, bad, loaded.path,
-                        int(state_epoch) if isinstance(state_epoch, int) else None, list(loaded.classes))
+                        int(training["epoch"]) if training is not None else None, list(loaded.classes))
     spec = loaded.spec
 
     def architecture() -> None:
-        contents.summary = summarize(spec["name"], image_size=int(spec["image_size"]),
-                                     num_classes=int(spec["num_classes"]), width=int(spec["width"]),
-                                     in_channels=int(spec.get("in_channels", 3)))
+        contents.summary = summarize(spec.name, image_size=loaded.preprocess.size, num_classes=spec.num_classes,
+                                     width=spec.width, in_channels=spec.in_channels)
 
     def curves() -> None:
         if steps:
@@ -291,21 +273,20 @@ def gather(run_dir: Path, device: str = "auto") -> Contents:
 
     _timed(contents, "architecture", architecture)
     _timed(contents, "curves", curves)
-    with _threads_for(contents, next(loaded.model.parameters()).device):
+    with _threads_for(contents, loaded.device):
         _pictures(contents, loaded)
     return contents
 
 
 def _pictures(contents: Contents, loaded: LoadedRun) -> None:
     """Test-set scores and everything drawn from the model."""
-    spec = loaded.spec
 
     test: tuple[torch.Tensor, torch.Tensor] | None = None
     predictions: torch.Tensor | None = None
 
     def load_test() -> None:
         nonlocal test, predictions
-        test = _test_set(loaded)
+        test = loaded.test_set()
         predictions = _score_test(contents, loaded, *test)
 
     _timed(contents, "per-class", load_test)
@@ -342,7 +323,7 @@ def _pictures(contents: Contents, loaded: LoadedRun) -> None:
 
             _timed(contents, "gradcam", cams)
         # Class models: a few optimisation steps suffice at CIFAR size; larger inputs get fewer.
-        contents.pattern_steps = 64 if int(spec["image_size"]) <= 64 else 24
+        contents.pattern_steps = 64 if loaded.preprocess.size <= 64 else 24
         classes = list(range(min(PATTERN_CLASSES, len(loaded.classes))))
         _timed(contents, "patterns", lambda: contents.patterns.extend(
             _viz("maximize", loaded, test, tmp, "class models: images optimised to be classified as each class",

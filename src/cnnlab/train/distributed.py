@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 
 TIMEOUT_ENV = "CNNLAB_DIST_TIMEOUT"  # seconds a collective may wait for a silent rank
 DEFAULT_TIMEOUT_S = 300

@@ -13,7 +13,8 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,18 @@ import torch.nn as nn
 
 import cnnlab
 from cnnlab.config import TrainConfig, validate
+from cnnlab.core import checkpoint
+from cnnlab.core.device import pick_device
+from cnnlab.core.errors import UserError
+from cnnlab.core.files import atomic_write, remove_stale
+from cnnlab.core.metrics import score
+from cnnlab.core.spec import ModelSpec, Preprocess
 from cnnlab.data import load_dataset
 from cnnlab.data.loader import TrainBatches
 from cnnlab.data.splits import Splits, split
-from cnnlab.errors import UserError
-from cnnlab.evaluate import score
 from cnnlab.models import build
-from cnnlab.run import new_run_dir
-from cnnlab.train import checkpoint, distributed
-from cnnlab.train.device import compiled, keep_freed_memory, on_by_default, pick_device, use_channels_last
+from cnnlab.train import distributed
+from cnnlab.train.device import compiled, keep_freed_memory, on_by_default, use_channels_last
 from cnnlab.train.ema import WeightAverage
 from cnnlab.train.lock import RunLock
 from cnnlab.train.logging import RunLog
@@ -44,6 +48,57 @@ class Result:
     last: dict[str, Any]  # the final epoch record ({} when stopped before an epoch ended)
     best_val_acc: float | None
     step: int = 0  # the step training stopped at
+
+
+@dataclass
+class Setup:
+    """What a run trains: fixed once training starts."""
+
+    cfg: TrainConfig
+    device: torch.device
+    data: Splits
+    model: nn.Module
+    spec: ModelSpec
+    preprocess: Preprocess
+    run_dir: Path
+    group: distributed.Group
+
+
+@dataclass
+class EpochSums:
+    """The running totals of the epoch in progress (saved in mid-epoch checkpoints as ``partial_epoch``)."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+    def record(self, epoch: int, step: int, lr: float) -> dict[str, Any]:
+        """The epoch's line of metrics.jsonl, before evaluation adds to it."""
+        seen = max(self.seen, 1)
+        return {"epoch": epoch, "step": step, "lr": lr, "train_loss": self.loss_sum / seen,
+                "train_acc": self.correct / seen, "seconds": self.seconds,
+                "images_per_s": self.seen / max(self.seconds, 1e-9)}
+
+
+@dataclass
+class StepStats:
+    """One step's numbers, kept on the device until a window of them is read back at once."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    size: int
+    lr: float
+
+
+@dataclass
+class Progress:
+    """Everything that changes while training and must survive a restart (besides the tensors' state)."""
+
+    step: int = 0
+    best_val: float | None = None
+    sums: EpochSums = field(default_factory=EpochSums)
+    saved_step: int = 0  # the step of the last checkpoint written
 
 
 def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, device: str | None = None,
@@ -75,18 +130,20 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
         run_dir = Path(resume)
         path = _resume_checkpoint(run_dir)
         with only_main(run_dir):  # before reading last.pt, so that no live run is rewriting it
-            state = checkpoint.load(path)
-            cfg = TrainConfig(**{k: tuple(v) if k in ("mean", "std") else v for k, v in state["config"].items()})
+            ckpt = checkpoint.read(path)
+            if ckpt.training is None:
+                raise UserError(f"{path} holds no training state to resume from; start a new run instead")
+            cfg = TrainConfig(**{k: tuple(v) if k in ("mean", "std") else v for k, v in ckpt.config.items()})
             if device is not None:
                 cfg.device = device
             validate(cfg)
-            dev, data, model, spec = _prepare(cfg, group)
-            _check_same_run(state, spec, data)
-            return _start(cfg, dev, data, model, spec, run_dir, state, group, stop_after)
+            setup = _prepare(cfg, group, run_dir)
+            _check_same_run(ckpt, setup)
+            return _start(setup, ckpt, stop_after)
     assert cfg is not None
     run_dir = Path(distributed.broadcast(str(_new_run_dir(cfg)) if group.main else None, group))
     _refuse_existing_run(run_dir)
-    dev, data, model, spec = _prepare(cfg, group)
+    setup = _prepare(cfg, group, run_dir)
     if group.main:
         # Only once the data and model are ready, so that a failed start leaves no empty run folder behind.
         try:
@@ -96,10 +153,10 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
     with only_main(run_dir):
         if group.main:
             _refuse_existing_run(run_dir)  # again: another process may have started here meanwhile
-        return _start(cfg, dev, data, model, spec, run_dir, None, group, stop_after)
+        return _start(setup, None, stop_after)
 
 
-def _prepare(cfg: TrainConfig, group: distributed.Group) -> tuple[torch.device, Splits, nn.Module, dict[str, Any]]:
+def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path) -> Setup:
     """The device, the data splits and a freshly initialised model (seeded) for ``cfg``."""
     dev = distributed.device_for(group, pick_device(cfg.device))
     if dev.type == "cpu":
@@ -112,205 +169,217 @@ def _prepare(cfg: TrainConfig, group: distributed.Group) -> tuple[torch.device, 
         print(f"skipped {len(dataset.skipped)} unreadable image(s): {shown}", file=sys.stderr)
     data = split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split)
     in_channels = data.train_x.shape[1]
-    model = build(cfg.model, num_classes=len(data.classes), width=cfg.width, in_channels=in_channels)
-    spec = {"name": cfg.model, "num_classes": len(data.classes), "width": cfg.width,
-            "image_size": cfg.image_size, "in_channels": in_channels}
-    return dev, data, model, spec
+    spec = ModelSpec(cfg.model, len(data.classes), cfg.width, in_channels)
+    model = build(spec.name, num_classes=spec.num_classes, width=spec.width, in_channels=spec.in_channels)
+    preprocess = Preprocess(cfg.image_size, in_channels, cfg.mean, cfg.std)
+    return Setup(cfg, dev, data, model, spec, preprocess, run_dir, group)
 
 
-def _start(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, spec: dict[str, Any],
-           run_dir: Path, state: dict[str, Any] | None, group: distributed.Group, stop_after: int | None) -> Result:
-    if group.main:
-        for stale in (run_dir / "checkpoints").glob(".*.tmp"):
-            stale.unlink(missing_ok=True)  # half-written checkpoints of a process that was killed
-        _write_config(run_dir, cfg, dev, data, group)
+def _start(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None) -> Result:
+    if setup.group.main:
+        remove_stale(setup.run_dir / "checkpoints")  # half-written checkpoints of a process that was killed
+        _write_config(setup)
     try:
-        return _fit(cfg, dev, data, model, spec, run_dir, state, group, stop_after)
+        return _fit(setup, ckpt, stop_after)
     except torch.cuda.OutOfMemoryError:
-        per_rank = -(-cfg.batch_size // group.world)
+        cfg = setup.cfg
+        per_rank = -(-cfg.batch_size // setup.group.world)
         raise UserError(f"the GPU ran out of memory with {per_rank} images per GPU at {cfg.image_size} px; "
                         f"try --batch-size {max(cfg.batch_size // 2, 1)}, a smaller --image-size or --amp") from None
 
 
-def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, spec: dict[str, Any],
-         run_dir: Path, state: dict[str, Any] | None, group: distributed.Group, stop_after: int | None) -> Result:
-    amp = on_by_default(cfg.amp, dev)
-    channels_last = use_channels_last(cfg.channels_last, dev)
-    model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    batches = TrainBatches(data.train_x.to(dev), data.train_y.to(dev), cfg.batch_size, cfg.image_size,
-                           cfg.mean, cfg.std, cfg.augment, cfg.seed, channels_last, group.rank, group.world)
-    val = (data.val_x.to(dev), data.val_y.to(dev))
-    test = (data.test_x.to(dev), data.test_y.to(dev))
-    steps_per_epoch = len(batches)
-    if batches.dropped and group.main:
-        print(f"the last {batches.dropped} training image(s) of each epoch are left out: too few to split "
+class Trainer:
+    """The model, optimiser, schedule and the step function of one run, on its device."""
+
+    def __init__(self, setup: Setup) -> None:
+        cfg, dev, group = setup.cfg, setup.device, setup.group
+        self.setup = setup
+        self.amp = on_by_default(cfg.amp, dev)
+        self.channels_last = use_channels_last(cfg.channels_last, dev)
+        self.model = setup.model.to(dev, memory_format=torch.channels_last if self.channels_last
+                                    else torch.preserve_format)
+        data = setup.data
+        self.batches = TrainBatches(data.train_x.to(dev), data.train_y.to(dev), cfg.batch_size, setup.preprocess,
+                                    cfg.augment, cfg.seed, self.channels_last, group.rank, group.world)
+        self.scored = {"val": (data.val_x.to(dev), data.val_y.to(dev))} if len(data.val_y) else {}
+        self.scored["test"] = (data.test_x.to(dev), data.test_y.to(dev))
+        self.steps_per_epoch = len(self.batches)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        # The average is of the plain model (before sync-BN conversion): it only ever runs in eval mode.
+        self.ema = WeightAverage(self.model, cfg.ema) if cfg.ema else None
+        # What is scored, logged and saved as "model": the average when there is one.
+        self.reported = self.ema.module if self.ema is not None else self.model
+        forward = distributed.wrap(self.model, group, dev, cfg.sync_bn)  # before the optimizer sees the parameters
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                         fused=dev.type == "cuda" or None)
+        self.scheduler = _scheduler(cfg, self.optimizer, self.total_steps)
+        # Summed, then divided by the global batch: N ranks' averaged gradients equal one process's.
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
+        self.forward = compiled(forward, cfg.compile, cfg.cuda_graphs, dev)
+        self.graphs = cfg.cuda_graphs and dev.type == "cuda"
+        # Evaluation runs each rank's shard through the plain model: no collectives inside, so shards
+        # of different lengths cannot leave a rank waiting.
+        self.evaluator = self.reported if group.active or self.ema is not None else self.forward
+        self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def restore(self, ckpt: checkpoint.Checkpoint) -> Progress:
+        t = ckpt.training
+        assert t is not None
+        self.model.load_state_dict(ckpt.train_model if ckpt.train_model is not None else ckpt.model)
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt.model)
+        self.optimizer.load_state_dict(t["optimizer"])
+        self.scheduler.load_state_dict(t["scheduler"])
+        torch.set_rng_state(t["rng"]["torch"])
+        if self.setup.device.type == "cuda" and t["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(t["rng"]["cuda"])
+        return Progress(t["step"], t["best_val_acc"], EpochSums(**t["partial_epoch"]), t["step"])
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, n_global: int, step: int) -> StepStats:
+        """One SGD step on this rank's part ``x``, ``y`` of a global batch of ``n_global`` images."""
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
+        with self.autocast:
+            logits = self.forward(x)
+            loss_sum = self.criterion(logits.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss_sum * (self.setup.group.world / n_global)).backward()
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(step)
+        return StepStats(loss_sum.detach(), (logits.argmax(1) == y).sum(), len(y), lr)
+
+    def evaluate(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Adds ``{val,test}_{loss,acc}`` over all ranks' shards to the epoch ``record``."""
+        cfg, group = self.setup.cfg, self.setup.group
+        for name, (vx, vy) in self.scored.items():
+            vx, vy = distributed.shard(vx, group), distributed.shard(vy, group)
+            s = score(self.evaluator, vx, vy, self.setup.preprocess, batch_size=max(cfg.batch_size, 256),
+                      amp=self.amp, channels_last=self.channels_last, tta=cfg.tta)
+            totals = distributed.all_sum(torch.tensor(
+                [s.loss * len(vy), (s.predictions == s.labels).sum().item(), len(vy)], dtype=torch.float64,
+                device=self.setup.device), group).tolist()
+            record[f"{name}_loss"], record[f"{name}_acc"] = totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1)
+        self.last_scored = (vx, vy, s.predictions)  # the (rank 0 shard of the) test set, for the log
+        return record
+
+    def save(self, progress: Progress, name: str) -> None:
+        progress.saved_step = progress.step
+        setup = self.setup
+        if not setup.group.main:
+            return
+        training = {
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "epoch": progress.step // self.steps_per_epoch, "step": progress.step,
+            "best_val_acc": progress.best_val, "partial_epoch": asdict(progress.sums),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if setup.device.type == "cuda" else []},
+        }
+        checkpoint.write(checkpoint.Checkpoint(
+            self.reported.state_dict(), setup.spec, setup.preprocess, setup.data.classes, setup.cfg.to_dict(),
+            {"cnnlab": cnnlab.__version__, "torch": str(torch.__version__)},
+            self.model.state_dict() if self.ema is not None else None, training),
+            setup.run_dir / "checkpoints" / name)
+
+
+def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None) -> Result:
+    cfg, group, run_dir = setup.cfg, setup.group, setup.run_dir
+    t = Trainer(setup)
+    if t.batches.dropped and group.main:
+        print(f"the last {t.batches.dropped} training image(s) of each epoch are left out: too few to split "
               f"over {group.world} ranks (choose a --batch-size that leaves a remainder of 0 or at least "
               f"{group.world})", file=sys.stderr)
-    total_steps = cfg.epochs * steps_per_epoch
-    # The average is of the plain model (before sync-BN conversion): it only ever runs in eval mode.
-    ema = WeightAverage(model, cfg.ema) if cfg.ema else None
-    # What is scored, logged and saved as "model": the average when there is one.
-    reported = ema.module if ema is not None else model
-
-    forward = distributed.wrap(model, group, dev, cfg.sync_bn)  # before the optimizer sees the parameters
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
-                                fused=dev.type == "cuda" or None)
-    scheduler = _scheduler(cfg, optimizer, total_steps)
-    # Summed, then divided by the global batch: N ranks' averaged gradients equal one process's.
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="sum")
-    forward = compiled(forward, cfg.compile, cfg.cuda_graphs, dev)
-    graphs = cfg.cuda_graphs and dev.type == "cuda"
-    # Evaluation runs each rank's shard through the plain model: no collectives inside, so shards
-    # of different lengths cannot leave a rank waiting.
-    evaluator = reported if group.active or ema is not None else forward
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if amp else nullcontext()
-
-    step, best_val, partial = 0, None, {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-    if state is not None:
-        model.load_state_dict(state.get("train_model", state["model"]))
-        if ema is not None:
-            ema.module.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if dev.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        step, best_val, partial = state["step"], state["best_val_acc"], dict(state["partial_epoch"])
-    if step >= total_steps:
+    p = t.restore(ckpt) if ckpt is not None else Progress()
+    if p.step >= t.total_steps:
         raise UserError(f"the run in {run_dir} already finished all {cfg.epochs} epochs; nothing to resume")
-
-    saved_step = step
-
-    def save(name: str) -> None:
-        nonlocal saved_step
-        saved_step = step
-        if not group.main:
-            return
-        checkpoint.save({
-            "model": reported.state_dict(), **({"train_model": model.state_dict()} if ema is not None else {}),
-            "model_spec": spec, "classes": data.classes,
-            "normalize": {"mean": list(cfg.mean), "std": list(cfg.std)},
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": step // steps_per_epoch, "step": step, "best_val_acc": best_val, "partial_epoch": partial,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else []},
-            "config": cfg.to_dict(), "versions": {"cnnlab": cnnlab.__version__, "torch": str(torch.__version__)},
-        }, run_dir / "checkpoints" / name)
-
-    log = RunLog(run_dir, total_steps, start_step=step, epochs=cfg.epochs) if group.main else None
-    if step == 0:
+    log = RunLog(run_dir, t.total_steps, start_step=p.step, epochs=cfg.epochs) if group.main else None
+    if p.step == 0:
         if log is not None:
             log.hyperparameters(cfg.to_dict())
-        save("last.pt")  # so that even a run that fails in its first epoch can be resumed or inspected
+        t.save(p, "last.pt")  # so that even a run that fails in its first epoch can be resumed or inspected
+    stop_at = p.step + stop_after if stop_after else None
     last: dict[str, Any] = {}
-    stop_at = step + stop_after if stop_after else None
-    stopping = False
-    model.train()
+    t.model.train()
     try:
-        for epoch in range(step // steps_per_epoch, cfg.epochs):
-            start = step - epoch * steps_per_epoch
-            pending: list[tuple[torch.Tensor, torch.Tensor, int, float]] = []
-            tick = time.perf_counter()
-            for i, (x, y, n_global) in enumerate(batches.epoch(epoch, start), start=start):
-                if graphs:
-                    torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are done with
-                with autocast:
-                    logits = forward(x)
-                    loss_sum = criterion(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                (loss_sum * (group.world / n_global)).backward()
-                optimizer.step()
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                step += 1
-                if ema is not None:
-                    ema.update(step)
-                pending.append((loss_sum.detach(), (logits.argmax(1) == y).sum(), len(y), lr))
-                last_of_epoch = i == steps_per_epoch - 1
-                stopping = stop_at is not None and step >= stop_at
-                mid_checkpoint = not last_of_epoch and (
-                    stopping or cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                if len(pending) == FLUSH_EVERY or last_of_epoch or mid_checkpoint:
-                    bad = _flush(log, epoch + 1, step, pending, partial, time.perf_counter() - tick, group)
-                    if bad is not None:
-                        raise UserError(
-                            f"training diverged: the loss became {bad[1]} at step {bad[0]} (epoch {epoch + 1}); "
-                            f"the learning rate ({bad[2]:g}) is most likely too high for this model and batch size, "
-                            f"try a lower --lr; the last good checkpoint (step {saved_step}) is "
-                            f"{run_dir / 'checkpoints' / 'last.pt'}")
-                    pending, tick = [], time.perf_counter()
-                if mid_checkpoint:
-                    save("last.pt")
-                if stopping and not last_of_epoch:
-                    break
-            if stopping and not last_of_epoch:
-                break
-
-            record = {"epoch": epoch + 1, "step": step, "lr": lr,  # the rate its last step used
-                      "train_loss": partial["loss_sum"] / max(partial["seen"], 1),
-                      "train_acc": partial["correct"] / max(partial["seen"], 1),
-                      "seconds": partial["seconds"], "images_per_s": partial["seen"] / max(partial["seconds"], 1e-9)}
-            scored = {"val": val, "test": test} if len(val[1]) else {"test": test}
-            for name, (vx, vy) in scored.items():
-                vx, vy = distributed.shard(vx, group), distributed.shard(vy, group)
-                s = score(evaluator, vx, vy, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std,
-                          batch_size=max(cfg.batch_size, 256), amp=amp, channels_last=channels_last, tta=cfg.tta)
-                totals = distributed.all_sum(torch.tensor(
-                    [s.loss * len(vy), (s.predictions == s.labels).sum().item(), len(vy)], dtype=torch.float64,
-                    device=dev), group).tolist()
-                record[f"{name}_loss"], record[f"{name}_acc"] = totals[0] / max(totals[2], 1), totals[1] / max(totals[2], 1)
+        for epoch in range(p.step // t.steps_per_epoch, cfg.epochs):
+            lr = _run_epoch(t, p, log, epoch, stop_at)
+            if p.step < (epoch + 1) * t.steps_per_epoch:
+                break  # stopped mid-epoch by --stop-after, with a checkpoint
+            record = t.evaluate(p.sums.record(epoch + 1, p.step, lr))
             if log is not None:
-                log.filters(reported, step)
-                log.predictions(vx, vy, s.predictions, data.classes, step)  # the (rank 0 shard of the) test set
+                log.filters(t.reported, p.step)
+                log.predictions(*t.last_scored[:2], t.last_scored[2], setup.data.classes, p.step)
                 log.epoch(record)
-            partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
-            improved = "val_acc" in record and (best_val is None or record["val_acc"] > best_val)
+            p.sums, last = EpochSums(), record
+            improved = "val_acc" in record and (p.best_val is None or record["val_acc"] > p.best_val)
             if improved:
-                best_val = record["val_acc"]
-            save("last.pt")
+                p.best_val = record["val_acc"]
+            t.save(p, "last.pt")
             if improved:
-                save("best.pt")
-            last = record
-            if stopping:
+                t.save(p, "best.pt")
+            if stop_at is not None and p.step >= stop_at:
                 break
     finally:
         if log is not None:
             log.close()
-    return Result(run_dir, last, best_val, step)
+    return Result(run_dir, last, p.best_val, p.step)
 
 
-def _flush(log: RunLog | None, epoch: int, step: int, pending: list, partial: dict[str, Any],
-           seconds: float, group: distributed.Group) -> tuple[int, float, float] | None:
+def _run_epoch(t: Trainer, p: Progress, log: RunLog | None, epoch: int, stop_at: int | None) -> float:
+    """The steps of ``epoch`` from where ``p`` stands, logged a window at a time; returns the last step's
+    learning rate. Returns early, after a checkpoint, when ``stop_at`` is reached mid-epoch."""
+    cfg = t.setup.cfg
+    first = p.step - epoch * t.steps_per_epoch
+    pending: list[StepStats] = []
+    tick, lr = time.perf_counter(), float("nan")
+    for i, (x, y, n_global) in enumerate(t.batches.epoch(epoch, first), start=first):
+        stats = t.step(x, y, n_global, p.step + 1)
+        p.step, lr = p.step + 1, stats.lr
+        pending.append(stats)
+        end_of_epoch = i == t.steps_per_epoch - 1
+        stopping = stop_at is not None and p.step >= stop_at and not end_of_epoch
+        mid_checkpoint = not end_of_epoch and (stopping or cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0)
+        if len(pending) == FLUSH_EVERY or end_of_epoch or mid_checkpoint:
+            _flush(log, epoch + 1, p, pending, time.perf_counter() - tick, t)
+            pending, tick = [], time.perf_counter()
+        if mid_checkpoint:
+            t.save(p, "last.pt")
+        if stopping:
+            break
+    return lr
+
+
+def _flush(log: RunLog | None, epoch: int, p: Progress, pending: list[StepStats], seconds: float, t: Trainer) -> None:
     """Read a window of per-step numbers back from the device in one go (summed over ranks) and log them.
 
-    Returns (step, loss, lr) of the first step whose loss is not finite, after logging the steps before it.
+    Stops training with a message at the first step whose loss is not finite, after logging the steps before it.
     """
-    device = pending[0][0].device
-    sums = torch.stack([torch.stack([p[0] for p in pending]).double(), torch.stack([p[1] for p in pending]).double(),
-                        torch.tensor([float(p[2]) for p in pending], dtype=torch.float64, device=device)])
-    loss_sums, correct, sizes = distributed.all_sum(sums, group).tolist()
+    device = pending[0].loss_sum.device
+    sums = torch.stack([torch.stack([s.loss_sum for s in pending]).double(),
+                        torch.stack([s.correct for s in pending]).double(),
+                        torch.tensor([float(s.size) for s in pending], dtype=torch.float64, device=device)])
+    loss_sums, correct, sizes = distributed.all_sum(sums, t.setup.group).tolist()
     losses = [l / n for l, n in zip(loss_sums, sizes)]
-    first = step - len(pending) + 1
-    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
-    if bad is not None:
-        if bad:
-            _log_steps(log, epoch, first, losses[:bad], correct[:bad], sizes[:bad], pending[:bad], partial,
-                       seconds * bad / len(pending))
-        return first + bad, losses[bad], pending[bad][3]
-    _log_steps(log, epoch, first, losses, correct, sizes, pending, partial, seconds)
-    return None
-
-
-def _log_steps(log: RunLog | None, epoch: int, first: int, losses: list[float], correct: list[float],
-               sizes: list[float], pending: list, partial: dict[str, Any], seconds: float) -> None:
-    partial["loss_sum"] += sum(l * n for l, n in zip(losses, sizes))
-    partial["correct"] += int(sum(correct))
-    partial["seen"] += int(sum(sizes))
-    partial["seconds"] += seconds
-    if log is not None:
-        log.steps(epoch, first, losses, [c / n for c, n in zip(correct, sizes)], [p[3] for p in pending],
-                  sum(sizes) / max(seconds, 1e-9))
+    first = p.step - len(pending) + 1
+    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
+    good = slice(0, bad)
+    if bad:
+        p.sums.loss_sum += sum(l * n for l, n in zip(losses[good], sizes[good]))
+        p.sums.correct += int(sum(correct[good]))
+        p.sums.seen += int(sum(sizes[good]))
+        p.sums.seconds += seconds * bad / len(pending)
+        if log is not None:
+            log.steps(epoch, first, losses[good], [c / n for c, n in zip(correct[good], sizes[good])],
+                      [s.lr for s in pending[good]], sum(sizes[good]) / max(seconds * bad / len(pending), 1e-9))
+    if bad < len(losses):
+        raise UserError(
+            f"training diverged: the loss became {losses[bad]} at step {first + bad} (epoch {epoch}); "
+            f"the learning rate ({pending[bad].lr:g}) is most likely too high for this model and batch size, "
+            f"try a lower --lr; the last good checkpoint (step {p.saved_step}) is "
+            f"{t.setup.run_dir / 'checkpoints' / 'last.pt'}")
 
 
 def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -325,6 +394,16 @@ def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: 
                                 pct_start=max(0.25, 1.5 / total_steps), anneal_strategy="linear",
                                 cycle_momentum=False)
     return sched.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def new_run_dir(prefix: str, parent: str | Path = "runs") -> Path:
+    """``runs/PREFIX-YYYYmmdd-HHMMSS``, with a counter added when two runs start in the same second."""
+    stem = Path(parent) / f"{prefix}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, n = stem, 1
+    while path.exists():
+        n += 1
+        path = stem.with_name(f"{stem.name}-{n}")
+    return path
 
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
@@ -350,13 +429,14 @@ def _resume_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def _check_same_run(state: dict[str, Any], spec: dict[str, Any], data: Splits) -> None:
-    if state["model_spec"] != spec or list(state["classes"]) != data.classes:
+def _check_same_run(ckpt: checkpoint.Checkpoint, setup: Setup) -> None:
+    if (ckpt.spec, ckpt.preprocess, ckpt.classes) != (setup.spec, setup.preprocess, setup.data.classes):
         raise UserError("the checkpoint's model or classes differ from what its configuration now builds "
                         "(was the dataset changed?); start a new run instead of resuming")
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig, dev: torch.device, data: Splits, group: distributed.Group) -> None:
+def _write_config(setup: Setup) -> None:
+    cfg, dev, data, group = setup.cfg, setup.device, setup.data, setup.group
     info = {
         "config": cfg.to_dict(),
         "cnnlab": cnnlab.__version__, "torch": str(torch.__version__),
@@ -368,6 +448,4 @@ def _write_config(run_dir: Path, cfg: TrainConfig, dev: torch.device, data: Spli
                  "test": len(data.test_y), "stored_size": list(data.train_x.shape[1:]),
                  "skipped_images": data.skipped},
     }
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(run_dir / "config.json")
+    atomic_write(setup.run_dir / "config.json", json.dumps(info, indent=2))

@@ -11,7 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 
 
 class RunLock:

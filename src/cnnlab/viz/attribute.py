@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 from cnnlab.viz.cam import Target, predicted
 from cnnlab.viz.layers import resolve
 

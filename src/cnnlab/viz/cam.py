@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 from cnnlab.viz.layers import forward_until, recording, require_feature_maps, resolve
 
 __all__ = ["CAMS", "cam", "grad_cam", "grad_cam_pp", "layer_cam", "predicted", "score_cam"]

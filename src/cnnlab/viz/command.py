@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 from cnnlab.run import LoadedRun
 from cnnlab.viz.inputs import Batch, from_files, from_test_set, parse_target
 
@@ -47,32 +47,21 @@ class Job:
 
     @property
     def size(self) -> int:
-        return int(self.run.spec["image_size"])
+        return self.run.preprocess.size
 
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The uint8 test images and labels the run reported on (loaded once)."""
-        if self._test is None:
-            from cnnlab import run
-            from cnnlab.data import load_dataset
-            from cnnlab.data.splits import reported_test_set
-
-            spec = self.run.config.get("dataset")
-            if not spec:
-                raise UserError(f"{self.run.path} does not say which dataset it was trained on; use --image PATH")
-            data = load_dataset(spec, data_dir=self.data_dir or self.run.config.get("data_dir"))
-            run.check_classes(self.run, data.classes, spec)
-            self._test = reported_test_set(data, self.run.config.get("limit_test"))
-        return self._test
+        return self.run.test_set(data_dir=self.data_dir)
 
     def batch(self, default_count: int = 1) -> Batch:
         """The images asked for: ``--image`` files, else ``--index`` test images, else the first ``--count``."""
-        r = self.run
+        pre = self.run.preprocess
         if self.images:
-            batch = from_files(self.images, self.size, r.mean, r.std, int(r.spec.get("in_channels", 3)))
+            batch = from_files(self.images, pre)
         else:
             indices = self.indices or list(range(self.count or default_count))
             x, y = self.test_set()
-            batch = from_test_set(x, y, indices, self.size, r.mean, r.std)
+            batch = from_test_set(x, y, indices, pre)
         batch.x = batch.x.to(self.device)
         return batch
 
@@ -101,7 +90,7 @@ def visualize(method: str, path: str | Path, *, image: str | Sequence[str] | Non
     TensorBoard as images tagged ``viz/<method>/<name>``.
     """
     from cnnlab import run as runs
-    from cnnlab.train.device import pick_device
+    from cnnlab.core.device import pick_device
     from cnnlab.viz.figures import FIGURES
     from cnnlab.viz.layers import layer_path
     from cnnlab.viz.render import to_tensorboard

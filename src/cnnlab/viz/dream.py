@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlab.viz.inputs import stats
+from cnnlab.core.spec import Preprocess
 from cnnlab.viz.layers import forward_until, recording
 
 __all__ = ["dream"]
@@ -24,7 +24,7 @@ def dream(model: nn.Module, x: Tensor, layer: str, mean: Sequence[float], std: S
           steps: int = 20, step_size: float = 0.02, octaves: int = 3, octave_scale: float = 1.4,
           jitter: int | None = None, seed: int = 0) -> Tensor:
     """The batch ``x`` (network inputs) dreamed at ``layer``; returns network inputs of the same shape."""
-    m, s = stats(mean, std, x.shape[1], x.device)
+    m, s = Preprocess(1, x.shape[1], mean, std).stats(x.device)
     base = (x * s + m).clamp(0, 1)
     side = x.shape[-1]
     sizes = [max(8, round(side / octave_scale ** k)) for k in range(octaves - 1, -1, -1)]

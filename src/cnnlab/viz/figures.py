@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 from cnnlab.viz import render
 from cnnlab.viz.command import Job
-from cnnlab.viz.inputs import Batch, to_pixels
+from cnnlab.viz.inputs import Batch
 from cnnlab.viz.layers import require_feature_maps
 from cnnlab.viz.render import HEAT, SIGNED, Panel, image, minmax, save_grid, save_panels
 
@@ -24,7 +24,7 @@ STAGES = ("conv1", "conv2_x", "conv3_x", "conv4_x", "conv5_x")
 
 
 def _pixels(job: Job, x: torch.Tensor) -> list[np.ndarray]:
-    return [image(p) for p in to_pixels(x, job.run.mean, job.run.std)]
+    return [image(p) for p in job.run.preprocess.to_pixels(x)]
 
 
 def _captions(job: Job, batch: Batch, targets: torch.Tensor | None = None) -> list[str]:
@@ -155,7 +155,6 @@ def attribute(job: Job) -> list:
 
 
 def top_images(job: Job) -> list:
-    from cnnlab.data.transforms import to_input
     from cnnlab.viz.cam import upsample
     from cnnlab.viz.top_images import top_images as find
 
@@ -163,8 +162,8 @@ def top_images(job: Job) -> list:
     images, _ = job.test_set()
     written = []
     for ch in job.channels or [0]:
-        top = find(job.model, images, layer, ch, job.size, job.run.mean, job.run.std, job.count or 9)
-        x = to_input(images[top.indices], job.size, job.run.mean, job.run.std)
+        top = find(job.model, images, layer, ch, job.size, job.run.preprocess.mean, job.run.preprocess.std, job.count or 9)
+        x = job.run.preprocess.to_input(images[top.indices])
         pixels = _pixels(job, x)
         heat = upsample(top.maps[:, None].float(), x)[:, 0]
         first = [Panel(p, f"#{int(i)}  max {float(s):.2f}", box=b)
@@ -205,7 +204,7 @@ def invert(job: Job) -> list:
     pixels = _pixels(job, batch.x)
     columns = {}
     for layer in layers:
-        x = reconstruct(job.model, batch.x, layer, r.mean, r.std, steps=300 if job.steps is None else job.steps)
+        x = reconstruct(job.model, batch.x, layer, r.preprocess.mean, r.preprocess.std, steps=300 if job.steps is None else job.steps)
         columns[layer] = (_pixels(job, x), feature_distance(job.model, x, batch.x, layer).tolist())
     rows = [[Panel(pixels[i], f"{name} (original)")] +
             [Panel(columns[l][0][i], f"from {l}\nrel. dist {columns[l][1][i]:.2f}") for l in layers]
@@ -219,7 +218,7 @@ def maximize(job: Job) -> list:
     from cnnlab.viz.maximize import maximize as run_max
 
     r, steps = job.run, 256 if job.steps is None else job.steps
-    common = dict(image_size=job.size, mean=r.mean, std=r.std, steps=steps, in_channels=int(r.spec.get("in_channels", 3)))
+    common = dict(image_size=job.size, mean=r.preprocess.mean, std=r.preprocess.std, steps=steps, in_channels=r.spec.in_channels)
     if job.targets or job.layers == ["fc"]:
         classes = job.targets or list(range(len(r.classes)))
         x = run_max(job.model, classes=classes, **common)
@@ -250,7 +249,7 @@ def dream(job: Job) -> list:
     layer = job.layers[0] if job.layers else "conv4_x"
     batch = job.batch()
     r = job.run
-    x = run_dream(job.model, batch.x, layer, r.mean, r.std, steps=20 if job.steps is None else job.steps)
+    x = run_dream(job.model, batch.x, layer, r.preprocess.mean, r.preprocess.std, steps=20 if job.steps is None else job.steps)
     rows = [[Panel(a, f"{name}"), Panel(b, f"dreamed at {layer}")]
             for name, a, b in zip(batch.names, _pixels(job, batch.x), _pixels(job, x))]
     return [save_panels(job.out_dir / f"{layer.replace('.', '-')}_{job.tag(batch)}.png", rows, title="DeepDream")]

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from cnnlab.viz.inputs import stats
+from cnnlab.core.spec import Preprocess
 from cnnlab.viz.layers import forward_until, recording
 
 __all__ = ["feature_distance", "invert", "total_variation"]
@@ -50,7 +50,7 @@ def invert(model: nn.Module, x0: Tensor, layer: str, mean: Sequence[float], std:
 
     Returns network inputs (same normalisation as ``x0``) whose representation matches ``x0``'s.
     """
-    m, s = stats(mean, std, x0.shape[1], x0.device)
+    m, s = Preprocess(1, x0.shape[1], mean, std).stats(x0.device)
     with torch.no_grad():
         target = _represent(model, x0, layer).detach()
     norm = target.flatten(1).pow(2).sum(1).clamp_min(1e-12)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from cnnlab.errors import UserError
+from cnnlab.core.errors import UserError
 from cnnlab.models import TABLE1_LAYERS
 
 __all__ = ["capture", "first_conv", "forward_until", "layer_path", "recording", "resolve", "valid_names"]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlab.viz.inputs import stats
+from cnnlab.core.spec import Preprocess
 from cnnlab.viz.layers import forward_until, recording, require_channel
 
 __all__ = ["FourierImage", "maximize", "objective", "random_transform"]
@@ -109,7 +109,7 @@ def maximize(model: nn.Module, image_size: int, mean: Sequence[float], std: Sequ
     device = next(model.parameters()).device
     picks = torch.tensor(list(classes if classes is not None else channels), device=device)
     param = FourierImage(len(picks), in_channels, image_size, decay=decay, seed=seed).to(device)
-    m, s = stats(mean, std, in_channels, device)
+    m, s = Preprocess(1, in_channels, mean, std).stats(device)
     opt = torch.optim.Adam(param.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     jitter = max(1, image_size // 28)

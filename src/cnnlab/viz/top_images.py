@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cnnlab.data.transforms import to_input
+from cnnlab.core.transforms import to_input
 from cnnlab.viz.layers import forward_until, recording, require_channel, require_feature_maps
 
 __all__ = ["TopImages", "channel_scores", "excited_regions", "top_images"]

@@ -5,8 +5,12 @@ every other exception is a bug in cnnlab and keeps its traceback.
 """
 
 
-class UserError(Exception):
-    """A bad input: the message says what is wrong and how to fix it, in one line."""
+class UserError(ValueError):
+    """A bad input: the message says what is wrong and how to fix it, in one line.
+
+    A ``ValueError``, so that library callers can catch it as the bad value it is; messages name
+    parameters as the command line spells them when the command line is the likely caller.
+    """
 
 
 def one_line(message: str) -> str:
