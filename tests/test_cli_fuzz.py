@@ -63,8 +63,8 @@ def setup_only():
     """engine.train runs its whole set-up, then returns before the first step."""
     original = engine._start
 
-    def start(cfg, dev, data, model, spec, run_dir, *rest):
-        return Result(run_dir, {"epoch": 0, "step": 0}, None)
+    def start(setup, *rest):
+        return Result(setup.run_dir, {"epoch": 0, "step": 0}, None)
 
     engine._start = start
     try:

@@ -27,8 +27,8 @@ def test_demo_trains_evaluates_and_says_where(one_epoch, tmp_path, capsys):
     assert f"tensorboard --logdir {out / 'tb'}" in printed
 
     run = load(out)
-    assert run.spec == {"name": "resnet18-cifar", "num_classes": 10, "width": 16, "image_size": 32,
-                        "in_channels": 3}
+    assert run.spec.to_dict() == {"name": "resnet18-cifar", "num_classes": 10, "width": 16, "in_channels": 3}
+    assert run.preprocess.size == 32
     assert run.classes[:3] == ["airplane", "automobile", "bird"]
     epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1]

@@ -96,7 +96,7 @@ def _onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -> 
         warnings.simplefilter("ignore")  # exporter chatter about opset versions and deprecations
         program = torch.onnx.export(model, (example,), None, dynamo=True, input_names=[INPUT],
                                     output_names=[OUTPUT], verbose=False,
-                                    dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
     proto = program.model_proto
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
