@@ -30,7 +30,7 @@ from cnnlab.evaluate import score
 from cnnlab.models import build
 from cnnlab.run import new_run_dir
 from cnnlab.train import checkpoint, distributed
-from cnnlab.train.device import compiled, keep_freed_memory, on_by_default, pick_device, use_channels_last
+from cnnlab.train.device import amp_choice, compiled, keep_freed_memory, pick_device, use_amp, use_channels_last
 from cnnlab.train.ema import WeightAverage
 from cnnlab.train.lock import RunLock
 from cnnlab.train.logging import RunLog
@@ -134,7 +134,7 @@ def _start(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, 
 
 def _fit(cfg: TrainConfig, dev: torch.device, data: Splits, model: nn.Module, spec: dict[str, Any],
          run_dir: Path, state: dict[str, Any] | None, group: distributed.Group, stop_after: int | None) -> Result:
-    amp = on_by_default(cfg.amp, dev)
+    amp = use_amp(cfg.amp, dev)
     channels_last = use_channels_last(cfg.channels_last, dev)
     model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     batches = TrainBatches(data.train_x.to(dev), data.train_y.to(dev), cfg.batch_size, cfg.image_size,
@@ -361,7 +361,7 @@ def _write_config(run_dir: Path, cfg: TrainConfig, dev: torch.device, data: Spli
         "config": cfg.to_dict(),
         "cnnlab": cnnlab.__version__, "torch": str(torch.__version__),
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "amp": amp_choice(cfg.amp, dev),
         "world_size": group.world, "global_batch": cfg.batch_size,
         "per_rank_batch": -(-cfg.batch_size // group.world),  # the global batch, split as evenly as possible
         "data": {"classes": data.classes, "train": len(data.train_y), "val": len(data.val_y),
