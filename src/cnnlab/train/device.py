@@ -102,6 +102,8 @@ def amp_choice(setting: bool | str | None, device: torch.device) -> dict[str, An
     cpu = cpu_bf16()
     native = "runs bf16 natively" if cpu["bf16_native"] else "has no native bf16"
     about = f"this CPU ({cpu['model']}, torch capability {cpu['capability']}) {native}"
+    if "set_by" in cpu:
+        about += f" (as {cpu['set_by']} says)"
     if setting == "force":
         return {"asked": asked, "used": "bf16", "why": f"forced; {about}", "cpu": cpu}
     if cpu["bf16_native"]:
