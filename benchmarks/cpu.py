@@ -16,6 +16,11 @@ first and last, so a change in background load shows up instead of skewing one s
     python -m benchmarks.cpu            # about 10 minutes on 2 cores
     python -m benchmarks.cpu --quick    # about 2 minutes: fewer rounds, batches and variants
 
+On a CPU without native bf16 (no ``avx512_bf16``/``amx_bf16``, or torch's kernels capped below
+AVX-512) the bf16 rows are left out unless named with ``--variants``: torch emulates bf16 there, many
+times slower than fp32 (one warm-up step of such a row took 245 s on an AVX2-only AMD EPYC). The JSON
+and the table say which CPU, torch kernel capability and bf16 support the figures are for.
+
 Prints a table and writes ``benchmarks/results/cpu-YYYYMMDD.json``.
 """
 
@@ -35,7 +40,7 @@ import torch
 
 from benchmarks import isolate, pipeline, report, training
 from benchmarks.training import Variant
-from cnnlab.train.device import keep_freed_memory
+from cnnlab.train.device import cpu_bf16, keep_freed_memory
 
 DEFAULT_DATASET = os.environ.get("CNNLAB_CIFAR10_JPEG",
                                  str(isolate.REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"))
@@ -157,6 +162,13 @@ def _child_rows() -> dict:
 
 # --- the whole benchmark --------------------------------------------------------------------------
 
+def without_emulated_bf16(variants: tuple[str, ...], bf16_native: bool) -> tuple[tuple[str, ...], list[str]]:
+    """(the rows to run, the bf16 rows left out): all of them on a CPU that runs bf16 natively."""
+    if bf16_native:
+        return variants, []
+    return tuple(v for v in variants if not VARIANTS[v].bf16), [v for v in variants if VARIANTS[v].bf16]
+
+
 def schedule(names: tuple[str, ...], rounds: int) -> list[str]:
     """Rows in rounds of alternating order (A B C, C B A, …) so that drifting load hits all of them."""
     order: list[str] = []
@@ -193,6 +205,7 @@ def add_speedups(rows: list[dict[str, Any]], key: str, baseline: str) -> None:
 def run(settings: Settings, fresh_process: bool = True, progress=print) -> dict[str, Any]:
     """Every row of ``settings``; returns the JSON document (machine, settings, both tables)."""
     machine = report.machine_info()
+    cpu = cpu_bf16()
     sections = {}
     plans = {
         "pipeline": (schedule(settings.pipelines, settings.pipeline_rounds), "batches_per_s", BASELINE),
@@ -214,6 +227,7 @@ def run(settings: Settings, fresh_process: bool = True, progress=print) -> dict[
         "benchmark": "cpu",
         "dataset": "CIFAR-10 (JPEG copy)" if settings.dataset.startswith("folder:") else settings.dataset,
         "machine": machine,
+        "cpu_bf16": cpu,  # torch's kernel capability and whether bf16 is native: what the bf16 rows mean
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "settings": dataclasses.asdict(settings),
         "command": report.command_line(),
@@ -236,6 +250,15 @@ def tables(document: dict[str, Any]) -> str:
     m = document["machine"]
     head = (f"{document['dataset']}, {m['date']}, {m['cpu']} ({m['cores']} cores), torch {m['torch']}, "
             f"load average {m['load_average'][0]} before / {document['load_average_after'][0]} after")
+    cpu = document.get("cpu_bf16")
+    if cpu:
+        head += (f"\ntorch CPU kernels {cpu['capability']}, bf16 "
+                 + ("native" if cpu["bf16_native"] else "not native (emulated: bf16 rows are many times slower)")
+                 + (f" ({', '.join(cpu['bf16_flags'])})" if cpu["bf16_flags"] else "")
+                 + (f", set by {cpu['set_by']}" if cpu.get("set_by") else ""))
+    if document.get("skipped_bf16"):
+        head += ("\nleft out (no native bf16; name them with --variants to run them): "
+                 + ", ".join(document["skipped_bf16"]))
     body = [report.format_table([{**r, "name": r["name"] + (" (failed)" if "error" in r else "")}
                                  for r in document[s]], COLUMNS[s]) for s in COLUMNS if s in document]
     return "\n\n".join([head, *body])
@@ -257,7 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         changes["variants"] = tuple(dict.fromkeys([BASELINE, *args.variants]))
     settings = Settings.quick(**changes) if args.quick else Settings(**changes)
+    skipped: list[str] = []
+    if not args.variants:  # rows named on the command line run whatever the CPU
+        variants, skipped = without_emulated_bf16(settings.variants, cpu_bf16()["bf16_native"])
+        settings = dataclasses.replace(settings, variants=variants)
+    if skipped:
+        print(f"note: this CPU has no native bf16, so {', '.join(skipped)} are left out "
+              "(name them with --variants to run them anyway)", file=sys.stderr)
     document = run(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    document["skipped_bf16"] = skipped
     document["mode"] = "quick" if args.quick else "full"
     print(tables(document))
     suffix = "-quick" if args.quick else ""

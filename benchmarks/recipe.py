@@ -6,8 +6,11 @@ with and without test-time flip augmentation, from its final weights (the weight
 variant keeps one). Wall time is the training call's. Each variant runs in a fresh process, so its
 peak host memory (and peak GPU memory, on a GPU) is its own.
 
-    python -m benchmarks.recipe                     # CPU scale (width 16, 10 epochs, bf16): ~25 min on 2 cores
+    python -m benchmarks.recipe                     # CPU scale (width 16, 10 epochs): ~25 min on 2 cores
     python -m benchmarks.recipe --width 64 --epochs 18 --device cuda   # the recipe's own scale, on a GPU
+
+bf16 autocast is on by default where bf16 is native (CUDA, or a CPU with bf16 instructions) and off
+elsewhere; ``--amp``/``--no-amp`` choose, and each row records what its run trained in.
 
 Prints a table and writes ``benchmarks/results/recipe-{cpu,cuda}-YYYYMMDD.json``.
 """
@@ -15,6 +18,7 @@ Prints a table and writes ``benchmarks/results/recipe-{cpu,cuda}-YYYYMMDD.json``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -25,6 +29,8 @@ from typing import Any
 import torch
 
 from benchmarks import isolate, report
+from cnnlab.core.device import pick_device
+from cnnlab.train.device import amp_choice
 
 # Row → changes to the fast recipe (the recipe itself is the first row, whatever it currently is).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -54,10 +60,11 @@ def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: 
     start = time.perf_counter()
     train(cfg)
     seconds = time.perf_counter() - start
+    amp = json.loads((out / "config.json").read_text())["amp"]
     run = load(out / "checkpoints" / "last.pt", cfg.device if cfg.device != "auto" else "cpu")
     data = split(load_dataset(cfg.dataset), cfg.limit_train, cfg.limit_test, cfg.val_split)
     device = next(run.model.parameters()).device
-    row: dict[str, Any] = {"name": name, "changes": changes, "train_s": seconds, **_gpu_peak(device),
+    row: dict[str, Any] = {"name": name, "changes": changes, "train_s": seconds, "amp": amp, **_gpu_peak(device),
                            "settings": {k: getattr(cfg, k) for k in ("label_smoothing", "nesterov", "ema", "lr",
                                                                      "epochs", "batch_size", "width")}}
     for split_name, (x, y) in {"val": (data.val_x, data.val_y), "test": (data.test_x, data.test_y)}.items():
@@ -93,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--limit-train", type=int)
     parser.add_argument("--seed", type=int, default=0, help="the seed of every variant (initial weights, batch order)")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                        help="bf16 autocast (default: where bf16 is native, i.e. CUDA or a CPU with bf16 instructions)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT))
     parser.add_argument("--out", type=Path, help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "runs" / "recipe",
@@ -105,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     archive = os.environ.get("CNNLAB_CIFAR10_JPEG")
     dataset = args.dataset or (f"folder:{Path(archive).resolve()}" if archive else "sample")
+    if args.amp is None:  # the trainer's check for --amp: emulated bf16 would make a CPU run many times slower
+        args.amp = amp_choice(True, pick_device(args.device))["used"] == "bf16"
     base = {"dataset": dataset, "device": args.device, "width": args.width, "epochs": args.epochs,
             "limit_train": args.limit_train, "amp": args.amp, "seed": args.seed}
     runs = args.runs

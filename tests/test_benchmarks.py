@@ -33,15 +33,36 @@ def test_cpu_benchmark_document(tmp_path):
     assert loaded["pipeline"][0]["speedup"] == 1 and len(loaded["pipeline"][0]["runs"]) == 2
     assert all(r["images_per_s"] > 0 for r in loaded["training"])
     assert "× assignment" in cpu.tables(loaded)
+    # Which CPU the bf16 rows were measured on, in the JSON and above the table.
+    assert loaded["cpu_bf16"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert loaded["cpu_bf16"]["model"] == loaded["machine"]["cpu"]
+    native = "bf16 native" if loaded["cpu_bf16"]["bf16_native"] else "bf16 not native"
+    assert f"torch CPU kernels {loaded['cpu_bf16']['capability']}, {native}" in cpu.tables(loaded)
+
+
+def test_bf16_rows_are_left_out_where_bf16_is_emulated():
+    rows = ("assignment", "cnnlab", "cnnlab bf16", "cnnlab channels-last bf16", "cnnlab compile")
+    assert cpu.without_emulated_bf16(rows, bf16_native=True) == (rows, [])
+    assert cpu.without_emulated_bf16(rows, bf16_native=False) == (
+        ("assignment", "cnnlab", "cnnlab compile"), ["cnnlab bf16", "cnnlab channels-last bf16"])
+    document = {"dataset": "synthetic", "load_average_after": [0.0],
+                "machine": {"date": "d", "cpu": "c", "cores": 2, "torch": "t", "load_average": [0.0]},
+                "cpu_bf16": {"capability": "AVX2", "bf16_native": False, "bf16_flags": [], "model": "c"},
+                "skipped_bf16": ["cnnlab bf16"]}
+    head = cpu.tables(document)
+    assert "torch CPU kernels AVX2, bf16 not native" in head and "left out" in head and "cnnlab bf16" in head
 
 
 def test_recipe_ablation_document(tmp_path, monkeypatch):
     monkeypatch.delenv("CNNLAB_CIFAR10_JPEG", raising=False)  # the bundled sample, whatever the machine has
+    monkeypatch.setenv("CNNLAB_CPU_BF16", "0")  # as on a CPU without bf16: bf16 is not the default
     assert recipe.main(["--width", "4", "--epochs", "1", "--limit-train", "600", "--variants", "fast recipe",
                         "EMA 0.98", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")]) == 0
     [path] = tmp_path.glob("recipe-cpu-*.json")
     document = json.loads(path.read_text())
     assert document["dataset"] == "sample"
+    assert document["base"]["amp"] is False
+    assert all(row["amp"]["used"] == "fp32" and row["amp"]["asked"] == "off" for row in document["rows"])
     plain, averaged = document["rows"]
     assert plain["settings"]["ema"] == 0.0 and averaged["settings"]["ema"] == 0.98
     assert plain["settings"]["width"] == 4 and plain["n_val"] == 60 and plain["n_test"] == 1000

@@ -62,7 +62,11 @@ def build_parser() -> Parser:
     p.add_argument("--download", action="store_true", help="download CIFAR-10 if it is not in --data-dir")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave out images that cannot be decoded (they are counted and listed) instead of stopping")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on CUDA)")
+    # A value only for "force"; any other value is refused by the configuration's check, in one line.
+    p.add_argument("--amp", nargs="?", const=True, metavar="force",
+                   help="bf16 autocast where bf16 is native: CUDA, or a CPU with bf16 instructions (elsewhere a "
+                        "note, and fp32); --amp force: bf16 even on a CPU without (default: on CUDA)")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="fp32")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,

@@ -58,7 +58,9 @@ class TrainConfig:
     tta: bool = False  # score with test-time flip augmentation
     # execution
     device: str = "auto"
-    amp: bool | None = None  # None: bf16 autocast on CUDA only
+    # bf16 autocast. None: on CUDA only; True: where bf16 is native (CUDA, CPUs with bf16 instructions);
+    # "force": also on CPUs that would emulate it (cnnlab.train.device.amp_choice)
+    amp: bool | str | None = None
     channels_last: bool | None = None  # None: on CUDA only
     compile: bool = False
     cuda_graphs: bool = False  # compiled steps replayed as CUDA graphs (implies compile; CUDA only)
@@ -139,6 +141,10 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
             raise UserError(f"{name} must be a list of numbers, got {value!r}")
         return tuple(float(v) for v in value)
+    if name == "amp":
+        if value is None or isinstance(value, bool) or value == "force":
+            return value
+        raise UserError(f"amp must be true, false or \"force\" (--amp, --no-amp or --amp force), got {value!r}")
     if value is None:
         if "None" in kind:
             return None

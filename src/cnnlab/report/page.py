@@ -107,7 +107,11 @@ def _summary(c: Contents) -> str:
     shown = ", ".join(classes[:20]) + (f" … ({len(classes)} in all)" if len(classes) > 20 else "")
     seconds = sum(float(r.get("seconds") or 0) for r in c.epochs)
     rates = [float(r["images_per_s"]) for r in c.epochs if r.get("images_per_s")]
-    amp = cfg.get("amp")
+    amp, decided = cfg.get("amp"), info.get("amp")
+    if isinstance(decided, dict):  # runs since the CPU bf16 check say what they trained in, and why
+        precision = f"{'bf16 autocast' if decided.get('used') == 'bf16' else 'fp32'} ({decided.get('why', '?')})"
+    else:
+        precision = f"bf16 autocast {'on' if amp else 'off' if amp is False else 'auto (on for CUDA)'}"
     rows = [
         ("model", f"{e(cfg.get('model', '?'))}, width {e(cfg.get('width', '?'))}, "
                   f"{e(cfg.get('image_size', '?'))}×{e(cfg.get('image_size', '?'))} px input"),
@@ -124,7 +128,7 @@ def _summary(c: Contents) -> str:
                      f"{c.last.get('step', '?')} steps")),
         ("device", e(f"{info.get('device', cfg.get('device', '?'))} ({info.get('device_name', '?')}), "
                      f"{info.get('threads', '?')} CPU threads, {info.get('world_size', 1)} process(es), "
-                     f"bf16 autocast {'on' if amp else 'off' if amp is False else 'auto (on for CUDA)'}")),
+                     f"{precision}")),
         ("training time", e(f"{_duration(seconds)}: the sum of the epochs' training-step time as logged "
                             "(start-up, data decoding, evaluation after each epoch and checkpoint writing not "
                             "included)" + (f"; {sum(rates) / len(rates):.0f} images/s on average" if rates else ""))),

@@ -34,7 +34,7 @@ from cnnlab.data.loader import TrainBatches
 from cnnlab.data.splits import Splits, split
 from cnnlab.models import build
 from cnnlab.train import distributed
-from cnnlab.train.device import compiled, keep_freed_memory, on_by_default, use_channels_last
+from cnnlab.train.device import amp_choice, compiled, keep_freed_memory, use_amp, use_channels_last
 from cnnlab.train.ema import WeightAverage
 from cnnlab.train.lock import RunLock
 from cnnlab.train.logging import RunLog
@@ -194,7 +194,7 @@ class Trainer:
     def __init__(self, setup: Setup) -> None:
         cfg, dev, group = setup.cfg, setup.device, setup.group
         self.setup = setup
-        self.amp = on_by_default(cfg.amp, dev)
+        self.amp = use_amp(cfg.amp, dev)
         self.channels_last = use_channels_last(cfg.channels_last, dev)
         self.model = setup.model.to(dev, memory_format=torch.channels_last if self.channels_last
                                     else torch.preserve_format)
@@ -441,7 +441,7 @@ def _write_config(setup: Setup) -> None:
         "config": cfg.to_dict(),
         "cnnlab": cnnlab.__version__, "torch": str(torch.__version__),
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "amp": amp_choice(cfg.amp, dev),
         "world_size": group.world, "global_batch": cfg.batch_size,
         "per_rank_batch": -(-cfg.batch_size // group.world),  # the global batch, split as evenly as possible
         "data": {"classes": data.classes, "train": len(data.train_y), "val": len(data.val_y),
