@@ -5,6 +5,7 @@ The detection is forced both ways with CNNLAB_CPU_BF16, so these tests mean the 
 """
 
 import json
+import logging
 
 import pytest
 import torch
@@ -63,13 +64,14 @@ def test_amp_choice(monkeypatch, native):
     assert ("has no native bf16" in on_cpu["why"]) is (native == "0")
 
 
-def test_the_note_is_for_an_asked_for_amp_only(monkeypatch, capsys):
+def test_the_note_is_for_an_asked_for_amp_only(monkeypatch, caplog):
     monkeypatch.setenv(BF16_ENV, "0")
+    caplog.set_level(logging.INFO, logger="cnnlab")
     assert use_amp(None, CPU) is False and use_amp(False, CPU) is False and use_amp("force", CPU) is True
-    assert capsys.readouterr().err == ""
+    assert caplog.messages == []
     assert use_amp(True, CPU) is False
-    err = capsys.readouterr().err
-    assert err.startswith(NOTE) and len(err.strip().splitlines()) == 1 and "--amp force" in err
+    (note,) = caplog.messages
+    assert note.startswith(NOTE) and len(note.splitlines()) == 1 and "--amp force" in note
 
 
 @pytest.fixture

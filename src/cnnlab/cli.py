@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -155,8 +156,27 @@ def build_parser() -> Parser:
     return parser
 
 
+class _Notes(logging.Handler):
+    """The library's notes and warnings (the ``cnnlab`` logger) as one escaped line each on stderr.
+
+    It looks ``sys.stderr`` up at every message, so that a redirected stderr (a test's) is honoured.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(one_line(record.getMessage()), file=sys.stderr)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger("cnnlab")
+    if not any(isinstance(h, _Notes) for h in logger.handlers):
+        logger.addHandler(_Notes(logging.INFO))
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # the command line shows them once, as above
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_notes()
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
@@ -172,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cnnlab {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+# Each command imports what it runs inside its function: torch alone takes seconds to import, and
+# `cnnlab --help` (or a usage mistake) should answer at once.
 
 
 def cmd_train(args: argparse.Namespace) -> int:

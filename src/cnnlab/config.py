@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.core.errors import UserError
+from cnnlab.models import MODELS
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -174,8 +175,6 @@ def _is_number(v: Any) -> bool:
 
 def validate(cfg: TrainConfig) -> None:
     """Refuse values that cannot train, naming the flag and the valid range."""
-    from cnnlab.models import MODELS  # imported here so `cnnlab --help` stays quick
-
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UserError(message)

@@ -168,7 +168,7 @@ def _find_cifar10(data_dir: Path) -> Path | None:
 
 
 def _download_cifar10(data_dir: Path) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive
+    from torchvision.datasets.utils import download_and_extract_archive  # only for --download: saves a second at start
 
     try:
         download_and_extract_archive(CIFAR10_URL, download_root=str(data_dir), md5=CIFAR10_MD5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 import platform
 import sys
@@ -14,6 +15,8 @@ import torch
 import torch.nn as nn
 
 from cnnlab.core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def on_by_default(setting: bool | None, device: torch.device) -> bool:
@@ -105,7 +108,7 @@ def use_amp(setting: bool | str | None, device: torch.device) -> bool:
     """Whether to train with bf16 autocast; says so when ``--amp`` was asked for and is not used."""
     choice = amp_choice(setting, device)
     if setting is True and choice["used"] == "fp32":
-        print(f"note: --amp is ignored, training in fp32: {choice['why']}", file=sys.stderr)
+        log.warning(f"note: --amp is ignored, training in fp32: {choice['why']}")
     return choice["used"] == "bf16"
 
 
@@ -117,7 +120,7 @@ def use_channels_last(setting: bool | None, device: torch.device) -> bool:
     """
     if device.type == "cpu":
         if setting:
-            print("note: --channels-last is ignored on the CPU (it is for GPUs)", file=sys.stderr)
+            log.warning("note: --channels-last is ignored on the CPU (it is for GPUs)")
         return False
     return on_by_default(setting, device)
 
@@ -135,7 +138,7 @@ def compiled(forward: nn.Module, compile: bool, cuda_graphs: bool, device: torch
     if device.type == "cpu":
         # Inductor would switch convolutions to channels-last on the CPU, where torch 2.14's kernels
         # corrupt the heap for models narrower than 16 channels (the bug use_channels_last avoids).
-        import torch._inductor.config
+        import torch._inductor.config  # only with --compile: it takes seconds to import
 
         torch._inductor.config.layout_optimization = False
     return torch.compile(forward, mode=mode)
@@ -144,7 +147,7 @@ def compiled(forward: nn.Module, compile: bool, cuda_graphs: bool, device: torch
 def compile_mode(compile: bool, cuda_graphs: bool, device: torch.device) -> str | None:
     """The ``torch.compile`` mode for the training step, or None to run eagerly."""
     if cuda_graphs and device.type != "cuda":
-        print("note: --cuda-graphs is ignored off CUDA (the step is compiled without them)", file=sys.stderr)
+        log.warning("note: --cuda-graphs is ignored off CUDA (the step is compiled without them)")
         return "default"
     if cuda_graphs:
         return "reduce-overhead"

@@ -9,8 +9,8 @@ weights as one that was never stopped.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -38,6 +38,8 @@ from cnnlab.train.device import amp_choice, compiled, keep_freed_memory, use_amp
 from cnnlab.train.ema import WeightAverage
 from cnnlab.train.lock import RunLock
 from cnnlab.train.logging import RunLog
+
+log = logging.getLogger(__name__)
 
 FLUSH_EVERY = 25  # steps between reading losses back from the device (each read waits for the GPU)
 
@@ -166,7 +168,7 @@ def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path) -> Setup
                            skip_bad_images=cfg.skip_bad_images)
     if dataset.skipped and group.main:
         shown = ", ".join(dataset.skipped[:5]) + (" …" if len(dataset.skipped) > 5 else "")
-        print(f"skipped {len(dataset.skipped)} unreadable image(s): {shown}", file=sys.stderr)
+        log.warning(f"skipped {len(dataset.skipped)} unreadable image(s): {shown}")
     data = split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split)
     in_channels = data.train_x.shape[1]
     spec = ModelSpec(cfg.model, len(data.classes), cfg.width, in_channels)
@@ -289,9 +291,9 @@ def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | Non
     cfg, group, run_dir = setup.cfg, setup.group, setup.run_dir
     t = Trainer(setup)
     if t.batches.dropped and group.main:
-        print(f"the last {t.batches.dropped} training image(s) of each epoch are left out: too few to split "
-              f"over {group.world} ranks (choose a --batch-size that leaves a remainder of 0 or at least "
-              f"{group.world})", file=sys.stderr)
+        log.warning(f"the last {t.batches.dropped} training image(s) of each epoch are left out: too few to split "
+                    f"over {group.world} ranks (choose a --batch-size that leaves a remainder of 0 or at least "
+                    f"{group.world})")
     p = t.restore(ckpt) if ckpt is not None else Progress()
     if p.step >= t.total_steps:
         raise UserError(f"the run in {run_dir} already finished all {cfg.epochs} epochs; nothing to resume")

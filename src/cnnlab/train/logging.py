@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid
@@ -73,10 +74,6 @@ class RunLog:
                     classes: list[str], step: int) -> None:
         """A labelled figure of ``SAMPLE_IMAGES`` images spread evenly over ``images`` (the same ones every
         epoch), tag ``predictions``: predicted class over the true one, green when right, red when wrong."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         total = min(len(images), len(labels), len(preds))
         if total == 0:
             return
@@ -84,7 +81,8 @@ class RunLog:
         n = len(picks)
         cols = min(n, 8)
         rows = -(-n // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), dpi=100, squeeze=False)
+        fig = Figure(figsize=(1.5 * cols, 1.7 * rows), dpi=100)  # not pyplot: no global state to clean up
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for i, ax in zip(picks, axes.flat):
@@ -94,7 +92,7 @@ class RunLog:
             ax.set_title(f"{classes[p]}\n({classes[t]})", fontsize=7, color="green" if p == t else "red")
         fig.suptitle("predicted (true)", fontsize=8)
         fig.tight_layout()
-        self.writer.add_figure("predictions", fig, step, close=True)
+        self.writer.add_figure("predictions", fig, step, close=False)
 
     def steps(self, epoch: int, first_step: int, losses: list[float], accs: list[float],
               lrs: list[float], images_per_s: float) -> None:
