@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab.data import DATASET_CHOICES, Dataset, load_dataset
+from cnnlab.data import DATASET_CHOICES, Dataset, load_dataset, open_dataset
 from cnnlab.data import sources
 from cnnlab.core.errors import UserError
 
@@ -317,12 +317,19 @@ def test_missing_folder_is_refused(tmp_path: Path) -> None:
         load_dataset(f"folder:{tmp_path / 'nope'}")
 
 
-def test_over_memory_budget_is_refused(png_tree, tmp_path: Path, monkeypatch) -> None:
+def test_over_the_memory_budget_the_splits_stay_in_the_cache(png_tree, monkeypatch) -> None:
+    from cnnlab.data import loader, splits, store
+
     root, _ = png_tree
-    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))  # an earlier test may have cached this tree
-    monkeypatch.setattr(sources, "memory_budget_bytes", lambda: 100)
-    with pytest.raises(UserError, match="subset or smaller images"):
-        load_dataset(f"folder:{root}")
+    data = splits.split(open_dataset(f"folder:{root}"), val_split=2)
+    monkeypatch.setattr(loader, "memory_budget_bytes", lambda: 100)
+    placed = loader.place(data, torch.device("cpu"))
+    assert all(isinstance(x, store.PixelStore) for x in (placed.train_x, placed.val_x, placed.test_x))
+    monkeypatch.setattr(loader, "memory_budget_bytes", lambda: 10**9)
+    in_memory = loader.place(data, torch.device("cpu"))
+    assert torch.equal(in_memory.train_x, placed.train_x[torch.arange(len(placed.train_x))])
+    assert torch.equal(in_memory.val_x, placed.val_x[:]) and torch.equal(in_memory.test_x, placed.test_x[0:100])
+    assert isinstance(loader.place(data, torch.device("cpu"), on_device=False).train_x, store.PixelStore)
 
 
 def test_second_load_uses_the_cache(png_tree, tmp_path: Path, monkeypatch) -> None:
@@ -335,10 +342,10 @@ def test_second_load_uses_the_cache(png_tree, tmp_path: Path, monkeypatch) -> No
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(sources, "_decode_splits", no_decoding)
+    monkeypatch.setattr(sources, "_decode_into", no_decoding)
     for source in (root, archive):
         _assert_same(load_dataset(f"folder:{source}"), first)
-    assert len(list((tmp_path / "cache" / "datasets").glob("*.pt"))) == 2  # one file per source
+    assert len([p for p in (tmp_path / "cache" / "datasets").iterdir() if p.is_dir()]) == 2  # one entry per source
     # A changed image is a different source: the cache must not answer for it.
     Image.fromarray(_pixels(123, (6, 8, 3))).save(root / "train" / "ant" / "000.png")
     with pytest.raises(AssertionError, match="decoded again"):

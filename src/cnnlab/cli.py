@@ -18,8 +18,11 @@ from cnnlab import __version__
 from cnnlab.core.errors import UserError, one_line
 
 TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
-    "dataset": (str, "cifar10, sample or folder:PATH (a folder or .tar/.tar.gz/.zip of train/<class>/ and test/<class>/)"),
-    "data-dir": (str, "where the cifar10 source looks for cifar-10-batches-py (default ~/.cache/cnnlab/data)"),
+    "dataset": (str, "cifar10, cifar100, mnist, fashion-mnist, svhn, stl10, sample or folder:PATH (a folder or "
+                     ".tar/.tar.gz/.zip of train/<class>/ and test/<class>/, or a CSV of path,label,split)"),
+    "data-dir": (str, "where named datasets are looked for and downloaded (default ~/.cache/cnnlab/data)"),
+    "store-size": (int, "side in pixels at which folder images are cached (default: as they are, or the "
+                        "--image-size when larger or of mixed sizes)"),
     "model": (str, "resnet18, resnet18-seed or resnet18-cifar"),
     "width": (int, "base channels (64 in the paper; 16 trains quickly on a CPU)"),
     "image-size": (int, "side of the square network input in pixels"),
@@ -60,7 +63,10 @@ def build_parser() -> Parser:
     p.add_argument("--config", metavar="FILE.toml", help="settings to apply over the recipe")
     for flag, (kind, text) in TRAIN_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, help=text)
-    p.add_argument("--download", action="store_true", help="download CIFAR-10 if it is not in --data-dir")
+    p.add_argument("--download", action="store_true", help="download a named dataset if it is not in --data-dir")
+    p.add_argument("--data-on-device", action=argparse.BooleanOptionalAction,
+                   help="hold the whole dataset on the training device (--no-data-on-device: read each batch from "
+                        "the memory-mapped cache; default: on the device when it fits)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave out images that cannot be decoded (they are counted and listed) instead of stopping")
     # A value only for "force"; any other value is refused by the configuration's check, in one line.

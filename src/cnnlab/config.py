@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.core.errors import UserError
+from cnnlab.data import DATASET_CHOICES, NAMED_DATASETS
 from cnnlab.models import MODELS
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -39,6 +40,8 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     val_split: int | None = None  # images held out of train for model selection; None: 10 %
+    store_size: int | None = None  # side at which folder images are cached; None: at most image_size
+    data_on_device: bool | None = None  # the whole dataset on the device; False: read from the cache; None: if it fits
     # model
     model: str = "resnet18-seed"
     width: int = 64
@@ -183,13 +186,15 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     need(cfg.augment in AUGMENTS, f"unknown augment {cfg.augment!r}; choose one of: {', '.join(AUGMENTS)}")
     need(cfg.device in DEVICES, f"unknown device {cfg.device!r}; choose one of: {', '.join(DEVICES)}")
-    need(cfg.dataset in ("cifar10", "sample") or cfg.dataset.startswith("folder:") and len(cfg.dataset) > 7,
-         f"unknown dataset {cfg.dataset!r}; choose one of: cifar10, sample, folder:PATH")
+    need(cfg.dataset in (*NAMED_DATASETS, "sample") or cfg.dataset.startswith("folder:") and len(cfg.dataset) > 7,
+         f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASET_CHOICES)}")
     need(cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})")
     need(cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})")
     need(1 <= cfg.width <= MAX_WIDTH, f"--width must be between 1 and {MAX_WIDTH} (got {cfg.width})")
     need(8 <= cfg.image_size <= MAX_IMAGE_SIZE,
          f"--image-size must be between 8 and {MAX_IMAGE_SIZE} (got {cfg.image_size})")
+    need(cfg.store_size is None or 8 <= cfg.store_size <= MAX_IMAGE_SIZE,
+         f"--store-size must be between 8 and {MAX_IMAGE_SIZE} (got {cfg.store_size})")
     for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
         value = getattr(cfg, name)
         need(math.isfinite(value) and value >= 0,

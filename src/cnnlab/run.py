@@ -15,8 +15,9 @@ import torch.nn as nn
 from cnnlab.core import checkpoint
 from cnnlab.core.errors import UserError
 from cnnlab.core.spec import ModelSpec, Preprocess
-from cnnlab.data import load_dataset
+from cnnlab.data import open_dataset
 from cnnlab.data.splits import reported_test_set
+from cnnlab.data.store import PixelStore
 from cnnlab.models import build
 
 
@@ -56,10 +57,12 @@ class LoadedRun:
             raise UserError(f"{self.path} does not say which dataset it was trained on; give a dataset or image files")
         if limit_test is None and dataset is None:
             limit_test = self.config.get("limit_test")  # the same images the run reported on
-        data = load_dataset(name, data_dir=data_dir or self.config.get("data_dir"),
-                            skip_bad_images=bool(self.config.get("skip_bad_images", False)))
+        data = open_dataset(name, data_dir=data_dir or self.config.get("data_dir"),
+                            skip_bad_images=bool(self.config.get("skip_bad_images", False)),
+                            store_size=self.config.get("store_size"), image_size=self.config.get("image_size"))
         check_classes(self, data.classes, name)
-        test = reported_test_set(data, limit_test)
+        x, y = reported_test_set(data, limit_test)
+        test = (x.read() if isinstance(x, PixelStore) else x, y)  # only these images are read
         if dataset is None:
             self._test = test
         return test

@@ -1,5 +1,5 @@
-"""Datasets as uint8 tensors: official CIFAR-10, image folders and archives, the bundled sample."""
+"""Datasets as uint8 images: named datasets, image folders, archives and CSV lists, the bundled sample."""
 
-from cnnlab.data.sources import DATASET_CHOICES, Dataset, load_dataset
+from cnnlab.data.sources import DATASET_CHOICES, NAMED_DATASETS, Dataset, load_dataset, open_dataset
 
-__all__ = ["DATASET_CHOICES", "Dataset", "load_dataset"]
+__all__ = ["DATASET_CHOICES", "NAMED_DATASETS", "Dataset", "load_dataset", "open_dataset"]

@@ -1,27 +1,34 @@
-"""Dataset sources: official CIFAR-10 pickles, image folders and archives, the bundled sample.
+"""Dataset sources: named datasets, image folders, archives and CSV lists, the bundled sample.
 
-Every source becomes the same thing: uint8 image tensors (N, C, H, W) with int64 labels and the
-class names. Decoding compressed images is the slow part, so folder and archive sources are
-decoded once and cached under ``cache_dir()/datasets`` keyed by their content.
+Every source becomes the same thing: an entry of the pixel cache (:mod:`cnnlab.data.store`), uint8
+images (N, C, H, W) per split with int64 labels and the class names, keyed by the source's content.
+Decoding is the slow part and happens once: in parallel, streamed into the cache a chunk at a time,
+so that memory holds a few chunks whatever the size of the dataset. ``open_dataset`` hands the
+splits out as memory-mapped :class:`~cnnlab.data.store.PixelStore` views; ``load_dataset`` reads
+them into tensors.
+
+Images of a folder are stored at one size: as they are when they all share a size no larger than
+the run's ``image_size``; else cropped to the centred square and resized (antialiased) to
+``store_size`` if given, otherwise to the smaller of ``image_size`` and the median shorter side.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
+import json
 import multiprocessing
 import os
-import pickle
 import statistics
 import sys
-import tempfile
-import warnings
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,188 +36,162 @@ from PIL import Image
 from tqdm import tqdm
 
 from cnnlab.core import images
-from cnnlab.data.archives import ArchiveContents, is_archive, read_archive
 from cnnlab.core.errors import UserError
+from cnnlab.core.files import atomic_write
+from cnnlab.data.archives import is_archive, read_archive
+from cnnlab.data.standard import NAMED, Arrays, checked
+from cnnlab.data.store import Entry, EntryBuilder, PixelStore, cache_dir, cached, entries_dir, memory_budget_bytes
 
-DATASET_CHOICES = ("cifar10", "sample", "folder:PATH")
+__all__ = ["DATASET_CHOICES", "NAMED_DATASETS", "Dataset", "cache_dir", "default_data_dir", "load_dataset",
+           "memory_budget_bytes", "open_dataset"]
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-CIFAR10_FOLDER = "cifar-10-batches-py"
-CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+NAMED_DATASETS = tuple(NAMED)
+DATASET_CHOICES = (*NAMED_DATASETS, "sample", "folder:PATH")
 
 SAMPLE_ARCHIVE = Path(__file__).parent / "sample" / "cifar10-sample.tar.gz"
 
 # Part of every cache key: bump it whenever decoding would give different pixels or labels.
-DECODER_VERSION = 2  # 2: one decoder with predict (wide grayscale rescaled in RGB datasets too)
-MAX_FIT_SIDE = 256  # mixed-size folders are resized to a square no larger than this
-POOL_MIN_IMAGES = 4000  # below this a process pool costs more than it saves
-POOL_CHUNK = 1000
+DECODER_VERSION = 3  # 3: stored at the run's size, resized by torch's antialiased kernel
+POOL_MIN_IMAGES = 4000  # below this a process pool costs more than it saves ...
+POOL_MIN_BYTES = 256 * 2**20  # ... unless the decoded images are this large
+POOL_CHUNK = 1000  # images per chunk at most ...
+CHUNK_BYTES = 16 * 2**20  # ... and decoded bytes per chunk at most: what bounds the memory of a build
+NAMED_CHUNK = 10_000  # images per write when a named dataset goes into the cache
 
 _T = TypeVar("_T")  # what a chunk function returns
 
+Source = bytes | Path  # an image's encoded bytes, or the file holding them
 
 
 @dataclass
 class Dataset:
-    """A whole labelled dataset in memory, as uint8 pixels."""
+    """A labelled dataset: uint8 pixels (N, C, H, W), in memory or memory-mapped from the cache."""
 
-    name: str  # "cifar10", "sample", or "folder:<path>"
+    name: str  # "cifar10", "sample", "folder:<path>", …
     classes: list[str]
-    train_x: torch.Tensor  # uint8 (N, C, H, W), contiguous, C is 1 or 3
+    train_x: torch.Tensor | PixelStore  # C is 1 or 3
     train_y: torch.Tensor  # int64 (N,)
-    test_x: torch.Tensor
+    test_x: torch.Tensor | PixelStore
     test_y: torch.Tensor
     skipped: list[str] = field(default_factory=list)  # unreadable images left out (--skip-bad-images)
 
 
 def default_data_dir() -> Path:
-    """Where ``cifar10`` looks for (and downloads) the official files: $CNNLAB_DATA or ~/.cache/cnnlab/data."""
+    """Where named datasets are looked for (and downloaded): $CNNLAB_DATA or ~/.cache/cnnlab/data."""
     env = os.environ.get("CNNLAB_DATA")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cnnlab" / "data"
 
 
-def cache_dir() -> Path:
-    """Root of cnnlab's caches: $CNNLAB_CACHE or ~/.cache/cnnlab."""
-    env = os.environ.get("CNNLAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cnnlab"
+def open_dataset(spec: str, data_dir: str | Path | None = None, download: bool = False,
+                 skip_bad_images: bool = False, store_size: int | None = None,
+                 image_size: int | None = None) -> Dataset:
+    """The dataset named by ``spec`` (one of ``DATASET_CHOICES``), its pixels memory-mapped from the cache.
 
-
-def memory_budget_bytes() -> int:
-    """How many bytes of decoded pixels we allow ourselves: half of physical RAM."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):  # not available on this platform
-        return 8 * 2**30
-
-
-def load_dataset(spec: str, data_dir: str | Path | None = None, download: bool = False,
-                 skip_bad_images: bool = False) -> Dataset:
-    """Load the dataset named by ``spec`` (one of ``DATASET_CHOICES``) into memory.
-
-    An image that cannot be decoded stops the load with its name, unless ``skip_bad_images``:
-    then it is left out and listed in ``Dataset.skipped``.
+    An image that cannot be decoded stops the load with its name, unless ``skip_bad_images``: then
+    it is left out and listed in ``Dataset.skipped``. ``store_size`` and ``image_size`` set the
+    stored size of folder images (see the module's description).
     """
-    if spec == "cifar10":
-        return _load_cifar10(Path(data_dir).expanduser() if data_dir else default_data_dir(), download)
+    if spec in NAMED:
+        return _open_named(spec, Path(data_dir).expanduser() if data_dir else default_data_dir(), download)
+    sizing = _Sizing(store_size, image_size)
     if spec == "sample":
-        return _load_folder(SAMPLE_ARCHIVE, name="sample", skip_bad=skip_bad_images)
+        return _open_folder(SAMPLE_ARCHIVE, "sample", skip_bad_images, sizing)
     if spec.startswith("folder:"):
-        location = spec[len("folder:") :]
+        location = spec[len("folder:"):]
         if not location:
             raise UserError("--dataset folder: needs a path, e.g. folder:~/images or folder:images.tar.gz")
-        return _load_folder(Path(location).expanduser(), name=spec, skip_bad=skip_bad_images)
+        return _open_folder(Path(location).expanduser(), spec, skip_bad_images, sizing)
     raise UserError(f"unknown dataset {spec!r}: choose one of {', '.join(DATASET_CHOICES)}")
 
 
-# --- official CIFAR-10 ---------------------------------------------------------------------------
+def load_dataset(spec: str, data_dir: str | Path | None = None, download: bool = False,
+                 skip_bad_images: bool = False, store_size: int | None = None,
+                 image_size: int | None = None) -> Dataset:
+    """:func:`open_dataset`, with every split read into memory as a contiguous uint8 tensor."""
+    data = open_dataset(spec, data_dir, download, skip_bad_images, store_size, image_size)
+    data.train_x, data.test_x = data.train_x.read(), data.test_x.read()
+    return data
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler that can rebuild numpy arrays and plain containers, and nothing else.
-
-    The CIFAR files are pickles, and a pickle can run any code it names; only the globals the
-    format needs are let through, so a tampered file fails instead of executing.
-    """
-
-    _ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy.core.numeric", "_frombuffer"),
-            ("numpy._core.numeric", "_frombuffer"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("builtins", "dict"),
-            ("builtins", "list"),
-            ("builtins", "bytes"),
-            ("builtins", "bytearray"),
-            ("_codecs", "encode"),  # how protocol-2 pickles spell bytes objects
-        }
-    )
-
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - signature fixed by pickle
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR-10 file never needs")
+def _from_entry(entry: Entry, name: str) -> Dataset:
+    return Dataset(name, list(entry.meta["classes"]), entry.pixels("train"), entry.labels("train"),
+                   entry.pixels("test"), entry.labels("test"), list(entry.meta.get("skipped", [])))
 
 
-def _read_cifar_pickle(path: Path) -> dict[str, object]:
-    """One CIFAR batch or meta file as a dict with str keys, read with the restricted unpickler."""
+def _hash_files(paths: Iterable[Path], salt: str) -> str:
+    digest = hashlib.sha256(f"cnnlab-decoder-{DECODER_VERSION}\0{salt}\0".encode())
+    for path in paths:
+        _hash_into(digest, path)
+    return digest.hexdigest()
+
+
+def _hash_into(digest: Any, path: Path) -> None:
     try:
         with open(path, "rb") as f:
-            content = _CifarUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise UserError(f"{path} is not a valid CIFAR-10 file ({exc}); delete it and rerun with --download") from None
-    if not isinstance(content, dict):
-        raise UserError(f"{path} is not a valid CIFAR-10 file (no dict inside); delete it and rerun with --download")
-    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in content.items()}
+            digest.update(f"{os.fstat(f.fileno()).st_size}\0".encode())
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}; check its permissions") from None
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    batch = _read_cifar_pickle(path)
-    data, labels = batch.get("data"), batch.get("labels")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise UserError(f"{path} has no N×3072 uint8 'data' array; delete it and rerun with --download")
-    labels_arr = np.asarray(labels, dtype=np.int64) if isinstance(labels, list | np.ndarray) else None
-    if labels_arr is None or labels_arr.shape != (data.shape[0],):
-        raise UserError(f"{path} has no 'labels' list matching its images; delete it and rerun with --download")
-    # Rows hold the R, G and B planes one after another, each 32×32 row-major.
-    return data.reshape(-1, 3, 32, 32), labels_arr
+# --- named datasets ------------------------------------------------------------------------------
 
 
-def _find_cifar10(data_dir: Path) -> Path | None:
-    needed = (*CIFAR10_TRAIN_BATCHES, "test_batch", "batches.meta")
-    for folder in (data_dir / CIFAR10_FOLDER, data_dir):
-        if all((folder / name).is_file() for name in needed):
-            return folder
-    return None
+def _open_named(name: str, data_dir: Path, download: bool) -> Dataset:
+    named = NAMED[name]
+    files = named.find(data_dir)
+    if files is None and download:
+        named.fetch(data_dir)
+        files = named.find(data_dir)
+    if files is None:
+        raise named.missing(data_dir)
+
+    def build(builder: EntryBuilder) -> dict[str, Any]:
+        arrays = checked(named.read(data_dir), named.title, named.where(data_dir))
+        _write_arrays(builder, arrays)
+        return {"classes": arrays.classes, "source": name}
+
+    return _from_entry(cached(f"{name}-{_hash_files(files, name)}", build), name)
 
 
-def _download_cifar10(data_dir: Path) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive  # only for --download: saves a second at start
-
-    try:
-        download_and_extract_archive(CIFAR10_URL, download_root=str(data_dir), md5=CIFAR10_MD5)
-    except (OSError, RuntimeError) as exc:  # network failure, or torchvision's checksum mismatch
-        raise UserError(
-            f"could not download CIFAR-10 from {CIFAR10_URL} into {data_dir} ({exc}); "
-            f"download it by hand and pass --data-dir, or use --dataset sample"
-        ) from None
+def _write_arrays(builder: EntryBuilder, arrays: Arrays) -> None:
+    builder.reserve(sum(x.nbytes for x, _ in (arrays.train, arrays.test)))
+    for split, (x, y) in (("train", arrays.train), ("test", arrays.test)):
+        writer = builder.split(split, x.shape[1:])
+        for start in range(0, len(x), NAMED_CHUNK):
+            writer.append(x[start:start + NAMED_CHUNK], y[start:start + NAMED_CHUNK])
 
 
-def _load_cifar10(data_dir: Path, download: bool) -> Dataset:
-    folder = _find_cifar10(data_dir)
-    if folder is None and download:
-        _download_cifar10(data_dir)
-        folder = _find_cifar10(data_dir)
-    if folder is None:
-        raise UserError(
-            f"CIFAR-10 not found in {data_dir / CIFAR10_FOLDER}: pass --download to fetch it, "
-            f"point --data-dir at a folder holding {CIFAR10_FOLDER}, or use --dataset folder:PATH or --dataset sample"
-        )
-    meta = _read_cifar_pickle(folder / "batches.meta")
-    names = meta.get("label_names")
-    if not isinstance(names, list) or not names:
-        raise UserError(f"{folder / 'batches.meta'} has no 'label_names'; delete it and rerun with --download")
-    classes = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
-    train = [_read_cifar_batch(folder / name) for name in CIFAR10_TRAIN_BATCHES]
-    test_x, test_y = _read_cifar_batch(folder / "test_batch")
-    train_x, train_y = np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])
-    for y, name in ((train_y, "training"), (test_y, "test")):
-        if y.size and (y.min() < 0 or y.max() >= len(classes)):
-            raise UserError(f"CIFAR-10 {name} labels in {folder} exceed the {len(classes)} classes; rerun with --download")
-    return Dataset(
-        name="cifar10",
-        classes=classes,
-        train_x=torch.from_numpy(np.ascontiguousarray(train_x)),
-        train_y=torch.from_numpy(train_y),
-        test_x=torch.from_numpy(np.ascontiguousarray(test_x)),
-        test_y=torch.from_numpy(test_y),
-    )
+# --- image folders, archives and CSV lists -------------------------------------------------------
 
 
-# --- image folders and archives ------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Sizing:
+    store_size: int | None  # every image at this square size
+    image_size: int | None  # the network's input: images larger than it are stored at it
+
+
+@dataclass
+class _Layout:
+    """Class names and, per split, (name for messages, image, label) in a fixed order."""
+
+    classes: list[str]
+    items: dict[str, list[tuple[str, Source, int]]]
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    """What every image becomes: its channel count and size, and whether it must be resized."""
+
+    channels: int
+    height: int
+    width: int
+    fit: bool
+
+    @property
+    def tag(self) -> str:
+        return f"{self.channels}x{self.height}x{self.width}{'-fit' if self.fit else ''}"
 
 
 def _image_extensions() -> frozenset[str]:
@@ -228,66 +209,64 @@ def _is_candidate(relpath: str, extensions: frozenset[str]) -> bool:
     return not any(_is_hidden(p) for p in parts) and os.path.splitext(parts[-1])[1].lower() in extensions
 
 
-def _read_directory(root: Path) -> ArchiveContents:
+class _Tree:
+    """Files (their bytes, or the path to read them from) and folders, by relative POSIX path."""
+
+    def __init__(self, files: dict[str, Source], dirs: set[str]) -> None:
+        self.files, self.dirs = files, dirs
+
+
+def _list_directory(root: Path) -> _Tree:
+    """The images under ``root`` by path: nothing is read yet, so memory does not grow with the folder."""
     extensions = _image_extensions()
-    contents = ArchiveContents()
+    tree = _Tree({}, set())
     for folder, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not _is_hidden(d))
         rel_folder = Path(folder).relative_to(root).as_posix()
         prefix = "" if rel_folder == "." else rel_folder + "/"
-        contents.dirs.update(prefix + d for d in subdirs)
+        tree.dirs.update(prefix + d for d in subdirs)
         for name in files:
-            rel = prefix + name
-            if _is_candidate(rel, extensions):
-                try:
-                    contents.files[rel] = Path(folder, name).read_bytes()
-                except OSError as exc:
-                    raise UserError(f"cannot read {Path(folder, name)}: {exc.strerror}; check its permissions") from None
-    return contents
+            if _is_candidate(prefix + name, extensions):
+                tree.files[prefix + name] = Path(folder, name)
+    return tree
 
 
-def _hash_file(path: Path) -> str:
+def _hash_tree(tree: _Tree) -> str:
+    """Content key of a directory tree, read one file at a time."""
     digest = hashlib.sha256(f"cnnlab-decoder-{DECODER_VERSION}\0".encode())
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _hash_contents(contents: ArchiveContents) -> str:
-    digest = hashlib.sha256(f"cnnlab-decoder-{DECODER_VERSION}\0".encode())
-    for d in sorted(contents.dirs):  # empty class folders change the outcome too
+    for d in sorted(tree.dirs):  # empty class folders change the outcome too
         digest.update(f"d\0{d}\0".encode())
-    for rel in sorted(contents.files):
-        data = contents.files[rel]
-        digest.update(f"f\0{rel}\0{len(data)}\0".encode())
-        digest.update(data)
+    for rel in sorted(tree.files):
+        digest.update(f"f\0{rel}\0".encode())
+        source = tree.files[rel]
+        if isinstance(source, Path):
+            _hash_into(digest, source)
+        else:
+            digest.update(f"{len(source)}\0".encode())
+            digest.update(source)
     return digest.hexdigest()
 
 
-def _strip_single_top(contents: ArchiveContents) -> ArchiveContents:
+def _strip_single_top(tree: _Tree) -> _Tree:
     """Accept ``top/train/...`` as if it were ``train/...`` when one folder holds everything."""
-    tops = {rel.split("/", 1)[0] for rel in contents.files}
-    if len(tops) != 1 or tops & {"train", "test"} or not all("/" in rel for rel in contents.files):
-        return contents
+    tops = {rel.split("/", 1)[0] for rel in tree.files}
+    if len(tops) != 1 or tops & {"train", "test"} or not all("/" in rel for rel in tree.files):
+        return tree
     prefix = tops.pop() + "/"
-    return ArchiveContents(
-        files={rel[len(prefix) :]: data for rel, data in contents.files.items()},
-        dirs={d[len(prefix) :] for d in contents.dirs if d.startswith(prefix)},
-    )
+    return _Tree({rel[len(prefix):]: data for rel, data in tree.files.items()},
+                 {d[len(prefix):] for d in tree.dirs if d.startswith(prefix)})
 
 
-def _split_layout(
-    contents: ArchiveContents, source: Path
-) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """Class names (sorted train folders) and, per split, the (path, label) pairs in path order."""
+def _tree_layout(tree: _Tree, source: Path) -> _Layout:
+    """Class names (sorted train folders) and, per split, the images in path order."""
+    tree = _strip_single_top(tree)
     layout_hint = "expected train/<class>/<images> and test/<class>/<images>"
     per_split: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
-    for d in contents.dirs:
+    for d in tree.dirs:
         parts = d.split("/")
         if len(parts) >= 2 and parts[0] in per_split and not _is_hidden(parts[1]):
             per_split[parts[0]].setdefault(parts[1], [])
-    for rel in sorted(contents.files):
+    for rel in sorted(tree.files):
         parts = rel.split("/")
         if parts[0] not in per_split:
             continue  # images outside train/ and test/ are not part of the layout
@@ -306,24 +285,158 @@ def _split_layout(
     if extra:
         raise UserError(f"{source}: test classes {', '.join(extra)} have no train/ folder; add them to train/ or remove them from test/")
     index = {cls: i for i, cls in enumerate(classes)}
-    splits = {
-        split: sorted((rel, index[cls]) for cls, files in folders.items() for rel in files)
-        for split, folders in per_split.items()
-    }
-    return classes, splits
+    items = {split: [(rel, tree.files[rel], index[cls])
+                     for rel, cls in sorted((rel, cls) for cls, files in folders.items() for rel in files)]
+             for split, folders in per_split.items()}
+    return _Layout(classes, items)
 
 
-@dataclass(frozen=True)
-class _DecodePlan:
-    """What every image becomes: its channel count and size, and whether it must be resized."""
-
-    channels: int
-    height: int
-    width: int
-    fit: bool
+CSV_HINT = "a CSV needs a header row with path and label columns, and a split column (train or test) " \
+           "unless it is train.csv or test.csv beside the other"
 
 
-def _probe(rel: str, data: bytes, source: str) -> tuple[str, int, int]:
+def _csv_files(path: Path) -> list[tuple[Path, str | None]] | None:
+    """The CSV lists a ``folder:`` path names: one CSV with a split column, or train.csv and test.csv."""
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return [(path, None)]
+    if path.is_dir() and not (path / "train").is_dir() and (path / "train.csv").is_file():
+        return [(path / "train.csv", "train"), (path / "test.csv", "test")]
+    return None
+
+
+def _csv_rows(files: list[tuple[Path, str | None]]) -> list[tuple[str, Path, str, str]]:
+    """(name for messages, image path, label, split) for every row of the CSV files."""
+    rows = []
+    for path, fixed_split in files:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise UserError(f"{path} does not exist; {CSV_HINT}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read {path} ({e}); it must be a UTF-8 CSV file") from None
+        reader = csv.reader(io.StringIO(text))
+        header = [h.strip().lower() for h in next(reader, [])]
+        if "path" not in header or "label" not in header or (fixed_split is None and "split" not in header):
+            raise UserError(f"{path}: header {','.join(header) or '(none)'}: {CSV_HINT}")
+        columns = {name: header.index(name) for name in ("path", "label", "split") if name in header}
+        for line, row in enumerate(reader, start=2):
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                raise UserError(f"{path}, line {line}: {len(row)} values for {len(header)} columns")
+            split = fixed_split or row[columns["split"]].strip().lower()
+            if split not in ("train", "test"):
+                raise UserError(f"{path}, line {line}: split {row[columns['split']]!r} is neither train nor test")
+            rel, label = row[columns["path"]].strip(), row[columns["label"]].strip()
+            if not rel or not label:
+                raise UserError(f"{path}, line {line}: an empty path or label")
+            rows.append((rel, (path.parent / rel).expanduser(), label, split))
+    return rows
+
+
+def _csv_layout(rows: list[tuple[str, Path, str, str]], source: Path) -> _Layout:
+    classes = sorted({label for _, _, label, split in rows if split == "train"})
+    for split in ("train", "test"):
+        if not any(s == split for *_, s in rows):
+            raise UserError(f"{source}: the {split} split has no rows; {CSV_HINT}")
+    extra = sorted({label for _, _, label, split in rows if split == "test"} - set(classes))
+    if extra:
+        raise UserError(f"{source}: test labels {', '.join(extra)} have no training images")
+    index = {cls: i for i, cls in enumerate(classes)}
+    return _Layout(classes, {split: [(rel, path, index[label]) for rel, path, label, s in rows if s == split]
+                             for split in ("train", "test")})
+
+
+class _FolderSource:
+    """A folder, an archive or a CSV list: its content key now, its layout only if it must be decoded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.csv = _csv_files(path)
+        if self.csv is None and not path.is_dir():
+            if path.is_file() and not is_archive(path):
+                raise UserError(f"{path} is neither a folder, a .csv list nor a .tar, .tar.gz, .tgz or .zip archive; "
+                                "check the folder:PATH")
+            if not path.exists():
+                raise UserError(f"{path} does not exist; check the folder:PATH (it may be a folder, a .csv list "
+                                "or a .tar.gz/.zip archive)")
+        self._tree: _Tree | None = None
+        self._rows: list[tuple[str, Path, str, str]] | None = None
+
+    def key(self) -> str:
+        if self.csv is not None:
+            self._rows = _csv_rows(self.csv)
+            lists = _hash_files([p for p, _ in self.csv], "csv")
+            return _hash_files([p for _, p, _, _ in self._rows if p.is_file()], lists)
+        if self.path.is_dir():
+            self._tree = _list_directory(self.path)
+            return _hash_tree(self._tree)
+        return _hash_files([self.path], "archive")
+
+    def layout(self) -> _Layout:
+        if self.csv is not None:
+            return _csv_layout(self._rows if self._rows is not None else _csv_rows(self.csv), self.path)
+        if self._tree is None:
+            if self.path.is_dir():
+                self._tree = _list_directory(self.path)
+            else:  # archives are read into memory as they are checked (cnnlab.data.archives)
+                extensions = _image_extensions()
+                contents = read_archive(self.path, keep=lambda rel: _is_candidate(rel, extensions))
+                self._tree = _Tree(dict(contents.files), set(contents.dirs))
+        return _tree_layout(self._tree, self.path)
+
+
+def _open_folder(path: Path, name: str, skip_bad: bool, sizing: _Sizing) -> Dataset:
+    """A ``train/<class>/…``, ``test/<class>/…`` tree, archive or CSV list, via the cache."""
+    source = _FolderSource(path)
+    base = source.key() + ("-skip-bad" if skip_bad else "")
+    prepared: dict[str, Any] = {}
+
+    def prepare() -> dict[str, Any]:
+        if not prepared:
+            prepared.update(_probe_layout(source.layout(), path, skip_bad))
+        return prepared
+
+    summary_path = entries_dir() / f"{base}.probe.json"
+    summary = _read_summary(summary_path)
+    if summary is None:
+        summary = prepare()["summary"]
+        try:
+            atomic_write(summary_path, json.dumps(summary))
+        except OSError:
+            pass  # only saves the header pass next time; the entry itself says what is wrong with the cache
+    plan = _plan(summary, sizing)
+
+    def build(builder: EntryBuilder) -> dict[str, Any]:
+        state = prepare()
+        return _decode_into(builder, state["layout"], plan, path, skip_bad, state["skipped"])
+
+    return _from_entry(cached(f"{base}-{plan.tag}", build), name)
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    try:
+        summary = json.loads(path.read_text())
+        return summary if {"channels", "uniform", "median_short"} <= set(summary) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _plan(summary: dict[str, Any], sizing: _Sizing) -> _DecodePlan:
+    channels, uniform = int(summary["channels"]), summary["uniform"]
+    if sizing.store_size is not None:
+        side = sizing.store_size
+        return _DecodePlan(channels, side, side, fit=uniform != [side, side])
+    if uniform is not None and (sizing.image_size is None or max(uniform) <= sizing.image_size):
+        width, height = uniform
+        return _DecodePlan(channels, height, width, fit=False)
+    side = int(summary["median_short"]) if uniform is None else min(uniform)
+    if sizing.image_size is not None:
+        side = min(side, sizing.image_size)
+    return _DecodePlan(channels, side, side, fit=True)
+
+
+def _probe(rel: str, data: Source, source: str) -> tuple[str, int, int]:
     """Mode, width and height from the image header, without decoding pixels."""
     try:
         return images.header(data)
@@ -332,7 +445,7 @@ def _probe(rel: str, data: bytes, source: str) -> tuple[str, int, int]:
                         "or pass --skip-bad-images to leave such files out") from None
 
 
-def _probe_chunk(items: list[tuple[str, bytes]], source: str, skip_bad: bool) -> list[tuple[str, int, int] | None]:
+def _probe_chunk(items: list[tuple[str, Source]], source: str, skip_bad: bool) -> list[tuple[str, int, int] | None]:
     """Headers of a chunk; with ``skip_bad`` an unreadable image gives None instead of stopping."""
     headers: list[tuple[str, int, int] | None] = []
     for rel, data in items:
@@ -345,22 +458,38 @@ def _probe_chunk(items: list[tuple[str, bytes]], source: str, skip_bad: bool) ->
     return headers
 
 
-def _plan(modes: set[str], sizes: list[tuple[int, int]]) -> _DecodePlan:
+def _probe_layout(layout: _Layout, source: Path, skip_bad: bool) -> dict[str, Any]:
+    """The cheap pass: headers only, to settle channels and size before any pixel is decoded."""
+    skipped: list[str] = []
+    modes, sizes = set(), []
+    everything = [(rel, data) for split in ("train", "test") for rel, data, _ in layout.items[split]]
+    with _executor(len(everything), 0) as (pool, window):
+        chunks = (everything[i:i + POOL_CHUNK] for i in range(0, len(everything), POOL_CHUNK))
+        headers = [h for chunk in _map_chunks(_probe_chunk, chunks, pool, window, str(source), skip_bad) for h in chunk]
+    start = 0
+    for split in ("train", "test"):
+        items = layout.items[split]
+        kept = []
+        for item, header in zip(items, headers[start:start + len(items)]):
+            if header is None:
+                skipped.append(item[0])
+                continue
+            kept.append(item)
+            modes.add(header[0])
+            sizes.append(header[1:])
+        start += len(items)
+        layout.items[split] = kept
+    _check_not_emptied(layout, source)
     channels = 1 if modes <= images.GRAY_MODES else 3
-    if len(set(sizes)) == 1:
-        width, height = sizes[0]
-        return _DecodePlan(channels, height, width, fit=False)
-    side = min(MAX_FIT_SIDE, statistics.median_low(min(w, h) for w, h in sizes))
-    return _DecodePlan(channels, side, side, fit=True)
+    uniform = list(sizes[0]) if len(set(sizes)) == 1 else None
+    median_short = statistics.median_low(min(w, h) for w, h in sizes)
+    return {"layout": layout, "skipped": skipped,
+            "summary": {"channels": channels, "uniform": uniform, "median_short": median_short}}
 
 
-def _decode_one(data: bytes, plan: _DecodePlan) -> np.ndarray:
-    return images.decode(data, plan.channels, fit=(plan.width, plan.height) if plan.fit else None)
-
-
-def _decode_chunk(items: list[tuple[str, bytes]], plan: _DecodePlan, source: str,
+def _decode_chunk(items: list[tuple[str, Source]], plan: _DecodePlan, source: str,
                   skip_bad: bool) -> tuple[np.ndarray, list[int]]:
-    """Decode a list of (path, bytes) into one (n, C, H, W) array; runs in worker processes too.
+    """Decode a list of (path, bytes or file) into one (n, C, H, W) array; runs in worker processes too.
 
     Also returns the indices of images that failed (only with ``skip_bad``; else the first stops it).
     """
@@ -368,7 +497,7 @@ def _decode_chunk(items: list[tuple[str, bytes]], plan: _DecodePlan, source: str
     failed = []
     for i, (rel, data) in enumerate(items):
         try:
-            out[i] = _decode_one(data, plan)
+            out[i] = images.decode(data, plan.channels, fit=(plan.width, plan.height) if plan.fit else None)
         except images.DECODE_ERRORS as exc:
             if not skip_bad:
                 raise UserError(f"{source}: cannot decode image {rel} ({exc}); remove or replace the file, "
@@ -384,167 +513,79 @@ def _worker_count() -> int:
         return os.cpu_count() or 1
 
 
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one process per core already; resizes are small
+
+
 @contextmanager
-def _decode_executor(total: int) -> Iterator[Executor | None]:
-    """A process pool for big sets where fork is available (no re-import cost), else nothing."""
+def _executor(total: int, total_bytes: int) -> Iterator[tuple[Executor | None, int]]:
+    """A process pool, and how many chunks may be in flight, for big sets where fork is available."""
     workers = _worker_count()
-    if total < POOL_MIN_IMAGES or workers < 2 or sys.platform != "linux":
-        yield None
+    big = total >= POOL_MIN_IMAGES or total_bytes >= POOL_MIN_BYTES
+    if not big or workers < 2 or sys.platform != "linux":
+        yield None, 1
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init)
     try:
-        yield pool
+        yield pool, 2 * workers
     finally:
         # After a bad image there is no point finishing the other chunks.
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _map_chunks(fn: Callable[..., _T], items: list[tuple[str, bytes]], pool: Executor | None, *args: object) -> Iterator[_T]:
-    """``fn(chunk, *args)`` over consecutive chunks of ``items``, in order, in the pool if there is one."""
-    chunks = [items[i : i + POOL_CHUNK] for i in range(0, len(items), POOL_CHUNK)]
+def _map_chunks(fn: Callable[..., _T], chunks: Iterable[list[Any]], pool: Executor | None, window: int,
+                *args: object) -> Iterator[_T]:
+    """``fn(chunk, *args)`` over ``chunks``, in order; in the pool with at most ``window`` chunks in flight,
+    so that results waiting to be written never pile up beyond a few chunks."""
     if pool is None:
-        return (fn(chunk, *args) for chunk in chunks)
-    return pool.map(fn, chunks, *([arg] * len(chunks) for arg in args))
+        for chunk in chunks:
+            yield fn(chunk, *args)
+        return
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.submit(fn, chunk, *args))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
-def _decode_splits(
-    splits: list[list[tuple[str, bytes]]], plan: _DecodePlan, source: Path, pool: Executor | None, skip_bad: bool
-) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """Decode each split into a preallocated uint8 tensor, with one progress bar for all of them.
-
-    Also returns, per split, the indices of the images that could not be decoded (with ``skip_bad``).
-    """
-    total = sum(len(items) for items in splits)
-    outputs, failures = [], []
-    with tqdm(total=total, desc=f"decoding {source.name}", unit="img", file=sys.stderr, leave=False,
-              disable=not sys.stderr.isatty()) as bar:
-        for items in splits:
-            buffer = torch.empty((len(items), plan.channels, plan.height, plan.width), dtype=torch.uint8)
-            target = buffer.numpy()
-            start, failed = 0, []
-            for decoded, bad in _map_chunks(_decode_chunk, items, pool, plan, str(source), skip_bad):
-                target[start : start + len(decoded)] = decoded
-                failed += [start + i for i in bad]
-                start += len(decoded)
-                bar.update(len(decoded))
-            outputs.append(buffer)
-            failures.append(failed)
-    return outputs, failures
-
-
-def _decode_folder(contents: ArchiveContents, source: Path, skip_bad: bool = False) -> dict[str, object]:
-    contents = _strip_single_top(contents)
-    classes, splits = _split_layout(contents, source)
-    items = {split: [(rel, contents.files[rel], label) for rel, label in splits[split]] for split in ("train", "test")}
-    skipped: list[str] = []
-
-    def keep(split: str, bad: set[int]) -> None:
-        skipped.extend(items[split][i][0] for i in sorted(bad))
-        items[split] = [item for i, item in enumerate(items[split]) if i not in bad]
-
-    everything = items["train"] + items["test"]
-    with _decode_executor(len(everything)) as pool:
-        # The cheap pass: headers only, to settle channels and size before any pixel is decoded.
-        pairs = [(rel, data) for rel, data, _ in everything]
-        headers = [h for chunk in _map_chunks(_probe_chunk, pairs, pool, str(source), skip_bad) for h in chunk]
-        n_train = len(items["train"])
-        keep("train", {i for i, h in enumerate(headers[:n_train]) if h is None})
-        keep("test", {i for i, h in enumerate(headers[n_train:]) if h is None})
-        headers = [h for h in headers if h is not None]
-        _check_not_emptied(items, classes, source)
-        plan = _plan({mode for mode, _, _ in headers}, [(w, h) for _, w, h in headers])
-        needed = len(headers) * plan.channels * plan.height * plan.width
-        budget = memory_budget_bytes()
-        if needed > budget:
-            raise UserError(
-                f"{source}: {len(headers):,} images of {plan.channels}×{plan.height}×{plan.width} need "
-                f"{needed / 2**30:.1f} GiB of memory, over the {budget / 2**30:.1f} GiB budget (half the RAM); "
-                f"use a subset or smaller images"
-            )
-        pixels, failures = _decode_splits([[(rel, data) for rel, data, _ in items[split]] for split in ("train", "test")],
-                                          plan, source, pool, skip_bad)
-    result: dict[str, object] = {"classes": classes}
-    for split, x, failed in zip(("train", "test"), pixels, failures):
-        if failed:  # images whose header read fine but whose pixels did not (e.g. truncated files)
-            kept = torch.ones(len(x), dtype=torch.bool)
-            kept[failed] = False
-            x = x[kept]
-            keep(split, set(failed))
-        result[f"{split}_x"] = x
-        result[f"{split}_y"] = torch.tensor([label for _, _, label in items[split]], dtype=torch.int64)
-    _check_not_emptied(items, classes, source)
-    result["skipped"] = skipped
-    return result
+def _decode_into(builder: EntryBuilder, layout: _Layout, plan: _DecodePlan, source: Path, skip_bad: bool,
+                 skipped: list[str]) -> dict[str, Any]:
+    """Decode both splits into the entry a chunk at a time; images that fail (``skip_bad``) are left out."""
+    row_bytes = plan.channels * plan.height * plan.width
+    total = sum(len(items) for items in layout.items.values())
+    builder.reserve(total * row_bytes)
+    per_chunk = max(1, min(POOL_CHUNK, CHUNK_BYTES // row_bytes))
+    skipped = list(skipped)
+    with _executor(total, total * row_bytes) as (pool, window), \
+            tqdm(total=total, desc=f"decoding {source.name}", unit="img", file=sys.stderr, leave=False,
+                 disable=not sys.stderr.isatty()) as bar:
+        for split in ("train", "test"):
+            items = layout.items[split]
+            writer = builder.split(split, (plan.channels, plan.height, plan.width))
+            chunks = [items[i:i + per_chunk] for i in range(0, len(items), per_chunk)]
+            work = ([(rel, data) for rel, data, _ in chunk] for chunk in chunks)
+            kept = []
+            for chunk, (decoded, bad) in zip(chunks, _map_chunks(_decode_chunk, work, pool, window, plan,
+                                                                  str(source), skip_bad)):
+                keep = [i for i in range(len(chunk)) if i not in set(bad)]
+                writer.append(decoded[keep] if bad else decoded, [chunk[i][2] for i in keep])
+                skipped += [chunk[i][0] for i in bad]
+                kept += [chunk[i] for i in keep]
+                bar.update(len(chunk))
+            layout.items[split] = kept
+    # Images whose header read fine but whose pixels did not (e.g. truncated files) may empty a class.
+    _check_not_emptied(layout, source)
+    return {"classes": layout.classes, "skipped": skipped, "source": str(source)}
 
 
-def _check_not_emptied(items: dict[str, list[tuple[str, bytes, int]]], classes: list[str], source: Path) -> None:
+def _check_not_emptied(layout: _Layout, source: Path) -> None:
     """After leaving bad images out, every train class and the test split must still have images."""
-    present = {label for _, _, label in items["train"]}
-    emptied = [c for i, c in enumerate(classes) if i not in present]
+    present = {label for _, _, label in layout.items["train"]}
+    emptied = [c for i, c in enumerate(layout.classes) if i not in present]
     if emptied:
         raise UserError(f"{source}: no readable training images are left in class {', '.join(emptied)}; "
                         "replace the unreadable files")
-    if not items["test"]:
+    if not layout.items["test"]:
         raise UserError(f"{source}: no readable test images are left; replace the unreadable files")
-
-
-# --- cache ---------------------------------------------------------------------------------------
-
-_CACHE_KEYS = ("classes", "train_x", "train_y", "test_x", "test_y")
-
-
-def _cache_path(key: str) -> Path:
-    return cache_dir() / "datasets" / f"{key}.pt"
-
-
-def _read_cache(path: Path) -> dict[str, object] | None:
-    if not path.is_file():
-        return None
-    try:
-        cached = torch.load(path, weights_only=True)
-    except Exception:  # noqa: BLE001 - a damaged cache file is simply decoded again
-        return None
-    return cached if isinstance(cached, dict) and all(k in cached for k in _CACHE_KEYS) else None
-
-
-def _write_cache(path: Path, tensors: dict[str, object]) -> None:
-    # Temp file + rename: a crash or a concurrent run never leaves a half-written cache behind.
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
-            torch.save(tensors, f)
-        os.replace(tmp, path)
-    except OSError as exc:
-        warnings.warn(f"could not cache decoded images in {path.parent} ({exc}); the next run decodes again", stacklevel=3)
-
-
-def _load_folder(path: Path, name: str, skip_bad: bool = False) -> Dataset:
-    """A ``train/<class>/…``, ``test/<class>/…`` tree from a directory or an archive, via the cache."""
-    if path.is_dir():
-        contents = _read_directory(path)
-        key = _hash_contents(contents)
-    elif path.is_file() and is_archive(path):
-        contents, key = None, _hash_file(path)
-    elif path.exists():
-        raise UserError(f"{path} is neither a folder nor a .tar, .tar.gz, .tgz or .zip archive; check the folder:PATH")
-    else:
-        raise UserError(f"{path} does not exist; check the folder:PATH (it may be a folder or a .tar.gz/.zip archive)")
-
-    cache_file = _cache_path(key + ("-skip-bad" if skip_bad else ""))
-    tensors = _read_cache(cache_file)
-    if tensors is None:
-        if contents is None:
-            extensions = _image_extensions()
-            contents = read_archive(path, keep=lambda rel: _is_candidate(rel, extensions))
-        tensors = _decode_folder(contents, path, skip_bad)
-        _write_cache(cache_file, tensors)
-    return Dataset(
-        name=name,
-        classes=list(tensors["classes"]),
-        train_x=tensors["train_x"],
-        train_y=tensors["train_y"],
-        test_x=tensors["test_x"],
-        test_y=tensors["test_y"],
-        skipped=list(tensors.get("skipped", [])),
-    )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cnnlab.data.sources import Dataset
+from cnnlab.data.store import PixelStore, take
 
 SPLIT_SEED = 20151210  # fixed, so every run on a dataset holds out the same images (arXiv 1512.03385)
 
@@ -18,11 +19,11 @@ SPLIT_SEED = 20151210  # fixed, so every run on a dataset holds out the same ima
 @dataclass
 class Splits:
     classes: list[str]
-    train_x: torch.Tensor
+    train_x: torch.Tensor | PixelStore  # uint8 (N, C, H, W); a store's views are read a batch at a time
     train_y: torch.Tensor
-    val_x: torch.Tensor
+    val_x: torch.Tensor | PixelStore
     val_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: torch.Tensor | PixelStore
     test_y: torch.Tensor
     skipped: list[str] = field(default_factory=list)  # images the source could not read and left out
 
@@ -38,15 +39,15 @@ def split(data: Dataset, limit_train: int | None = None, limit_test: int | None 
     test_x, test_y = reported_test_set(data, limit_test)
     n_val = len(train) // 10 if val_split is None else min(val_split, len(train) - 1)
     val, train = train[:n_val].sort().values, train[n_val:].sort().values
-    return Splits(data.classes, data.train_x[train], data.train_y[train], data.train_x[val],
+    return Splits(data.classes, take(data.train_x, train), data.train_y[train], take(data.train_x, val),
                   data.train_y[val], test_x, test_y, list(data.skipped))
 
 
-def reported_test_set(data: Dataset, limit_test: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def reported_test_set(data: Dataset, limit_test: int | None) -> tuple[torch.Tensor | PixelStore, torch.Tensor]:
     """The test images a run with ``limit_test`` reported on (the same draw as ``split``)."""
     n = len(data.test_y)
     if limit_test is None or limit_test >= n:
         return data.test_x, data.test_y
     g = torch.Generator().manual_seed(SPLIT_SEED + 1)
     test = torch.randperm(n, generator=g)[:limit_test].sort().values
-    return data.test_x[test], data.test_y[test]
+    return take(data.test_x, test), data.test_y[test]

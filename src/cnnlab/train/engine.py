@@ -29,8 +29,8 @@ from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write, remove_stale
 from cnnlab.core.metrics import score
 from cnnlab.core.spec import ModelSpec, Preprocess
-from cnnlab.data import load_dataset
-from cnnlab.data.loader import TrainBatches
+from cnnlab.data import open_dataset
+from cnnlab.data.loader import TrainBatches, place
 from cnnlab.data.splits import Splits, split
 from cnnlab.models import build
 from cnnlab.train import distributed
@@ -164,12 +164,12 @@ def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path) -> Setup
     if dev.type == "cpu":
         keep_freed_memory()
     torch.manual_seed(cfg.seed)
-    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
-                           skip_bad_images=cfg.skip_bad_images)
+    dataset = open_dataset(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download,
+                           skip_bad_images=cfg.skip_bad_images, store_size=cfg.store_size, image_size=cfg.image_size)
     if dataset.skipped and group.main:
         shown = ", ".join(dataset.skipped[:5]) + (" …" if len(dataset.skipped) > 5 else "")
         log.warning(f"skipped {len(dataset.skipped)} unreadable image(s): {shown}")
-    data = split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split)
+    data = place(split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split), dev, cfg.data_on_device, group.world)
     in_channels = data.train_x.shape[1]
     spec = ModelSpec(cfg.model, len(data.classes), cfg.width, in_channels)
     model = build(spec.name, num_classes=spec.num_classes, width=spec.width, in_channels=spec.in_channels)
@@ -448,6 +448,7 @@ def _write_config(setup: Setup) -> None:
         "per_rank_batch": -(-cfg.batch_size // group.world),  # the global batch, split as evenly as possible
         "data": {"classes": data.classes, "train": len(data.train_y), "val": len(data.val_y),
                  "test": len(data.test_y), "stored_size": list(data.train_x.shape[1:]),
+                 "on_device": isinstance(data.train_x, torch.Tensor),
                  "skipped_images": data.skipped},
     }
     atomic_write(setup.run_dir / "config.json", json.dumps(info, indent=2))

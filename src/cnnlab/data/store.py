@@ -1,0 +1,478 @@
+"""The decoded-pixel cache: one raw uint8 file per split, memory-mapped and read a batch at a time.
+
+One entry, ``cache_dir()/datasets/KEY/``, holds for each split ``SPLIT.u8`` (uint8 pixels, shape
+(N, C, H, W), one image after another) and ``SPLIT.labels`` (int64, little-endian), and an
+``index.json`` with the classes, what the source wants remembered, and each file's size and
+SHA-256. An entry is written into a temporary folder beside it and renamed into place only when
+complete, so a process killed while building leaves a folder no reader opens (the next build of
+the same key deletes it). Opening an entry compares every file with its index first; a file of the
+wrong size or checksum gets the entry rebuilt, never read.
+
+:class:`PixelStore` presents a split (or a subset of one) the way the trainer and
+:func:`cnnlab.core.metrics.score` use a tensor: ``len``, ``shape``, indexing by slices and index
+tensors, ``.to(device)``. Indexing copies just those images out of the memory map onto the store's
+device, so a dataset larger than the memory trains with resident memory bounded by a few batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import mmap
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnnlab.core.errors import UserError
+from cnnlab.core.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # of index.json and the files beside it
+HASH_BLOCK = 4 * 2**20
+# Pages of the memory map a process may keep mapped before handing them back: reading a dataset
+# larger than the memory must not make it resident (the page cache keeps what fits, unaccounted).
+RESIDENT_BYTES = 64 * 2**20
+PREFETCH = 3  # batches read ahead by the background thread
+
+
+def cache_dir() -> Path:
+    """Root of cnnlab's caches: $CNNLAB_CACHE or ~/.cache/cnnlab."""
+    env = os.environ.get("CNNLAB_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cnnlab"
+
+
+def entries_dir() -> Path:
+    return cache_dir() / "datasets"
+
+
+def memory_budget_bytes() -> int:
+    """How many bytes of decoded pixels may be held in memory: half of the RAM, or of this process's
+    memory cgroup limit when that is lower (a container, ``systemd-run -p MemoryMax=``)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this platform
+        total = 16 * 2**30
+    limit = _cgroup_limit()
+    return min(total, limit if limit else total) // 2
+
+
+def _cgroup_limit() -> int | None:
+    """This process's memory cgroup limit in bytes (cgroup v2 or v1), None when unlimited or unknown."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if controllers == "":
+            candidates += [Path("/sys/fs/cgroup", rel, "memory.max"), Path("/sys/fs/cgroup/memory.max")]
+        elif "memory" in controllers.split(","):
+            candidates += [Path("/sys/fs/cgroup/memory", rel, "memory.limit_in_bytes"),
+                           Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")]
+    for candidate in candidates:
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # v1 spells "no limit" as a huge number, v2 as "max"
+            return int(text)
+        if text == "max" or text.isdigit():
+            return None
+    return None
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+class _FileWriter:
+    """A file written front to back, hashed as it goes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file, self.digest, self.size = path, open(path, "wb"), hashlib.sha256(), 0
+
+    def write(self, array: np.ndarray) -> None:
+        view = memoryview(np.ascontiguousarray(array)).cast("B")
+        self.file.write(view)
+        self.digest.update(view)
+        self.size += len(view)
+
+    def close(self) -> dict[str, Any]:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return {"file": self.path.name, "bytes": self.size, "sha256": self.digest.hexdigest()}
+
+
+class SplitWriter:
+    """Appends images and labels of one split to its files."""
+
+    def __init__(self, folder: Path, name: str, image_shape: tuple[int, int, int]) -> None:
+        self.image_shape = tuple(int(s) for s in image_shape)
+        self.pixels = _FileWriter(folder / f"{name}.u8")
+        self.labels = _FileWriter(folder / f"{name}.labels")
+        self.count = 0
+
+    def append(self, pixels: np.ndarray, labels: Iterable[int]) -> None:
+        labels = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels, dtype="<i8")
+        if pixels.dtype != np.uint8 or pixels.shape[1:] != self.image_shape or len(pixels) != len(labels):
+            raise ValueError(f"expected uint8 images of {self.image_shape} with one label each, got "
+                             f"{pixels.dtype} {pixels.shape} and {len(labels)} labels")
+        self.pixels.write(pixels)
+        self.labels.write(labels)
+        self.count += len(pixels)
+
+    def close(self) -> dict[str, Any]:
+        return {"shape": [self.count, *self.image_shape], "pixels": self.pixels.close(), "labels": self.labels.close()}
+
+
+class EntryBuilder:
+    """Where a source writes its splits while an entry is being built."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.writers: dict[str, SplitWriter] = {}
+
+    def reserve(self, nbytes: int) -> None:
+        """Refuse, before decoding anything, a dataset the cache's disk has no room for."""
+        _check_space(self.folder, nbytes)
+
+    def split(self, name: str, image_shape: tuple[int, int, int]) -> SplitWriter:
+        self.writers[name] = SplitWriter(self.folder, name, image_shape)
+        return self.writers[name]
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.pixels.file.close()
+            writer.labels.file.close()
+
+    def finish(self, meta: dict[str, Any]) -> dict[str, Any]:
+        index = {"format": FORMAT, "meta": meta, "splits": {n: w.close() for n, w in self.writers.items()}}
+        atomic_write(self.folder / "index.json", json.dumps(index, indent=1))  # last: it marks the entry complete
+        return index
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Entry:
+    """A complete, checked cache entry."""
+
+    folder: Path
+    index: dict[str, Any]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.index["meta"]
+
+    def pixels(self, split: str) -> PixelStore:
+        info = self.index["splits"][split]
+        return PixelStore(self.folder / info["pixels"]["file"], tuple(info["shape"]))
+
+    def labels(self, split: str) -> torch.Tensor:
+        info = self.index["splits"][split]
+        data = (self.folder / info["labels"]["file"]).read_bytes()
+        return torch.from_numpy(np.frombuffer(data, dtype="<i8").astype(np.int64))
+
+
+def cached(key: str, build: Callable[[EntryBuilder], dict[str, Any]]) -> Entry:
+    """The cache entry ``key``, built first by ``build`` (which writes the splits and returns the meta)
+    when it is missing or damaged. Builds of one key are serialised across processes (torchrun ranks)."""
+    root = entries_dir()
+    final = root / key
+    entry, problem = _open_entry(final)
+    if entry is not None:
+        return entry
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the dataset cache {root}: {e.strerror}; set CNNLAB_CACHE to a writable folder") from None
+    with _locked(root / f".{key}.lock"):
+        entry, problem = _open_entry(final)  # another process may have built it while we waited
+        if entry is not None:
+            return entry
+        if problem is not None:
+            log.warning(f"the cached dataset in {final} is damaged ({problem}); decoding it again")
+        for stale in root.glob(f".{key}.*.tmp"):  # a build killed before its rename; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".{key}.{os.getpid()}.tmp"
+        tmp.mkdir()
+        builder = EntryBuilder(tmp)
+        try:
+            index = builder.finish(build(builder))
+            if final.exists():
+                trash = root / f".{key}.{os.getpid()}.old.tmp"
+                os.replace(final, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, final)
+        except OSError as e:
+            builder.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.filename is None or not str(e.filename).startswith(str(root)):
+                raise
+            raise UserError(f"cannot write the dataset cache in {root} ({e.strerror}); free some space or set "
+                            "CNNLAB_CACHE to another folder") from None
+        except BaseException:
+            builder.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return Entry(final, index)
+
+
+def _check_space(root: Path, needed: int) -> None:
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise UserError(f"the decoded dataset needs {needed / 2**30:.1f} GiB in the cache {root}, which has "
+                        f"{free / 2**30:.1f} GiB free; free some space, set CNNLAB_CACHE to another disk, "
+                        "or use a smaller --store-size")
+
+
+def _open_entry(folder: Path) -> tuple[Entry | None, str | None]:
+    """The entry in ``folder`` if it is complete and every file matches its index; else why not (None if absent)."""
+    index_path = folder / "index.json"
+    if not index_path.is_file():
+        return None, (f"{folder} has no index.json" if folder.exists() else None)
+    try:
+        index = json.loads(index_path.read_text())
+        if index.get("format") != FORMAT:
+            return None, f"written by another version of cnnlab (format {index.get('format')})"
+        for split, info in index["splits"].items():
+            n, c, h, w = info["shape"]
+            for kind, expected in (("pixels", n * c * h * w), ("labels", 8 * n)):
+                record = info[kind]
+                if record["bytes"] != expected:
+                    return None, f"index.json disagrees with itself about {record['file']}"
+                problem = _check_file(folder / record["file"], record["bytes"], record["sha256"])
+                if problem is not None:
+                    return None, problem
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"unreadable index.json ({type(e).__name__}: {e})"
+    return Entry(folder, index), None
+
+
+def _check_file(path: Path, size: int, sha256: str) -> str | None:
+    try:
+        actual = path.stat().st_size
+    except OSError:
+        return f"{path.name} is missing"
+    if actual != size:
+        return f"{path.name} has {actual:,} bytes instead of {size:,}"
+    digest = hashlib.sha256()
+    block = bytearray(min(HASH_BLOCK, max(size, 1)))
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            digest.update(view[:n])
+    if digest.hexdigest() != sha256:
+        return f"{path.name} does not match its checksum"
+    return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` that dies with the process (flock), where the platform has it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no concurrent builders to worry about in practice
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+class _Mapping:
+    """One split's file mapped into memory, shared by every view of it."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
+        self.path, self.shape = path, tuple(shape)
+        self.row_bytes = int(np.prod(shape[1:]))
+        self.lock = threading.Lock()
+        self.touched = 0
+        if shape[0] == 0:
+            self.map, self.tensor = None, torch.empty(shape, dtype=torch.uint8)
+            return
+        with open(path, "rb") as f:
+            # Copy-on-write: never written through, and writable as torch wants its buffers.
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if hasattr(mmap, "MADV_RANDOM"):
+            self.map.madvise(mmap.MADV_RANDOM)  # training reads images in random order: no read-around
+        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8).view(shape)
+
+    def read(self, rows: np.ndarray | slice, out: torch.Tensor) -> torch.Tensor:
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(self.shape[0])
+            if self.map is not None and stop > start and hasattr(mmap, "MADV_WILLNEED"):
+                first = start * self.row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+                self.map.madvise(mmap.MADV_WILLNEED, first, stop * self.row_bytes - first)
+            out.copy_(self.tensor[rows])
+        else:
+            torch.index_select(self.tensor, 0, torch.from_numpy(rows), out=out)
+        self._release_later(out.numel())
+        return out
+
+    def _release_later(self, nbytes: int) -> None:
+        with self.lock:
+            # Each image may straddle one more page than its size: count that so the bound holds.
+            self.touched += nbytes + mmap.PAGESIZE * (nbytes // max(self.row_bytes, 1))
+            if self.touched < RESIDENT_BYTES or self.map is None or not hasattr(mmap, "MADV_DONTNEED"):
+                return
+            self.touched = 0
+            # Unmaps our pages (the file's pages stay in the page cache while memory allows).
+            self.map.madvise(mmap.MADV_DONTNEED)
+
+
+class PixelStore:
+    """uint8 images (N, C, H, W) in a memory-mapped cache file, optionally a subset of its rows.
+
+    Indexing returns a tensor of just those images on ``device`` (pinned and copied asynchronously
+    on CUDA); ``batches`` reads a sequence of index batches ahead in a background thread.
+    """
+
+    dtype = torch.uint8
+
+    def __init__(self, path: Path, shape: tuple[int, ...], rows: np.ndarray | None = None,
+                 device: torch.device | str = "cpu", mapping: _Mapping | None = None) -> None:
+        self.path = Path(path)
+        self.mapping = mapping if mapping is not None else _Mapping(self.path, shape)
+        self.rows = rows  # indices into the file, or None for all of it in order
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return self.mapping.shape[0] if self.rows is None else len(self.rows)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), *self.mapping.shape[1:]))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.mapping.row_bytes
+
+    def _view(self, rows: np.ndarray | None, device: torch.device | None = None) -> PixelStore:
+        return PixelStore(self.path, self.mapping.shape, rows, device or self.device, self.mapping)
+
+    def to(self, device: torch.device | str) -> PixelStore:
+        """The same images, handed out on ``device``: nothing is read now."""
+        return self if torch.device(device) == self.device else self._view(self.rows, torch.device(device))
+
+    def subset(self, index: torch.Tensor | np.ndarray) -> PixelStore:
+        """A view of the images at ``index`` (in that order)."""
+        index = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
+        return self._view(index if self.rows is None else self.rows[index])
+
+    def tensor_split(self, sections: int) -> list[PixelStore]:
+        """Contiguous views of nearly equal length, as ``torch.tensor_split`` (a rank's shard)."""
+        return [self.subset(part) for part in np.array_split(np.arange(len(self)), sections)]
+
+    def _file_rows(self, key: Any) -> np.ndarray | slice:
+        if isinstance(key, slice):
+            if self.rows is None and key.step in (None, 1):
+                start, stop, _ = key.indices(len(self))
+                return slice(start, max(start, stop))
+            return (np.arange(len(self)) if self.rows is None else self.rows)[key]
+        index = np.asarray(key.cpu() if isinstance(key, torch.Tensor) else key, dtype=np.int64)
+        if index.size and (index.min() < -len(self) or index.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} images")
+        index = np.where(index < 0, index + len(self), index)
+        return index if self.rows is None else self.rows[index]
+
+    def _gather(self, key: Any, pin: bool = False) -> torch.Tensor:
+        rows = self._file_rows(key)
+        n = len(range(*rows.indices(self.mapping.shape[0]))) if isinstance(rows, slice) else len(rows)
+        out = torch.empty((n, *self.mapping.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        return self.mapping.read(rows, out)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.ndim == 0):
+            return self[[int(key)]][0]
+        pin = self.device.type == "cuda"
+        return self._gather(key, pin).to(self.device, non_blocking=pin)
+
+    def read(self) -> torch.Tensor:
+        """All the images of this view in memory, as one contiguous CPU tensor."""
+        if self.rows is None and self.mapping.map is not None:
+            out = torch.empty(self.shape, dtype=torch.uint8)
+            # Plain reads, not the map: the copy is then the only resident one.
+            with open(self.path, "rb", buffering=0) as f:
+                view = memoryview(out.numpy()).cast("B")
+                done = 0
+                while done < len(view):
+                    n = f.readinto(view[done:done + HASH_BLOCK * 8])
+                    if not n:
+                        raise OSError(f"{self.path} ended early")
+                    done += n
+            return out
+        out = torch.empty(self.shape, dtype=torch.uint8)
+        step = max(1, RESIDENT_BYTES // 2 // max(self.mapping.row_bytes, 1))
+        for start in range(0, len(self), step):
+            out[start:start + step] = self._gather(slice(start, start + step))
+        return out
+
+    def batches(self, indices: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The images of each index batch on ``device``, read ``PREFETCH`` batches ahead in a thread."""
+        pin = self.device.type == "cuda"
+        ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
+        stop = threading.Event()
+        end = object()
+
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                for index in indices:
+                    if not put(self._gather(index, pin).to(self.device, non_blocking=pin)):
+                        return
+                put(end)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                put(e)
+
+        thread = threading.Thread(target=work, name="cnnlab-pixels", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+
+def is_store(x: object) -> bool:
+    return isinstance(x, PixelStore)
+
+
+def take(x: torch.Tensor | PixelStore, index: torch.Tensor) -> torch.Tensor | PixelStore:
+    """``x[index]``, as a view when ``x`` is a store (nothing is read)."""
+    return x.subset(index) if isinstance(x, PixelStore) else x[index]
+
