@@ -4,8 +4,8 @@ Every source becomes the same thing: an entry of the pixel cache (:mod:`cnnlab.d
 images (N, C, H, W) per split with int64 labels and the class names, keyed by the source's content.
 Decoding is the slow part and happens once: in parallel, streamed into the cache a chunk at a time,
 so that memory holds a few chunks whatever the size of the dataset. ``open_dataset`` hands the
-splits out as memory-mapped :class:`~cnnlab.data.store.PixelStore` views; ``load_dataset`` reads
-them into tensors.
+splits out as :class:`~cnnlab.data.store.PixelStore` views of the cache files, read a batch at a
+time; ``load_dataset`` reads them into tensors.
 
 Images of a folder are stored at one size: as they are when they all share a size no larger than
 the run's ``image_size``; else cropped to the centred square and resized (antialiased) to
@@ -65,7 +65,7 @@ Source = bytes | Path  # an image's encoded bytes, or the file holding them
 
 @dataclass
 class Dataset:
-    """A labelled dataset: uint8 pixels (N, C, H, W), in memory or memory-mapped from the cache."""
+    """A labelled dataset: uint8 pixels (N, C, H, W), in memory or in the cache's files."""
 
     name: str  # "cifar10", "sample", "folder:<path>", …
     classes: list[str]
@@ -85,7 +85,7 @@ def default_data_dir() -> Path:
 def open_dataset(spec: str, data_dir: str | Path | None = None, download: bool = False,
                  skip_bad_images: bool = False, store_size: int | None = None,
                  image_size: int | None = None) -> Dataset:
-    """The dataset named by ``spec`` (one of ``DATASET_CHOICES``), its pixels memory-mapped from the cache.
+    """The dataset named by ``spec`` (one of ``DATASET_CHOICES``), its pixels left in the cache files.
 
     An image that cannot be decoded stops the load with its name, unless ``skip_bad_images``: then
     it is left out and listed in ``Dataset.skipped``. ``store_size`` and ``image_size`` set the

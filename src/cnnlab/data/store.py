@@ -1,4 +1,4 @@
-"""The decoded-pixel cache: one raw uint8 file per split, memory-mapped and read a batch at a time.
+"""The decoded-pixel cache: one raw uint8 array file per split, read a batch at a time by index.
 
 One entry, ``cache_dir()/datasets/KEY/``, holds for each split ``SPLIT.u8`` (uint8 pixels, shape
 (N, C, H, W), one image after another) and ``SPLIT.labels`` (int64, little-endian), and an
@@ -6,12 +6,14 @@ One entry, ``cache_dir()/datasets/KEY/``, holds for each split ``SPLIT.u8`` (uin
 SHA-256. An entry is written into a temporary folder beside it and renamed into place only when
 complete, so a process killed while building leaves a folder no reader opens (the next build of
 the same key deletes it). Opening an entry compares every file with its index first; a file of the
-wrong size or checksum gets the entry rebuilt, never read.
+wrong size or checksum gets the entry rebuilt, never read. A pixel file is a plain C-order array, so
+``np.memmap(path, np.uint8, "r", shape=index["splits"][split]["shape"])`` maps it for other tools.
 
 :class:`PixelStore` presents a split (or a subset of one) the way the trainer and
 :func:`cnnlab.core.metrics.score` use a tensor: ``len``, ``shape``, indexing by slices and index
-tensors, ``.to(device)``. Indexing copies just those images out of the memory map onto the store's
-device, so a dataset larger than the memory trains with resident memory bounded by a few batches.
+tensors, ``.to(device)``. Indexing reads just those images from the file onto the store's device, so
+a dataset larger than the memory trains with resident memory bounded by a few batches, and what
+memory there is serves as page cache.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import contextlib
 import hashlib
 import json
 import logging
-import mmap
 import os
 import queue
 import shutil
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1  # of index.json and the files beside it
 HASH_BLOCK = 4 * 2**20
-# Pages of the memory map a process may keep mapped before handing them back: reading a dataset
-# larger than the memory must not make it resident (the page cache keeps what fits, unaccounted).
-RESIDENT_BYTES = 64 * 2**20
+READ_BYTES = 32 * 2**20  # what ``read`` copies at a time through a subset
 PREFETCH = 3  # batches read ahead by the background thread
 
 
@@ -300,49 +300,56 @@ def _locked(path: Path) -> Iterator[None]:
 # --- reading ---------------------------------------------------------------------------------------
 
 
-class _Mapping:
-    """One split's file mapped into memory, shared by every view of it."""
+class _File:
+    """One split's file, read by position: any thread, any rows, straight into the caller's buffer.
+
+    Positioned reads rather than a memory map: reading through a map makes every page-cache folio it
+    touches part of the process's resident memory, and with large folios (Linux 6.x) one 192 KB image
+    read at random mapped 0.9 MB, so a shuffled epoch over a large file grew the process by the file.
+    A positioned read copies just the image, and the page cache keeps what memory allows, unaccounted.
+    """
 
     def __init__(self, path: Path, shape: tuple[int, ...]) -> None:
         self.path, self.shape = path, tuple(shape)
         self.row_bytes = int(np.prod(shape[1:]))
-        self.lock = threading.Lock()
-        self.touched = 0
-        if shape[0] == 0:
-            self.map, self.tensor = None, torch.empty(shape, dtype=torch.uint8)
-            return
-        with open(path, "rb") as f:
-            # Copy-on-write: never written through, and writable as torch wants its buffers.
-            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        if hasattr(mmap, "MADV_RANDOM"):
-            self.map.madvise(mmap.MADV_RANDOM)  # training reads images in random order: no read-around
-        self.tensor = torch.frombuffer(self.map, dtype=torch.uint8).view(shape)
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        weakref.finalize(self, os.close, self.fd)
+        self.lock = threading.Lock()  # only where there is no pread and reads must seek
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)  # shuffled reads: read-ahead only wastes
 
     def read(self, rows: np.ndarray | slice, out: torch.Tensor) -> torch.Tensor:
+        """The images at ``rows`` (file order or not) into ``out``, each run of consecutive rows in one read."""
         if isinstance(rows, slice):
             start, stop, _ = rows.indices(self.shape[0])
-            if self.map is not None and stop > start and hasattr(mmap, "MADV_WILLNEED"):
-                first = start * self.row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
-                self.map.madvise(mmap.MADV_WILLNEED, first, stop * self.row_bytes - first)
-            out.copy_(self.tensor[rows])
+            runs = [(start, 0, max(stop - start, 0))]
         else:
-            torch.index_select(self.tensor, 0, torch.from_numpy(rows), out=out)
-        self._release_later(out.numel())
+            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+            firsts = np.concatenate([[0], breaks]).astype(np.int64)
+            lengths = np.diff(np.concatenate([firsts, [len(rows)]]))
+            runs = list(zip(rows[firsts].tolist(), firsts.tolist(), lengths.tolist())) if len(rows) else []
+        view = memoryview(out.numpy()).cast("B") if out.numel() else memoryview(b"")
+        rb = self.row_bytes
+        for row, at, count in runs:
+            self._pread(view[at * rb:(at + count) * rb], row * rb)
         return out
 
-    def _release_later(self, nbytes: int) -> None:
-        with self.lock:
-            # Each image may straddle one more page than its size: count that so the bound holds.
-            self.touched += nbytes + mmap.PAGESIZE * (nbytes // max(self.row_bytes, 1))
-            if self.touched < RESIDENT_BYTES or self.map is None or not hasattr(mmap, "MADV_DONTNEED"):
-                return
-            self.touched = 0
-            # Unmaps our pages (the file's pages stay in the page cache while memory allows).
-            self.map.madvise(mmap.MADV_DONTNEED)
+    def _pread(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            if hasattr(os, "preadv"):
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+            else:  # pragma: no cover - Windows
+                with self.lock:
+                    os.lseek(self.fd, offset + done, os.SEEK_SET)
+                    n = os.readv(self.fd, [view[done:]])
+            if n <= 0:
+                raise OSError(f"{self.path} ended before byte {offset + len(view):,}; it was changed while in use")
+            done += n
 
 
 class PixelStore:
-    """uint8 images (N, C, H, W) in a memory-mapped cache file, optionally a subset of its rows.
+    """uint8 images (N, C, H, W) in a cache file, optionally a subset of its rows.
 
     Indexing returns a tensor of just those images on ``device`` (pinned and copied asynchronously
     on CUDA); ``batches`` reads a sequence of index batches ahead in a background thread.
@@ -351,9 +358,9 @@ class PixelStore:
     dtype = torch.uint8
 
     def __init__(self, path: Path, shape: tuple[int, ...], rows: np.ndarray | None = None,
-                 device: torch.device | str = "cpu", mapping: _Mapping | None = None) -> None:
+                 device: torch.device | str = "cpu", mapping: _File | None = None) -> None:
         self.path = Path(path)
-        self.mapping = mapping if mapping is not None else _Mapping(self.path, shape)
+        self.mapping = mapping if mapping is not None else _File(self.path, shape)
         self.rows = rows  # indices into the file, or None for all of it in order
         self.device = torch.device(device)
 
@@ -410,22 +417,12 @@ class PixelStore:
 
     def read(self) -> torch.Tensor:
         """All the images of this view in memory, as one contiguous CPU tensor."""
-        if self.rows is None and self.mapping.map is not None:
-            out = torch.empty(self.shape, dtype=torch.uint8)
-            # Plain reads, not the map: the copy is then the only resident one.
-            with open(self.path, "rb", buffering=0) as f:
-                view = memoryview(out.numpy()).cast("B")
-                done = 0
-                while done < len(view):
-                    n = f.readinto(view[done:done + HASH_BLOCK * 8])
-                    if not n:
-                        raise OSError(f"{self.path} ended early")
-                    done += n
-            return out
         out = torch.empty(self.shape, dtype=torch.uint8)
-        step = max(1, RESIDENT_BYTES // 2 // max(self.mapping.row_bytes, 1))
+        if self.rows is None:
+            return self.mapping.read(slice(0, len(self)), out)
+        step = max(1, READ_BYTES // max(self.mapping.row_bytes, 1))
         for start in range(0, len(self), step):
-            out[start:start + step] = self._gather(slice(start, start + step))
+            self.mapping.read(self.rows[start:start + step], out[start:start + step])
         return out
 
     def batches(self, indices: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
