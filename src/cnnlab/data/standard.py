@@ -175,15 +175,12 @@ def _torchvision(title: str, data_dir: Path, make: Callable[..., object], **kwar
     """A torchvision dataset object, with its complaints turned into one-line messages."""
     try:
         return make(str(data_dir), **kwargs)
-    except RuntimeError as exc:  # "Dataset not found or corrupted", a failed checksum after a download
+    except Exception as exc:  # noqa: BLE001 - parsing files from outside fails in many ways, all the file's fault
         if kwargs.get("download"):
             raise _download_failed(title, data_dir, exc) from None
-        raise UserError(f"{title} in {data_dir} is incomplete or corrupted ({exc}); delete it and rerun "
-                        "with --download") from None
-    except (OSError, ValueError) as exc:
-        if kwargs.get("download"):
-            raise _download_failed(title, data_dir, exc) from None
-        raise UserError(f"cannot read {title} in {data_dir} ({exc}); delete it and rerun with --download") from None
+        what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read {title} in {data_dir} ({what}); the files are incomplete or corrupted: "
+                        "delete them and rerun with --download") from None
 
 
 def _mnist_like(kind: str) -> tuple[Callable[[Path], None], Callable[[Path], Arrays]]:
