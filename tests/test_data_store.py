@@ -220,12 +220,12 @@ def test_folder_images_are_stored_at_the_run_size(tmp_path: Path) -> None:
 def test_the_resize_is_antialiased_and_keeps_a_flat_image_flat(tmp_path: Path) -> None:
     from cnnlab.core import images
 
-    stripes = np.zeros((3, 64, 96), dtype=np.uint8)
-    stripes[:, :, ::2] = 255  # one-pixel stripes: a resize without antialiasing keeps them at full contrast
+    stripes = np.zeros((64, 96, 3), dtype=np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: a resize without antialiasing keeps them at full contrast
     out = images._fit(stripes, (16, 16))
     assert out.shape == (3, 16, 16) and 100 < out.mean() < 155 and out.std() < 20
-    flat = np.full((1, 50, 70), 77, dtype=np.uint8)
-    assert (images._fit(flat, (20, 20)) == 77).all()
+    flat = np.full((50, 70), 77, dtype=np.uint8)
+    assert images._fit(flat, (20, 20)).shape == (1, 20, 20) and (images._fit(flat, (20, 20)) == 77).all()
 
 
 # --- CSV lists -----------------------------------------------------------------------------------
@@ -272,3 +272,35 @@ def test_csv_mistakes_are_one_line(tmp_path: Path, text: str, message: str) -> N
     with pytest.raises(UserError, match=message) as err:
         load_dataset(f"folder:{tmp_path / 'list.csv'}")
     assert "\n" not in str(err.value)
+
+
+# --- a Hugging Face dataset saved with save_to_disk ----------------------------------------------
+
+
+def _hf_saved(root: Path) -> tuple[Path, dict[str, list[np.ndarray]]]:
+    datasets = pytest.importorskip("datasets")
+    rng = np.random.default_rng(5)
+    features = datasets.Features({"label": datasets.ClassLabel(names=["cat", "dog"]), "image": datasets.Image()})
+    pixels, splits = {}, {}
+    for split, n in (("train", 5), ("test", 3)):
+        pixels[split] = [rng.integers(0, 256, (6, 8, 3), dtype=np.uint8) for _ in range(n)]
+        splits[split] = datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(a) for a in pixels[split]], "label": [i % 2 for i in range(n)]}, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(root))
+    return root, pixels
+
+
+def test_a_saved_hugging_face_dataset(tmp_path: Path) -> None:
+    root, pixels = _hf_saved(tmp_path / "hf")
+    ds = load_dataset(f"folder:{root}")
+    assert ds.classes == ["cat", "dog"] and ds.train_y.tolist() == [0, 1, 0, 1, 0] and ds.test_y.tolist() == [0, 1, 0]
+    for split, x in (("train", ds.train_x), ("test", ds.test_x)):
+        assert all(np.array_equal(x[i].numpy(), a.transpose(2, 0, 1)) for i, a in enumerate(pixels[split]))  # PNG: lossless
+
+
+def test_a_hugging_face_dataset_without_the_library_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
+    with pytest.raises(UserError, match=r"cnnlab\[hf\]"):
+        load_dataset(f"folder:{tmp_path / 'hf'}")

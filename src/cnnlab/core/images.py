@@ -48,15 +48,23 @@ def decode(source: Source, channels: int, *, fit: tuple[int, int] | None = None,
     """uint8 (C, H, W) pixels of one image (bytes or a file path), with ``channels`` 1 or 3.
 
     ``fit``: crop to that aspect ratio around the centre and resize to (width, height), antialiased
-    (how a dataset is stored in the cache when its images are not all of the stored size). ``max_side``: crop to the centred square, shrunk with
-    PIL (antialiased) when larger than ``max_side``, so that the final bilinear resize to the network's
-    size does not alias (how a single file is read for ``predict`` and ``visualize``). Neither: as is.
+    (how a dataset is stored in the cache when its images are not all of the stored size).
+    ``max_side``: crop to the centred square, shrunk with PIL (antialiased) when larger than
+    ``max_side``, so that the final bilinear resize to the network's size does not alias (how a
+    single file is read for ``predict`` and ``visualize``). Neither: as is.
 
     Raises ``ValueError`` saying what is wrong (not an image, truncated, too large to decode safely);
     the caller names the file.
     """
+    arr = _pixels(source, channels, max_side if fit is None else None)
     if fit is not None:
-        return _fit(decode(source, channels), fit)
+        return _fit(arr, fit)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _pixels(source: Source, channels: int, max_side: int | None) -> np.ndarray:
+    """(H, W) or (H, W, 3) uint8 pixels as PIL hands them over."""
     try:
         with _open(source) as img:
             img.load()
@@ -74,24 +82,27 @@ def decode(source: Source, channels: int, *, fit: tuple[int, int] | None = None,
         raise ValueError("no such file") from None
     except (OSError, SyntaxError, EOFError) as e:
         raise ValueError(f"cannot decode the image ({e})") from None
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr, dtype=np.uint8)
+    return arr
 
 
 def _fit(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Crop (C, H, W) pixels to the aspect ratio of ``size`` (width, height) around the centre, then resize."""
+    """(C, H, W) pixels of (H, W[, C]) ones cropped to the aspect ratio of ``size`` (width, height)
+    around the centre, then resized to it."""
     width, height = size
-    _, h, w = arr.shape
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    h, w, _ = arr.shape
     if w * height >= h * width:  # wider than the target: keep the full height
         crop_h, crop_w = h, max(1, min(w, round(h * width / height)))
     else:
         crop_h, crop_w = max(1, min(h, round(w * height / width))), w
     top, left = (h - crop_h) // 2, (w - crop_w) // 2
-    arr = arr[:, top:top + crop_h, left:left + crop_w]
+    arr = arr[top:top + crop_h, left:left + crop_w]
     if (crop_h, crop_w) == (height, width):
-        return np.ascontiguousarray(arr)
-    # Channels-last uint8 is the layout torch's vectorised antialiased kernel takes.
-    x = torch.from_numpy(np.ascontiguousarray(arr))[None].contiguous(memory_format=torch.channels_last)
+        return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.uint8)
+    if not (arr.flags.c_contiguous and arr.flags.writeable):
+        arr = arr.copy()
+    # (H, W, C) memory seen as (1, C, H, W) is channels-last: the layout torch's vectorised uint8 kernel takes.
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]
     out = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
     return np.ascontiguousarray(out[0].numpy())
 

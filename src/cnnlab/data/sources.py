@@ -174,10 +174,21 @@ class _Sizing:
 
 @dataclass
 class _Layout:
-    """Class names and, per split, (name for messages, image, label) in a fixed order."""
+    """Class names and, per split, (name for messages, image, label) in a fixed order.
+
+    ``resolve`` turns a chunk's images into bytes or files where the layout holds references
+    (rows of a Hugging Face dataset), a chunk at a time, before the chunk is handed to a worker.
+    """
 
     classes: list[str]
-    items: dict[str, list[tuple[str, Source, int]]]
+    items: dict[str, list[tuple[str, Any, int]]]
+    resolve: Callable[[list[tuple[str, Any]]], list[tuple[str, Source]]] | None = None
+
+    def ready(self, chunk: list[tuple[str, Any]]) -> list[tuple[str, Source]]:
+        return self.resolve(chunk) if self.resolve is not None else chunk
+
+    def chunks(self, items: list[tuple[str, Any]], size: int) -> Iterator[list[tuple[str, Source]]]:
+        return (self.ready(items[start:start + size]) for start in range(0, len(items), size))
 
 
 @dataclass(frozen=True)
@@ -347,12 +358,64 @@ def _csv_layout(rows: list[tuple[str, Path, str, str]], source: Path) -> _Layout
                              for split in ("train", "test")})
 
 
+HF_EXTRA = "pip install 'cnnlab[hf]'"
+
+
+def _is_hf_dataset(path: Path) -> bool:
+    """A Hugging Face ``DatasetDict`` written with ``save_to_disk``."""
+    return path.is_dir() and (path / "dataset_dict.json").is_file()
+
+
+def _hf_layout(path: Path) -> _Layout:
+    """The train and test splits of a saved ``DatasetDict``: its first Image column and its first ClassLabel."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{path} is a Hugging Face dataset; reading it needs the datasets package: {HF_EXTRA}") from None
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - the library raises many kinds for a damaged folder
+        raise UserError(f"cannot read the Hugging Face dataset {path} ({type(e).__name__}: {e})") from None
+    if not isinstance(saved, datasets.DatasetDict) or not {"train", "test"} <= set(saved):
+        found = ", ".join(saved) if isinstance(saved, datasets.DatasetDict) else "a single split"
+        raise UserError(f"{path}: a Hugging Face dataset needs train and test splits (it has {found})")
+    features = saved["train"].features
+    image = next((n for n, f in features.items() if isinstance(f, datasets.Image)), None)
+    label = next((n for n, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+    if image is None or label is None:
+        raise UserError(f"{path}: a Hugging Face dataset needs an Image column and a ClassLabel column "
+                        f"(it has {', '.join(f'{n}: {type(f).__name__}' for n, f in features.items())})")
+    classes = list(features[label].names)
+    saved = saved.cast_column(image, datasets.Image(decode=False))  # encoded bytes: our decoder decodes
+    items: dict[str, list[tuple[str, Any, int]]] = {}
+    for split in ("train", "test"):
+        labels = saved[split][label]
+        if any(not 0 <= y < len(classes) for y in labels):
+            raise UserError(f"{path}: the {split} split has rows without a label in 0…{len(classes) - 1}")
+        items[split] = [(f"{split}[{i}]", (split, i), int(y)) for i, y in enumerate(labels)]
+
+    def resolve(chunk: list[tuple[str, Any]]) -> list[tuple[str, Source]]:
+        out: list[tuple[str, Source]] = []
+        for split in ("train", "test"):
+            rows = [(name, ref[1]) for name, ref in chunk if ref[0] == split]
+            if rows:
+                cells = saved[split].select([i for _, i in rows])[image]
+                out += [(name, cell["bytes"] if cell.get("bytes") is not None else Path(cell["path"]))
+                        for (name, _), cell in zip(rows, cells)]
+        order = {name: k for k, (name, _) in enumerate(chunk)}
+        return sorted(out, key=lambda item: order[item[0]])
+
+    return _Layout(classes, items, resolve)
+
+
 class _FolderSource:
-    """A folder, an archive or a CSV list: its content key now, its layout only if it must be decoded."""
+    """A folder, an archive, a CSV list or a saved Hugging Face dataset: its content key now, its
+    layout only if it must be decoded."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.csv = _csv_files(path)
+        self.hf = _is_hf_dataset(path)
+        self.csv = None if self.hf else _csv_files(path)
         if self.csv is None and not path.is_dir():
             if path.is_file() and not is_archive(path):
                 raise UserError(f"{path} is neither a folder, a .csv list nor a .tar, .tar.gz, .tgz or .zip archive; "
@@ -364,6 +427,9 @@ class _FolderSource:
         self._rows: list[tuple[str, Path, str, str]] | None = None
 
     def key(self) -> str:
+        if self.hf:
+            return _hash_tree(_Tree({p.relative_to(self.path).as_posix(): p for p in sorted(self.path.rglob("*"))
+                                     if p.is_file()}, set()))
         if self.csv is not None:
             self._rows = _csv_rows(self.csv)
             lists = _hash_files([p for p, _ in self.csv], "csv")
@@ -374,6 +440,8 @@ class _FolderSource:
         return _hash_files([self.path], "archive")
 
     def layout(self) -> _Layout:
+        if self.hf:
+            return _hf_layout(self.path)
         if self.csv is not None:
             return _csv_layout(self._rows if self._rows is not None else _csv_rows(self.csv), self.path)
         if self._tree is None:
@@ -464,7 +532,7 @@ def _probe_layout(layout: _Layout, source: Path, skip_bad: bool) -> dict[str, An
     modes, sizes = set(), []
     everything = [(rel, data) for split in ("train", "test") for rel, data, _ in layout.items[split]]
     with _executor(len(everything), 0) as (pool, window):
-        chunks = (everything[i:i + POOL_CHUNK] for i in range(0, len(everything), POOL_CHUNK))
+        chunks = layout.chunks(everything, POOL_CHUNK)
         headers = [h for chunk in _map_chunks(_probe_chunk, chunks, pool, window, str(source), skip_bad) for h in chunk]
     start = 0
     for split in ("train", "test"):
@@ -513,6 +581,17 @@ def _worker_count() -> int:
         return os.cpu_count() or 1
 
 
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """One image is too small a job for a thread team: with two, they mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _worker_init() -> None:
     torch.set_num_threads(1)  # one process per core already; resizes are small
 
@@ -558,14 +637,14 @@ def _decode_into(builder: EntryBuilder, layout: _Layout, plan: _DecodePlan, sour
     builder.reserve(total * row_bytes)
     per_chunk = max(1, min(POOL_CHUNK, CHUNK_BYTES // row_bytes))
     skipped = list(skipped)
-    with _executor(total, total * row_bytes) as (pool, window), \
+    with _executor(total, total * row_bytes) as (pool, window), _one_torch_thread(), \
             tqdm(total=total, desc=f"decoding {source.name}", unit="img", file=sys.stderr, leave=False,
                  disable=not sys.stderr.isatty()) as bar:
         for split in ("train", "test"):
             items = layout.items[split]
             writer = builder.split(split, (plan.channels, plan.height, plan.width))
             chunks = [items[i:i + per_chunk] for i in range(0, len(items), per_chunk)]
-            work = ([(rel, data) for rel, data, _ in chunk] for chunk in chunks)
+            work = (layout.ready([(rel, data) for rel, data, _ in chunk]) for chunk in chunks)
             kept = []
             for chunk, (decoded, bad) in zip(chunks, _map_chunks(_decode_chunk, work, pool, window, plan,
                                                                   str(source), skip_bad)):

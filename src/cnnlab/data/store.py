@@ -28,6 +28,7 @@ import shutil
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 FORMAT = 1  # of index.json and the files beside it
 HASH_BLOCK = 4 * 2**20
 READ_BYTES = 32 * 2**20  # what ``read`` copies at a time through a subset
+# Reads of one batch in flight at once: a disk (a virtual one above all) serves several random reads
+# in about the time of one (64 cold 147 KB rows: 72 ms one after another, 35 ms with 16 threads).
+READ_THREADS = 8
 PREFETCH = 3  # batches read ahead by the background thread
 
 
@@ -68,29 +72,31 @@ def memory_budget_bytes() -> int:
 
 
 def _cgroup_limit() -> int | None:
-    """This process's memory cgroup limit in bytes (cgroup v2 or v1), None when unlimited or unknown."""
+    """This process's memory cgroup limit in bytes (cgroup v2 or v1), None when unlimited or unknown.
+
+    Inside a container /proc/self/cgroup may name the path as the host sees it while /sys/fs/cgroup
+    shows the container's part of the tree: the path is tried with its leading parts dropped.
+    """
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
-    candidates = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        rel = path.lstrip("/")
         if controllers == "":
-            candidates += [Path("/sys/fs/cgroup", rel, "memory.max"), Path("/sys/fs/cgroup/memory.max")]
+            root, name = Path("/sys/fs/cgroup"), "memory.max"
         elif "memory" in controllers.split(","):
-            candidates += [Path("/sys/fs/cgroup/memory", rel, "memory.limit_in_bytes"),
-                           Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")]
-    for candidate in candidates:
-        try:
-            text = candidate.read_text().strip()
-        except OSError:
+            root, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        else:
             continue
-        if text.isdigit() and int(text) < 2**60:  # v1 spells "no limit" as a huge number, v2 as "max"
-            return int(text)
-        if text == "max" or text.isdigit():
-            return None
+        parts = [p for p in path.split("/") if p]
+        for skip in range(len(parts) + 1):
+            try:
+                text = root.joinpath(*parts[skip:], name).read_text().strip()
+            except OSError:
+                continue
+            # v1 spells "no limit" as a huge number, v2 as "max".
+            return int(text) if text.isdigit() and int(text) < 2**60 else None
     return None
 
 
@@ -300,6 +306,27 @@ def _locked(path: Path) -> Iterator[None]:
 # --- reading ---------------------------------------------------------------------------------------
 
 
+_READERS: ThreadPoolExecutor | None = None
+_READERS_LOCK = threading.Lock()
+
+
+def _readers() -> ThreadPoolExecutor:
+    global _READERS
+    with _READERS_LOCK:
+        if _READERS is None:
+            _READERS = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cnnlab-read")
+        return _READERS
+
+
+def _forget_readers() -> None:
+    global _READERS
+    _READERS = None  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_readers)
+
+
 class _File:
     """One split's file, read by position: any thread, any rows, straight into the caller's buffer.
 
@@ -330,8 +357,15 @@ class _File:
             runs = list(zip(rows[firsts].tolist(), firsts.tolist(), lengths.tolist())) if len(rows) else []
         view = memoryview(out.numpy()).cast("B") if out.numel() else memoryview(b"")
         rb = self.row_bytes
-        for row, at, count in runs:
-            self._pread(view[at * rb:(at + count) * rb], row * rb)
+
+        def read_runs(part: list[tuple[int, int, int]]) -> None:
+            for row, at, count in part:
+                self._pread(view[at * rb:(at + count) * rb], row * rb)
+
+        if len(runs) < 2 * READ_THREADS:
+            read_runs(runs)
+        else:
+            list(_readers().map(read_runs, [runs[i::READ_THREADS] for i in range(READ_THREADS)]))
         return out
 
     def _pread(self, view: memoryview, offset: int) -> None:
