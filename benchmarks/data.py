@@ -6,16 +6,22 @@ Four measurements, the slow ones each in a fresh Python process so that its peak
    decoder and torch's antialiased resize (what the cache build does), torchvision.io's decoder
    and torch's resize.
 2. Cache build against ``torchvision.datasets.ImageFolder`` with a ``DataLoader`` (2 workers)
-   decoding one epoch of the same folder at the same size (Resize and CenterCrop to 224 px).
-3. Training one epoch of a small model on a synthetic folder larger than a memory cap: 20,000
-   JPEGs of 256 px stored at 224 px (3.0 GB decoded) against 2 GiB, in a memory cgroup of that limit
-   where the machine lets us make one (cgroup v2 or v1, as root); the process's peak RSS and the
-   cgroup's peak usage (page cache included) are recorded. The cache is built in the same cgroup.
-4. Images per second of the ``fast`` recipe's model (width 16, 32 px) on the bundled sample, with
-   the data held in memory and read from the cache, alternating (memory, cache, cache, memory).
+   decoding one epoch of the same folder at the same size (Resize and CenterCrop to 224 px), in the
+   order ImageFolder, build, build, ImageFolder (the machines this runs on are shared: a change in
+   background load then shows in both); each build starts from an empty cache.
+3. Training a small model on a synthetic folder larger than a memory cap: 20,000 JPEGs of 256 px
+   stored at 224 px (2.9 GB decoded) against 2 GiB, in a memory cgroup of that limit where the
+   machine lets us make one (cgroup v2 or v1, as root), the cache built in the same cgroup before.
+   The run trains on a random ``--capped-images`` of the images (read at random from the whole
+   file) to keep the benchmark short; its peak RSS and the cgroup's peak usage (page cache
+   included, which the kernel trims to the cap) are recorded.
+4. Images per second of SGD steps of the ``fast`` recipe's model (width 16, 32 px, batch 512,
+   flip-and-crop) on the bundled sample, the batches of one step from memory and of the next from
+   the cache, alternating in one process so that a change in load falls on both; the first epoch
+   is left out as warm-up.
 
-    python -m benchmarks.data                         # about 5 minutes on 2 cores
-    python -m benchmarks.data --images 2000 --cap-gib 0.25 --epochs 1   # a quick look
+    python -m benchmarks.data                         # about 5 minutes on 2 idle cores
+    python -m benchmarks.data --images 2000 --cap-gib 1 --epochs 2   # a quick look
 
 Prints a table and writes ``benchmarks/results/data-YYYYMMDD.json``.
 """
@@ -54,7 +60,8 @@ class Settings:
     width: int = 8
     batch_size: int = 64
     decoder_images: int = 200
-    speed_epochs: int = 2  # per run of measurement 4; the last epoch's images/s is taken
+    capped_images: int = 2000  # trained on in measurement 3
+    speed_epochs: int = 3  # of measurement 4, the first of them warm-up
     speed_limit_train: int | None = None  # of the sample, for quick runs
     work: str | None = None  # where the folder and the cache go (default: a temporary folder)
 
@@ -132,8 +139,10 @@ def _write_some(args: tuple[str, int, int, int]) -> None:
 def make_folder(root: Path, s: Settings) -> dict[str, Any]:
     start = time.perf_counter()
     step = max(1, s.images // 16)
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        pool.map(_write_some, [(str(root), a, min(a + step, s.images), s.side) for a in range(0, s.images, step)])
+    if len(list(root.rglob("*.jpg"))) != s.images:  # a --work folder from an earlier run is used as it is
+        shutil.rmtree(root, ignore_errors=True)
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            pool.map(_write_some, [(str(root), a, min(a + step, s.images), s.side) for a in range(0, s.images, step)])
     size = sum(p.stat().st_size for p in root.rglob("*.jpg"))
     return {"images": s.images, "side": s.side, "jpeg_mb": size / 2**20, "seconds": time.perf_counter() - start,
             "decoded_mb": s.images * 3 * s.store_size**2 / 2**20}
@@ -186,7 +195,50 @@ def row_train(job: dict[str, Any]) -> dict[str, Any]:
             "budget_mb": memory_budget_bytes() / 2**20}
 
 
-ROWS = {"imagefolder": row_imagefolder, "build": row_build, "train": row_train}
+def row_speed(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from cnnlab.config import resolve
+    from cnnlab.core.spec import Preprocess
+    from cnnlab.data import open_dataset
+    from cnnlab.data.loader import TrainBatches, place
+    from cnnlab.data.splits import split
+    from cnnlab.models import build
+    from cnnlab.train.device import keep_freed_memory
+
+    keep_freed_memory()  # as the trainer does on a CPU
+    cfg = resolve(overrides=dict(recipe="fast", dataset="sample", width=job.get("width", 16), device="cpu"))
+    data = split(open_dataset("sample", image_size=cfg.image_size), job.get("limit_train"))
+    cpu = torch.device("cpu")
+    preprocess = Preprocess(cfg.image_size, 3, cfg.mean, cfg.std)
+    sources = {"memory": place(data, cpu, on_device=True), "cache": place(data, cpu, on_device=False)}
+    assert isinstance(sources["memory"].train_x, torch.Tensor) and not isinstance(sources["cache"].train_x, torch.Tensor)
+    batches = {k: TrainBatches(d.train_x, d.train_y, cfg.batch_size, preprocess, cfg.augment, cfg.seed)
+               for k, d in sources.items()}
+    model = build(cfg.model, num_classes=10, width=cfg.width)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    seconds, images = {"memory": 0.0, "cache": 0.0}, {"memory": 0, "cache": 0}
+    for epoch in range(job["epochs"]):
+        streams = {k: b.epoch(epoch) for k, b in batches.items()}
+        for i in range(len(batches["memory"])):
+            for name in ("memory", "cache") if i % 2 == 0 else ("cache", "memory"):
+                start = time.perf_counter()
+                x, y, _ = next(streams[name])  # the batch's reading and augmentation are part of the step
+                loss = criterion(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if epoch > 0:
+                    seconds[name] += time.perf_counter() - start
+                    images[name] += len(y)
+    rates = {k: images[k] / seconds[k] for k in seconds}
+    return {"memory_images_per_s": rates["memory"], "cache_images_per_s": rates["cache"],
+            "ratio": rates["cache"] / rates["memory"], "train_images": len(data.train_y),
+            "timed_epochs": job["epochs"] - 1}
+
+
+ROWS = {"imagefolder": row_imagefolder, "build": row_build, "train": row_train, "speed": row_speed}
 
 
 class Cap:
@@ -291,22 +343,27 @@ def run(s: Settings, progress=print) -> dict[str, Any]:
         root = work / "folder"
         document["folder"] = make_folder(root, s)
         cap = int(s.cap_gib * 2**30)
-        progress("ImageFolder + DataLoader (2 workers), one epoch …")
-        document["imagefolder"] = run_row({"section": "imagefolder", "root": str(root), "store_size": s.store_size}, 1800)
+        builds, folders = [], []
+        for i, kind in enumerate(("imagefolder", "build", "build", "imagefolder")):
+            progress(f"{'ImageFolder + DataLoader (2 workers), one epoch' if kind == 'imagefolder' else 'cache build'}"
+                     f" ({i + 1}/4) …")
+            if kind == "build":
+                shutil.rmtree(work / "cache" / "datasets", ignore_errors=True)
+            row = run_row({"section": kind, "root": str(root), "store_size": s.store_size}, 1800)
+            (builds if kind == "build" else folders).append(row)
+        document["imagefolder"], document["build"] = folders, builds
+        cap = int(s.cap_gib * 2**30)
         progress(f"cache build under a {s.cap_gib:g} GiB cap …")
-        document["build"] = run_row({"section": "build", "root": str(root), "store_size": s.store_size}, 1800, cap)
-        progress(f"one epoch from the cache under a {s.cap_gib:g} GiB cap …")
+        shutil.rmtree(work / "cache" / "datasets", ignore_errors=True)
+        document["capped_build"] = run_row({"section": "build", "root": str(root), "store_size": s.store_size}, 1800, cap)
+        progress(f"training from the cache under a {s.cap_gib:g} GiB cap …")
         big = dict(recipe="fast", dataset=f"folder:{root}", store_size=s.store_size, image_size=s.train_image_size,
                    model="resnet18-cifar", width=s.width, epochs=1, batch_size=s.batch_size, lr=0.1, val_split=0,
-                   device="cpu", out=str(work / "runs" / "big"))
+                   limit_train=s.capped_images, limit_test=200, device="cpu", out=str(work / "runs" / "big"))
         document["capped_train"] = run_row({"section": "train", "config": big}, 1800, cap)
-        speed = []
-        for i, on_device in enumerate((True, False, False, True)):
-            progress(f"sample, {'in memory' if on_device else 'from the cache'} ({i + 1}/4) …")
-            cfg = dict(recipe="fast", dataset="sample", width=16, epochs=s.speed_epochs, device="cpu",
-                       limit_train=s.speed_limit_train, data_on_device=on_device, out=str(work / "runs" / f"speed{i}"))
-            speed.append({"on_device": on_device, **run_row({"section": "train", "config": cfg}, 1800)})
-        document["speed"] = speed
+        progress("sample: steps from memory and from the cache, alternating …")
+        document["speed"] = run_row({"section": "speed", "epochs": s.speed_epochs,
+                                     "limit_train": s.speed_limit_train}, 1800)
     finally:
         if not s.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -314,20 +371,20 @@ def run(s: Settings, progress=print) -> dict[str, Any]:
 
 
 def summarise(d: dict[str, Any]) -> dict[str, Any]:
-    def rate(on_device: bool) -> float | None:
-        rates = [r["images_per_s"] for r in d.get("speed", []) if r.get("on_device") is on_device and "images_per_s" in r]
+    def median(rows: list[dict[str, Any]]) -> float | None:
+        rates = [r["images_per_s"] for r in rows if "images_per_s" in r]
         return statistics.median(rates) if rates else None
 
-    memory, cache = rate(True), rate(False)
-    build, folder = d.get("build", {}), d.get("imagefolder", {})
-    capped = d.get("capped_train", {})
+    build, folder = median(d.get("build", [])), median(d.get("imagefolder", []))
+    capped = [d.get("capped_build", {}), d.get("capped_train", {})]
+    peak = max((r.get("host_rss_peak_mb", 0) for r in capped), default=0) or None
     d["summary"] = {
-        "cache_over_memory_images_per_s": cache / memory if memory and cache else None,
-        "build_over_imagefolder": build["images_per_s"] / folder["images_per_s"]
-        if "images_per_s" in build and "images_per_s" in folder else None,
-        "peak_rss_mb": max(capped.get("host_rss_peak_mb", 0), build.get("host_rss_peak_mb", 0)) or None,
-        "peak_rss_under_cap": (max(capped.get("host_rss_peak_mb", 0), build.get("host_rss_peak_mb", 0))
-                               < capped.get("cap_mb", 0)) if capped else None,
+        "cache_over_memory_images_per_s": d.get("speed", {}).get("ratio"),
+        "build_images_per_s": build, "imagefolder_images_per_s": folder,
+        "build_over_imagefolder": build / folder if build and folder else None,
+        "peak_rss_mb": peak, "cap_mb": d.get("capped_train", {}).get("cap_mb"),
+        "peak_rss_under_cap": peak < d["capped_train"]["cap_mb"] if peak and "cap_mb" in d.get("capped_train", {})
+        else None,
     }
     return d
 
@@ -340,19 +397,20 @@ def tables(d: dict[str, Any]) -> str:
     f = d["folder"]
     lines += ["", f"folder: {f['images']:,} JPEGs of {f['side']} px ({f['jpeg_mb']:,.0f} MiB), "
                   f"{f['decoded_mb']:,.0f} MiB decoded at {d['settings']['store_size']} px", ""]
-    rows = [dict(name="ImageFolder + DataLoader (2 workers), one epoch", **d["imagefolder"]),
-            dict(name="cnnlab cache build (hash, probe, decode, resize, write, checksums)", **d["build"]),
-            dict(name="one epoch from the cache (train, width 8, 32 px)", **d["capped_train"])]
+    rows = ([dict(name="ImageFolder + DataLoader (2 workers), one epoch", **r) for r in d["imagefolder"][:1]]
+            + [dict(name="cnnlab cache build (hash, probe, decode, resize, write)", **r) for r in d["build"]]
+            + [dict(name="ImageFolder + DataLoader (2 workers), one epoch", **r) for r in d["imagefolder"][1:]]
+            + [dict(name="cnnlab cache build, capped", **d["capped_build"]),
+               dict(name="training from the cache, capped (width 8, 32 px)", **d["capped_train"])])
     lines.append(report.format_table(rows, [("name", "run"), ("images", "images"), ("seconds", "s"),
                                             ("images_per_s", "images/s"), ("host_rss_peak_mb", "peak RSS MiB"),
                                             ("children_rss_peak_mb", "largest child MiB"),
                                             ("cgroup_peak_mb", "cgroup peak MiB"), ("cap_mb", "cap MiB"),
                                             ("cap_enforced", "cap"), ("on_device", "on device"),
                                             ("error", "error")]))
-    lines += ["", report.format_table([dict(name="in memory" if r["on_device"] else "from the cache", **r)
-                                       for r in d["speed"]],
-                                      [("name", "sample, fast recipe, width 16"), ("images_per_s", "images/s"),
-                                       ("host_rss_peak_mb", "peak RSS MiB"), ("error", "error")])]
+    sp = d["speed"]
+    lines += ["", f"sample, fast recipe at width 16: {_fmt(sp.get('memory_images_per_s'))} images/s from memory, "
+                  f"{_fmt(sp.get('cache_images_per_s'))} from the cache {sp.get('error', '')}"]
     lines += ["", f"cache / memory images/s: {_fmt(s['cache_over_memory_images_per_s'])}; "
                   f"build / ImageFolder speed: {_fmt(s['build_over_imagefolder'])}; "
                   f"peak RSS {_fmt(s['peak_rss_mb'])} MiB, under the cap: {s['peak_rss_under_cap']}"]
@@ -368,14 +426,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--images", type=int, default=Settings.images)
     parser.add_argument("--cap-gib", type=float, default=Settings.cap_gib)
-    parser.add_argument("--epochs", type=int, default=Settings.speed_epochs, help="of each sample run")
+    parser.add_argument("--epochs", type=int, default=Settings.speed_epochs,
+                        help="of the sample in measurement 4, the first one warm-up")
+    parser.add_argument("--capped-images", type=int, default=Settings.capped_images,
+                        help="trained on under the cap in measurement 3")
     parser.add_argument("--speed-limit-train", type=int, help="train on this many sample images in measurement 4")
     parser.add_argument("--work", help="keep the folder, cache and runs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     if args.row:
         isolate.child_main(args.row, ROWS)
         return
-    settings = Settings(images=args.images, cap_gib=args.cap_gib, speed_epochs=args.epochs, work=args.work,
+    settings = Settings(images=args.images, cap_gib=args.cap_gib, speed_epochs=args.epochs, work=args.work, capped_images=args.capped_images,
                         speed_limit_train=args.speed_limit_train)
     document = run(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(tables(document))

@@ -19,6 +19,7 @@ memory there is serves as page cache.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -227,7 +228,8 @@ def cached(key: str, build: Callable[[EntryBuilder], dict[str, Any]]) -> Entry:
         except OSError as e:
             builder.abort()
             shutil.rmtree(tmp, ignore_errors=True)
-            if e.filename is None or not str(e.filename).startswith(str(root)):
+            ours = e.filename is not None and str(e.filename).startswith(str(root))
+            if not ours and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise
             raise UserError(f"cannot write the dataset cache in {root} ({e.strerror}); free some space or set "
                             "CNNLAB_CACHE to another folder") from None
