@@ -64,6 +64,7 @@ class Settings:
     speed_epochs: int = 3  # of measurement 4, the first of them warm-up
     speed_limit_train: int | None = None  # of the sample, for quick runs
     work: str | None = None  # where the folder and the cache go (default: a temporary folder)
+    parts: tuple[str, ...] = ("decoders", "compare", "capped", "speed")  # which measurements (1, 2, 3, 4)
 
 
 # --- 1. decoders ---------------------------------------------------------------------------------
@@ -334,17 +335,19 @@ def run_row(job: dict[str, Any], timeout_s: float, cap_bytes: int | None = None)
 def run(s: Settings, progress=print) -> dict[str, Any]:
     work = Path(s.work) if s.work else Path(tempfile.mkdtemp(prefix="cnnlab-data-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "runs", ignore_errors=True)  # a --work folder's runs of an earlier call
     os.environ["CNNLAB_CACHE"] = str(work / "cache")  # the rows inherit it: a fresh cache
     document: dict[str, Any] = {"machine": report.machine_info(), "settings": asdict(s)}
     try:
-        progress("decoders …")
-        document["decoders"] = decoders(s)
+        if "decoders" in s.parts:
+            progress("decoders …")
+            document["decoders"] = decoders(s)
         progress(f"writing {s.images:,} JPEGs of {s.side} px …")
         root = work / "folder"
         document["folder"] = make_folder(root, s)
         cap = int(s.cap_gib * 2**30)
         builds, folders = [], []
-        for i, kind in enumerate(("imagefolder", "build", "build", "imagefolder")):
+        for i, kind in enumerate(("imagefolder", "build", "build", "imagefolder") if "compare" in s.parts else ()):
             progress(f"{'ImageFolder + DataLoader (2 workers), one epoch' if kind == 'imagefolder' else 'cache build'}"
                      f" ({i + 1}/4) …")
             if kind == "build":
@@ -353,17 +356,20 @@ def run(s: Settings, progress=print) -> dict[str, Any]:
             (builds if kind == "build" else folders).append(row)
         document["imagefolder"], document["build"] = folders, builds
         cap = int(s.cap_gib * 2**30)
-        progress(f"cache build under a {s.cap_gib:g} GiB cap …")
-        shutil.rmtree(work / "cache" / "datasets", ignore_errors=True)
-        document["capped_build"] = run_row({"section": "build", "root": str(root), "store_size": s.store_size}, 1800, cap)
-        progress(f"training from the cache under a {s.cap_gib:g} GiB cap …")
         big = dict(recipe="fast", dataset=f"folder:{root}", store_size=s.store_size, image_size=s.train_image_size,
                    model="resnet18-cifar", width=s.width, epochs=1, batch_size=s.batch_size, lr=0.1, val_split=0,
                    limit_train=s.capped_images, limit_test=200, device="cpu", out=str(work / "runs" / "big"))
-        document["capped_train"] = run_row({"section": "train", "config": big}, 1800, cap)
-        progress("sample: steps from memory and from the cache, alternating …")
-        document["speed"] = run_row({"section": "speed", "epochs": s.speed_epochs,
-                                     "limit_train": s.speed_limit_train}, 1800)
+        if "capped" in s.parts:
+            progress(f"cache build under a {s.cap_gib:g} GiB cap …")
+            shutil.rmtree(work / "cache" / "datasets", ignore_errors=True)
+            document["capped_build"] = run_row({"section": "build", "root": str(root), "store_size": s.store_size},
+                                               1800, cap)
+            progress(f"training from the cache under a {s.cap_gib:g} GiB cap …")
+            document["capped_train"] = run_row({"section": "train", "config": big}, 1800, cap)
+        if "speed" in s.parts:
+            progress("sample: steps from memory and from the cache, alternating …")
+            document["speed"] = run_row({"section": "speed", "epochs": s.speed_epochs,
+                                         "limit_train": s.speed_limit_train}, 1800)
     finally:
         if not s.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -377,6 +383,7 @@ def summarise(d: dict[str, Any]) -> dict[str, Any]:
 
     build, folder = median(d.get("build", [])), median(d.get("imagefolder", []))
     capped = [d.get("capped_build", {}), d.get("capped_train", {})]
+    d.setdefault("speed", {})
     peak = max((r.get("host_rss_peak_mb", 0) for r in capped), default=0) or None
     d["summary"] = {
         "cache_over_memory_images_per_s": d.get("speed", {}).get("ratio"),
@@ -392,16 +399,16 @@ def summarise(d: dict[str, Any]) -> dict[str, Any]:
 def tables(d: dict[str, Any]) -> str:
     m, s = d["machine"], d["summary"]
     lines = [f"{m['date']}  {m['cpu']}, {m['cores']} cores, torch {m['torch']}, load {m['load_average']}", ""]
-    lines.append(report.format_table(d["decoders"], [("name", "decoder, 256 → 224 px, 1 thread"),
+    lines.append(report.format_table(d.get("decoders", []), [("name", "decoder, 256 → 224 px, 1 thread"),
                                                      ("images_per_s", "images/s")]))
     f = d["folder"]
     lines += ["", f"folder: {f['images']:,} JPEGs of {f['side']} px ({f['jpeg_mb']:,.0f} MiB), "
                   f"{f['decoded_mb']:,.0f} MiB decoded at {d['settings']['store_size']} px", ""]
-    rows = ([dict(name="ImageFolder + DataLoader (2 workers), one epoch", **r) for r in d["imagefolder"][:1]]
-            + [dict(name="cnnlab cache build (hash, probe, decode, resize, write)", **r) for r in d["build"]]
-            + [dict(name="ImageFolder + DataLoader (2 workers), one epoch", **r) for r in d["imagefolder"][1:]]
-            + [dict(name="cnnlab cache build, capped", **d["capped_build"]),
-               dict(name="training from the cache, capped (width 8, 32 px)", **d["capped_train"])])
+    rows = ([dict(name="ImageFolder + DataLoader (2 workers), one epoch", **r) for r in d.get("imagefolder", [])[:1]]
+            + [dict(name="cnnlab cache build (hash, probe, decode, resize, write)", **r) for r in d.get("build", [])]
+            + [dict(name="ImageFolder + DataLoader (2 workers), one epoch", **r) for r in d.get("imagefolder", [])[1:]]
+            + [dict(name="cnnlab cache build, capped", **d.get("capped_build", {})),
+               dict(name="training from the cache, capped (width 8, 32 px)", **d.get("capped_train", {}))])
     lines.append(report.format_table(rows, [("name", "run"), ("images", "images"), ("seconds", "s"),
                                             ("images_per_s", "images/s"), ("host_rss_peak_mb", "peak RSS MiB"),
                                             ("children_rss_peak_mb", "largest child MiB"),
@@ -431,12 +438,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--capped-images", type=int, default=Settings.capped_images,
                         help="trained on under the cap in measurement 3")
     parser.add_argument("--speed-limit-train", type=int, help="train on this many sample images in measurement 4")
+    parser.add_argument("--parts", default=",".join(Settings.parts),
+                        help="which measurements, comma-separated: decoders, compare, capped, speed (default: all)")
     parser.add_argument("--work", help="keep the folder, cache and runs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     if args.row:
         isolate.child_main(args.row, ROWS)
         return
     settings = Settings(images=args.images, cap_gib=args.cap_gib, speed_epochs=args.epochs, work=args.work, capped_images=args.capped_images,
+                        parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
                         speed_limit_train=args.speed_limit_train)
     document = run(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(tables(document))
