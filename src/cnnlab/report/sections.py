@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cnnlab.core.errors import UserError
-from cnnlab.report import figures
+from cnnlab.report import charts
 from cnnlab.run import LoadedRun
 
 __all__ = ["Contents", "Example", "Pair", "Picture", "TestResults", "gather", "read_metrics"]
@@ -151,7 +151,7 @@ def _timed(contents: Contents, section: str, make: Callable[[], None]) -> None:
     """Run one section's work; a failure becomes a note in that section instead of no report."""
     start = time.perf_counter()
     try:
-        with figures.plain_text():
+        with charts.plain_text():
             make()
     except UserError as e:
         contents.note(section, str(e))
@@ -179,7 +179,7 @@ def _examples(loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor, ind
         x = loaded.preprocess.to_input(images[idx].to(loaded.device))
         probs = logits(loaded.model, x, loaded.tta).softmax(1).cpu()  # the prediction the scores counted
     p, pred = probs.max(1)
-    return [Example(i, figures.thumbnail(images[i]), loaded.classes[int(labels[i])], loaded.classes[int(pred[k])],
+    return [Example(i, charts.thumbnail(images[i]), loaded.classes[int(labels[i])], loaded.classes[int(pred[k])],
                     float(p[k])) for k, i in enumerate(indices)]
 
 
@@ -208,7 +208,7 @@ def _score_test(contents: Contents, loaded: LoadedRun, images: torch.Tensor, lab
                           _examples(loaded, images, labels, where[:PAIR_EXAMPLES])))
     wrong = (pred != y).nonzero()[:, 0].tolist()
     contents.test = TestResults(len(y), result["top1"], result["loss"], per_class,
-                                Picture(figures.confusion(result, classes), "confusion matrix of the test set"),
+                                Picture(charts.confusion(result, classes), "confusion matrix of the test set"),
                                 pairs, _examples(loaded, images, labels, _spread(wrong, MISCLASSIFIED_SHOWN)),
                                 len(wrong), loaded.tta)
     return pred
@@ -223,7 +223,7 @@ def _viz(method: str, loaded: LoadedRun, test: tuple[torch.Tensor, torch.Tensor]
     job = Job(method, loaded, out_dir / method, choices.get("layers", []), choices.get("targets", []),
               choices.get("channels", []), choices.get("kinds", []), choices.get("count"), choices.get("steps"),
               None, indices=choices.get("indices", []), _test=test)
-    return [Picture(figures.png_uri(Path(p).read_bytes()), alt) for p in FIGURES[method](job)]
+    return [Picture(charts.png_uri(Path(p).read_bytes()), alt) for p in FIGURES[method](job)]
 
 
 @contextmanager
@@ -266,9 +266,9 @@ def gather(run_dir: Path, device: str = "auto") -> Contents:
 
     def curves() -> None:
         if steps:
-            contents.curves.append(Picture(figures.step_curves(steps, epochs),
+            contents.curves.append(Picture(charts.step_curves(steps, epochs),
                                            "training loss, accuracy and learning rate at every step"))
-        contents.curves.append(Picture(figures.epoch_curves(epochs),
+        contents.curves.append(Picture(charts.epoch_curves(epochs),
                                        "train, validation and test loss and accuracy after every epoch"))
 
     _timed(contents, "architecture", architecture)
