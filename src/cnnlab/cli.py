@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -37,6 +39,10 @@ TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+# Library errors name Python parameters in backquotes (`index`); on the command line they are flags.
+FLAGS = {"image": "--image", "index": "--index", "count": "--count", "layer": "--layer", "target": "--target",
+         "channel": "--channel", "channels": "--channel", "kind": "--kind", "steps": "--steps", "out": "--out"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -151,12 +157,18 @@ def build_parser() -> Parser:
     return parser
 
 
+def as_flags(message: str) -> str:
+    """A library message with the parameters it names spelled as the flags that set them."""
+    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m[1], m[0]), message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format=f"cnnlab {args.command}: %(levelname)s: %(message)s")  # library warnings, one line each
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"cnnlab {args.command}: error: {one_line(str(e))}", file=sys.stderr)
+        print(f"cnnlab {args.command}: error: {one_line(as_flags(str(e)))}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno not in WRITE_ERRORS:
@@ -170,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+# Each command imports what it runs inside its function: `cnnlab --help` and argument mistakes never
+# wait for torch to load.
 def cmd_train(args: argparse.Namespace) -> int:
     from cnnlab.config import resolve
     from cnnlab.train.engine import train

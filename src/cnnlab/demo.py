@@ -14,6 +14,7 @@ from cnnlab.evaluate import evaluate
 from cnnlab.report import report
 from cnnlab.train.engine import new_run_dir
 from cnnlab.train.engine import train
+from cnnlab.viz import visualize
 
 # Test images for the gallery: the sample's test set is ordered by class, 100 images each, so these
 # are an airplane, a cat, a dog and a ship.
@@ -51,8 +52,6 @@ def demo(out: str | Path | None = None) -> Path:
 def gallery(run_dir: Path) -> list[Path]:
     """A few figures of the trained model: its conv1 filters, all channels of conv1 and conv5_x for one
     test image, and Grad-CAM and Grad-CAM++ for four (they land in ``run_dir/viz/<method>/``)."""
-    from cnnlab.viz import visualize
-
     pngs = visualize("filters", run_dir, layer="conv1", device="cpu")
     pngs += visualize("features", run_dir, index=GALLERY_IMAGES[1], layer=["conv1", "conv5_x"], device="cpu")
     pngs += visualize("cam", run_dir, index=GALLERY_IMAGES, kind=["grad-cam", "grad-cam++"], device="cpu")
