@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.core.errors import UserError
+from cnnlab.core.spec import MAX_IMAGE_SIZE, MAX_WIDTH
 from cnnlab.models import MODELS
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -22,9 +23,8 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTS = ("none", "flip-crop")
 DEVICES = ("auto", "cpu", "cuda")
-# Beyond these a model no longer fits in memory or a tensor side overflows; say so before trying.
-MAX_WIDTH = 256
-MAX_IMAGE_SIZE = 1024
+# MAX_WIDTH and MAX_IMAGE_SIZE (from cnnlab.core.spec, which checks checkpoints against them too):
+# beyond them a model no longer fits in memory or a tensor side overflows; say so before trying.
 MAX_SEED = 2**63 - 1
 
 
@@ -110,6 +110,21 @@ def resolve(recipe: str | None = None, toml_path: str | Path | None = None,
     merged = {**RECIPES[name], **values, **overrides, "recipe": name}
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
     validate(cfg)
+    return cfg
+
+
+def from_saved(values: Any, check: bool = True) -> TrainConfig:
+    """The configuration a checkpoint saved, every value of the type its setting takes.
+
+    Missing settings (a checkpoint from an earlier cnnlab) take their defaults; unknown ones are refused.
+    ``check``: also :func:`validate` it, as for a run that trains again; without, only the types are
+    checked (a finished run is read as it was trained, even if it could no longer be started so).
+    """
+    if not isinstance(values, dict):
+        raise UserError(f"the saved configuration is {type(values).__name__}, not a table of settings")
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    if check:
+        validate(cfg)
     return cfg
 
 
