@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cnnlab.core import images
-from cnnlab.data.archives import ArchiveContents, is_archive, read_archive
+from cnnlab.data.archives import ArchiveContents, is_archive, member_limit, physical_memory, read_archive
 from cnnlab.core.errors import UserError
 
 DATASET_CHOICES = ("cifar10", "sample", "folder:PATH")
@@ -62,6 +62,9 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     skipped: list[str] = field(default_factory=list)  # unreadable images left out (--skip-bad-images)
+    # sha256 of the source's content (files and folder names, or CIFAR-10's pixels and labels): a run
+    # records it, and --resume refuses to continue on data that changed under the same class names.
+    fingerprint: str = ""
 
 
 def default_data_dir() -> Path:
@@ -78,10 +81,7 @@ def cache_dir() -> Path:
 
 def memory_budget_bytes() -> int:
     """How many bytes of decoded pixels we allow ourselves: half of physical RAM."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):  # not available on this platform
-        return 8 * 2**30
+    return physical_memory() // 2
 
 
 def load_dataset(spec: str, data_dir: str | Path | None = None, download: bool = False,
@@ -200,13 +200,19 @@ def _load_cifar10(data_dir: Path, download: bool) -> Dataset:
     for y, name in ((train_y, "training"), (test_y, "test")):
         if y.size and (y.min() < 0 or y.max() >= len(classes)):
             raise UserError(f"CIFAR-10 {name} labels in {folder} exceed the {len(classes)} classes; rerun with --download")
+    train_x, test_x = np.ascontiguousarray(train_x), np.ascontiguousarray(test_x)
+    digest = hashlib.sha256("\0".join(classes).encode())
+    for array in (train_x, train_y, test_x, test_y):
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).data)
     return Dataset(
         name="cifar10",
         classes=classes,
-        train_x=torch.from_numpy(np.ascontiguousarray(train_x)),
+        train_x=torch.from_numpy(train_x),
         train_y=torch.from_numpy(train_y),
-        test_x=torch.from_numpy(np.ascontiguousarray(test_x)),
+        test_x=torch.from_numpy(test_x),
         test_y=torch.from_numpy(test_y),
+        fingerprint=digest.hexdigest(),
     )
 
 
@@ -229,33 +235,57 @@ def _is_candidate(relpath: str, extensions: frozenset[str]) -> bool:
 
 
 def _read_directory(root: Path) -> ArchiveContents:
+    """Every candidate image under ``root``, as bytes. Folders and files that are symbolic links are
+    followed (datasets are often assembled from links); a link back into its own ancestry is refused.
+    Each file is checked against the per-image size bound before it is read."""
     extensions = _image_extensions()
     contents = ArchiveContents()
-    for folder, subdirs, files in os.walk(root):
+    limit = member_limit()
+    for folder, subdirs, files in os.walk(root, followlinks=True):
         subdirs[:] = sorted(d for d in subdirs if not _is_hidden(d))
+        here = os.path.realpath(folder)
+        for d in subdirs:
+            if os.path.islink(os.path.join(folder, d)):
+                target = os.path.realpath(os.path.join(folder, d))
+                if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                    raise UserError(f"{Path(folder, d)} is a link to a folder that contains it ({target}); "
+                                    "remove the link, it would be read forever")
         rel_folder = Path(folder).relative_to(root).as_posix()
         prefix = "" if rel_folder == "." else rel_folder + "/"
         contents.dirs.update(prefix + d for d in subdirs)
         for name in files:
             rel = prefix + name
             if _is_candidate(rel, extensions):
+                path = Path(folder, name)
                 try:
-                    contents.files[rel] = Path(folder, name).read_bytes()
+                    size = path.stat().st_size
+                    if size > limit:
+                        raise UserError(f"{path} is {size / 2**20:,.0f} MiB, more than any image cnnlab reads "
+                                        f"({limit / 2**20:,.0f} MiB, see CNNLAB_MAX_IMAGE_BYTES); remove it")
+                    contents.files[rel] = path.read_bytes()
                 except OSError as exc:
-                    raise UserError(f"cannot read {Path(folder, name)}: {exc.strerror}; check its permissions") from None
+                    raise UserError(f"cannot read {path}: {exc.strerror}; check that it exists and "
+                                    "its permissions") from None
     return contents
 
 
 def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256(f"cnnlab-decoder-{DECODER_VERSION}\0".encode())
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
+def _cache_key(content: str) -> str:
+    """Decoded pixels depend on the content and on the decoder: both are in the cache key."""
+    return hashlib.sha256(f"cnnlab-decoder-{DECODER_VERSION}\0{content}".encode()).hexdigest()
+
+
 def _hash_contents(contents: ArchiveContents) -> str:
-    digest = hashlib.sha256(f"cnnlab-decoder-{DECODER_VERSION}\0".encode())
+    """sha256 of a folder's layout and image bytes."""
+    digest = hashlib.sha256()
     for d in sorted(contents.dirs):  # empty class folders change the outcome too
         digest.update(f"d\0{d}\0".encode())
     for rel in sorted(contents.files):
@@ -509,13 +539,16 @@ def _read_cache(path: Path) -> dict[str, object] | None:
 
 def _write_cache(path: Path, tensors: dict[str, object]) -> None:
     # Temp file + rename: a crash or a concurrent run never leaves a half-written cache behind.
+    tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
             tmp = Path(f.name)
             torch.save(tensors, f)
         os.replace(tmp, path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write (a file size limit) as RuntimeError
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         warnings.warn(f"could not cache decoded images in {path.parent} ({exc}); the next run decodes again", stacklevel=3)
 
 
@@ -523,15 +556,15 @@ def _load_folder(path: Path, name: str, skip_bad: bool = False) -> Dataset:
     """A ``train/<class>/…``, ``test/<class>/…`` tree from a directory or an archive, via the cache."""
     if path.is_dir():
         contents = _read_directory(path)
-        key = _hash_contents(contents)
+        content = _hash_contents(contents)
     elif path.is_file() and is_archive(path):
-        contents, key = None, _hash_file(path)
+        contents, content = None, _hash_file(path)
     elif path.exists():
         raise UserError(f"{path} is neither a folder nor a .tar, .tar.gz, .tgz or .zip archive; check the folder:PATH")
     else:
         raise UserError(f"{path} does not exist; check the folder:PATH (it may be a folder or a .tar.gz/.zip archive)")
 
-    cache_file = _cache_path(key + ("-skip-bad" if skip_bad else ""))
+    cache_file = _cache_path(_cache_key(content) + ("-skip-bad" if skip_bad else ""))
     tensors = _read_cache(cache_file)
     if tensors is None:
         if contents is None:
@@ -547,4 +580,5 @@ def _load_folder(path: Path, name: str, skip_bad: bool = False) -> Dataset:
         test_x=tensors["test_x"],
         test_y=tensors["test_y"],
         skipped=list(tensors.get("skipped", [])),
+        fingerprint=content,
     )
