@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from cnnlab import __version__
-from cnnlab.core.errors import UserError, one_line
+from cnnlab.core.errors import Interrupted, UserError, one_line
 
 TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
     "dataset": (str, "cifar10, sample or folder:PATH (a folder or .tar/.tar.gz/.zip of train/<class>/ and test/<class>/)"),
@@ -38,7 +40,7 @@ TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
 }
 
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 # Library errors name Python parameters in backquotes (`index`); on the command line they are flags.
 FLAGS = {"image": "--image", "index": "--index", "count": "--count", "layer": "--layer", "target": "--target",
@@ -82,7 +84,8 @@ def build_parser() -> Parser:
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                    help="with torchrun: normalise with the statistics of the whole global batch")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                                                       "(or give RUN_DIR/checkpoints/best.pt to continue from that)")
     p.add_argument("--stop-after", type=int, metavar="STEPS",
                    help="stop after this many steps with a checkpoint; continue later with --resume")
 
@@ -185,11 +188,23 @@ def as_flags(message: str) -> str:
     return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m[1], m[0]), message)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise Interrupted(signum, "stopped by SIGTERM")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_notes()
+    # SIGTERM (what SLURM and Kubernetes send) ends a command as Ctrl-C does: one line, exit 143, files
+    # being written left whole. Training acts on it at its next step, with a checkpoint (see train.engine).
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as e:
+        print(f"cnnlab {args.command}: {one_line(str(e))}", file=sys.stderr)
+        return 128 + e.signum
     except UserError as e:
         print(f"cnnlab {args.command}: error: {one_line(as_flags(str(e)))}", file=sys.stderr)
         return 2
@@ -203,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cnnlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # Each command imports what it runs inside its function: torch alone takes seconds to import, and
@@ -224,7 +242,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = resolve(toml_path=getattr(args, "config", None), overrides=given)
         if os.environ.get("RANK", "0") == "0":  # torchrun starts one copy per rank; one says it
-            print("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+            print(one_line("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())))
         result = train(cfg, stop_after=stop_after)
     if os.environ.get("RANK", "0") == "0":
         _print_result(result)
@@ -251,10 +269,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({k: result[k] for k in ("top1", "n", "per_class", "confusion")}))
         return 0
     flip = ", with flip TTA" if result["tta"] else ""
-    print(f"top-1 accuracy {100 * result['top1']:.2f}% on {result['n']} test images ({result['dataset']}{flip})")
+    # Class names and paths come from files: escaped, so that they cannot move the cursor or forge lines.
+    print(one_line(f"top-1 accuracy {100 * result['top1']:.2f}% on {result['n']} test images ({result['dataset']}{flip})"))
     for name, acc in result["per_class"].items():
-        print(f"  {name:>20}  {'-' if acc is None else f'{100 * acc:.1f}%'}")
-    print("wrote " + ", ".join(result["outputs"]))
+        print(one_line(f"  {name:>20}  {'-' if acc is None else f'{100 * acc:.1f}%'}"))
+    print(one_line("wrote " + ", ".join(result["outputs"])))
     return 0
 
 
@@ -292,7 +311,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(good))
     else:
         for r in good:
-            print(f"{r['image']}  " + "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]))
+            print(one_line(f"{r['image']}  " + "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"])))
     return 0 if len(good) == len(results) else 1
 
 

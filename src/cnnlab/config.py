@@ -202,6 +202,9 @@ def validate(cfg: TrainConfig) -> None:
          f"unknown dataset {cfg.dataset!r}; choose one of: cifar10, sample, folder:PATH")
     need(cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})")
     need(cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})")
+    # Every model normalises with BatchNorm, which in training needs more than one image a batch.
+    need(cfg.batch_size >= 2, f"--batch-size must be at least 2: {cfg.model} normalises with BatchNorm, whose "
+                              "batch statistics one image cannot give (got 1)")
     need(1 <= cfg.width <= MAX_WIDTH, f"--width must be between 1 and {MAX_WIDTH} (got {cfg.width})")
     need(8 <= cfg.image_size <= MAX_IMAGE_SIZE,
          f"--image-size must be between 8 and {MAX_IMAGE_SIZE} (got {cfg.image_size})")
