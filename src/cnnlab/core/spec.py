@@ -24,11 +24,15 @@ MAX_FILE_SIDE = 256
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What :func:`cnnlab.models.build` needs to rebuild a network before loading its weights."""
+    """What :func:`cnnlab.models.build` needs to rebuild a network before loading its weights.
+
+    ``name`` is a cnnlab model or ``torchvision:NAME`` / ``timm:NAME``; ``width`` is None for the latter,
+    whose widths are their own.
+    """
 
     name: str
     num_classes: int
-    width: int
+    width: int | None
     in_channels: int = 3
 
     def to_dict(self) -> dict[str, Any]:
@@ -36,7 +40,9 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(str(d["name"]), int(d["num_classes"]), int(d["width"]), int(d.get("in_channels", 3)))
+        width = d.get("width")
+        return cls(str(d["name"]), int(d["num_classes"]), None if width is None else int(width),
+                   int(d.get("in_channels", 3)))
 
 
 @dataclass(frozen=True)
