@@ -189,3 +189,18 @@ def test_report_user_errors(tmp_path, capsys):
     (tmp_path / "f.txt").write_text("x")
     assert cli.main(["report", str(tmp_path / "f.txt")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_a_figure_that_fails_is_a_note_and_a_logged_warning(hostile_run, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from cnnlab.viz.figures import FIGURES, Maker
+
+    def broken(job):
+        raise RuntimeError("out of ink")
+
+    monkeypatch.setitem(FIGURES, "filters", Maker(broken, FIGURES["filters"].uses))
+    with caplog.at_level(logging.WARNING, logger="cnnlab.report"):
+        out = report(hostile_run[0], out=tmp_path / "r.html", device="cpu")
+    assert "this part could not be drawn (RuntimeError: out of ink)" in out.read_text()
+    assert [r.getMessage() for r in caplog.records] == ["section filters could not be drawn: RuntimeError: out of ink"]

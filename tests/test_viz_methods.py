@@ -13,11 +13,11 @@ from cnnlab.viz.attribute import guided_backprop, integrated_gradients, path_int
 from cnnlab.viz.cam import grad_cam, layer_cam
 from cnnlab.viz.deconv import deconv
 from cnnlab.viz.features import feature_maps
-from cnnlab.viz.filters import conv_filters, filter_tiles
+from cnnlab.viz.filters import conv_filters
 from cnnlab.viz.inputs import from_test_set
 from cnnlab.viz.invert import feature_distance, invert
-from cnnlab.viz.maximize import maximize, objective
-from cnnlab.viz.render import mosaic
+from cnnlab.viz.maximize import fourier_noise, maximize, objective
+from cnnlab.viz.render import minmax, mosaic
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,7 +51,7 @@ def forward_output(model, module, x):
 
 def test_feature_maps_are_the_layers_forward_output(loaded, x):
     model = loaded.model
-    maps = feature_maps(model, x, ["conv1", "conv5_x", "layer2.1.left.2"])
+    maps = {layer: feature_maps(model, x, layer=layer) for layer in ["conv1", "conv5_x", "layer2.1.left.2"]}
     assert torch.equal(maps["conv1"], forward_output(model, model.conv1, x))
     assert torch.equal(maps["conv5_x"], forward_output(model, model.layer4, x))
     assert torch.equal(maps["layer2.1.left.2"], forward_output(model, model.layer2[1].left[2], x))
@@ -81,17 +81,17 @@ def test_grad_cam_is_its_definition(loaded, x):
     weights = grads.mean((2, 3), keepdim=True)  # α_k: global-average-pooled gradients
     expected = F.interpolate(F.relu((weights * acts).sum(1, keepdim=True)), size=(32, 32), mode="bilinear",
                              align_corners=False)
-    got = grad_cam(model, x, target, "conv5_x")
+    got = grad_cam(model, x, target=target, layer="conv5_x")
     assert got.shape == (4, 1, 32, 32)
     assert expected.amax() > 0
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     # The predicted class is the default target.
     predicted = model(x).argmax(1)
-    torch.testing.assert_close(grad_cam(model, x, None), grad_cam(model, x, predicted), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad_cam(model, x, target=None), grad_cam(model, x, target=predicted), atol=1e-6, rtol=0)
     # LayerCAM weighs each location by its own positive gradient.
     expected = F.interpolate(F.relu((F.relu(grads) * acts).sum(1, keepdim=True)), size=(32, 32),
                              mode="bilinear", align_corners=False)
-    torch.testing.assert_close(layer_cam(model, x, target, "conv5_x"), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer_cam(model, x, target=target, layer="conv5_x"), expected, atol=1e-5, rtol=0)
 
 
 def path_scores(model, x, baseline, target, ts):
@@ -127,7 +127,7 @@ def relu_net():
 def test_integrated_gradients_are_complete_to_their_tolerance(relu_net):
     model, x = relu_net
     target = torch.tensor([0, 3, 6, 9])
-    result = path_integral(model, x, target, tolerance=0.01)
+    result = path_integral(model, x, target=target, tolerance=0.01)
     zero = torch.zeros_like(x)
     # Independently: the score's change, and its total variation along the path (1,000 midpoints).
     ends, _ = path_scores(model, x, zero, target, [0.0, 1.0])
@@ -144,7 +144,7 @@ def test_integrated_gradients_are_complete_to_their_tolerance(relu_net):
     assert monotone.any()
     assert (miss[monotone] / gain[monotone].abs() < 0.0102).all()
     # The attributions themselves converge: against 1,024 trapezoid intervals.
-    dense = path_integral(model, x, target, steps=1024, max_steps=1024).attributions
+    dense = path_integral(model, x, target=target, steps=1024, max_steps=1024).attributions
     assert ((result.attributions - dense).flatten(1).norm(dim=1) < 0.05 * dense.flatten(1).norm(dim=1)).all()
 
 
@@ -153,7 +153,7 @@ def test_integrated_gradients_of_a_linear_model_are_exact():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).double()
     x, baseline = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(1, 3, 8, 8, dtype=torch.float64)
     target = torch.tensor([1, 4])
-    result = path_integral(model, x, target, baseline, steps=1)
+    result = path_integral(model, x, target=target, baseline=baseline, steps=1)
     p = x.clone().requires_grad_(True)
     model(p).gather(1, target[:, None]).sum().backward()
     torch.testing.assert_close(result.attributions, (x - baseline) * p.grad, rtol=1e-12, atol=1e-12)
@@ -163,8 +163,8 @@ def test_integrated_gradients_of_a_linear_model_are_exact():
 def test_integrated_gradients_say_when_the_step_cap_is_reached(relu_net):
     model, x = relu_net
     with pytest.warns(UserWarning, match=r"after 4 steps"):
-        integrated_gradients(model, x[:2], 0, tolerance=1e-9, steps=2, max_steps=4)
-    assert path_integral(model, x[:2], 0, tolerance=1e-9, steps=2, max_steps=4).steps.tolist() == [4, 4]
+        integrated_gradients(model, x[:2], target=0, tolerance=1e-9, steps=2, max_steps=4)
+    assert path_integral(model, x[:2], target=0, tolerance=1e-9, steps=2, max_steps=4).steps.tolist() == [4, 4]
 
 
 def test_integrated_gradients_on_the_trained_model(loaded, x):
@@ -193,7 +193,7 @@ def test_guided_backprop_rectifies_every_relu(name, size):
     model = build(name, num_classes=5, width=4).eval()
     x = torch.randn(2, 3, size, size)
     target = torch.tensor([1, 3])
-    got = guided_backprop(model, x, target)
+    got = guided_backprop(model, x, target=target)
 
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     assert len(relus) == 1 + 8 * 2  # the stem, and two in every block: one inside, one after the sum
@@ -219,13 +219,21 @@ def test_guided_backprop_rectifies_every_relu(name, size):
     assert (got - inp.grad).abs().max() > 1e-4
 
 
+def noise_input(loaded, n):
+    """lucid's starting images, as network input."""
+    pre = loaded.preprocess
+    return pre.normalizer()(fourier_noise((n, pre.channels, pre.size, pre.size)))
+
+
 def test_channel_maximisation_raises_the_channel_fivefold(loaded):
     model, layer, channels = loaded.model, "conv5_x", [0, 1, 2, 3]
     picks = torch.tensor(channels)
-    start = maximize(model, 32, loaded.preprocess.mean, loaded.preprocess.std, layer=layer, channels=channels, steps=0)
-    end = maximize(model, 32, loaded.preprocess.mean, loaded.preprocess.std, layer=layer, channels=channels)
+    noise = noise_input(loaded, len(channels))
+    start = maximize(model, noise, layer=layer, channels=channels, preprocess=loaded.preprocess, steps=0)
+    end = maximize(model, noise, layer=layer, channels=channels, preprocess=loaded.preprocess)
     with torch.no_grad():
-        before, after = objective(model, start, layer, picks, None), objective(model, end, layer, picks, None)
+        before = objective(model, start, layer=layer, channels=picks)
+        after = objective(model, end, layer=layer, channels=picks)
     print(f"channel maximisation: {before.tolist()} -> {after.tolist()}, ratio {(after / before).tolist()}")
     assert (before > 0).all()
     assert (after >= 5 * before).all()
@@ -237,8 +245,9 @@ def test_class_maximisation_is_confident(loaded, test_images):
     x = from_test_set(*test_images, range(200), loaded.preprocess).x
     with torch.no_grad():
         target = int(torch.bincount(model(x).argmax(1), minlength=10).argmax())
-    start = maximize(model, 32, loaded.preprocess.mean, loaded.preprocess.std, classes=[target], steps=0)
-    end = maximize(model, 32, loaded.preprocess.mean, loaded.preprocess.std, classes=[target])
+    noise = noise_input(loaded, 1)
+    start = maximize(model, noise, target=[target], preprocess=loaded.preprocess, steps=0)
+    end = maximize(model, noise, target=[target], preprocess=loaded.preprocess)
     with torch.no_grad():
         before, after = model(start).softmax(1)[0, target], model(end).softmax(1)[0, target]
     print(f"class maximisation of {loaded.classes[target]}: softmax {before:.3f} -> {after:.3f}")
@@ -248,9 +257,10 @@ def test_class_maximisation_is_confident(loaded, test_images):
 def test_inversion_matches_the_conv2_x_representation(loaded, x):
     model = loaded.model
     x0 = x[:2]
-    recon = invert(model, x0, "conv2_x", loaded.preprocess.mean, loaded.preprocess.std)
+    recon = invert(model, x0, layer="conv2_x", preprocess=loaded.preprocess)
     distance = feature_distance(model, recon, x0, "conv2_x")
-    start = feature_distance(model, invert(model, x0, "conv2_x", loaded.preprocess.mean, loaded.preprocess.std, steps=0), x0, "conv2_x")
+    start = feature_distance(model, invert(model, x0, layer="conv2_x", preprocess=loaded.preprocess, steps=0), x0,
+                             "conv2_x")
     print(f"inversion at conv2_x: relative feature distance {start.tolist()} -> {distance.tolist()}")
     assert (distance < 0.2).all() and (start > 0.5).all()
     # The reconstruction is an image in range, not the original copied.
@@ -263,7 +273,7 @@ def test_conv1_filter_grid_has_every_filter_min_max_scaled():
     model = build("resnet18", num_classes=10)
     path, weight = conv_filters(model, "conv1")
     assert path == "conv1.0" and weight.shape == (64, 3, 7, 7)
-    tiles = filter_tiles(weight)
+    tiles = minmax(weight)
     assert tiles.shape == (64, 3, 7, 7)
     for w, tile in zip(weight, tiles):
         torch.testing.assert_close(tile, (w - w.min()) / (w.max() - w.min()))
@@ -281,9 +291,9 @@ def test_deconv_keeps_positive_signals_and_follows_zeiler_fergus(loaded, x):
     from captum.attr import NeuronDeconvolution
 
     model = loaded.model
-    maps = feature_maps(model, x[:1], ["conv5_x"])["conv5_x"][0]
+    maps = feature_maps(model, x[:1], layer="conv5_x")[0]
     channel = int(maps.flatten(1).amax(1).argmax())
-    got = deconv(model, x[:1], "conv5_x", channel)
+    got = deconv(model, x[:1], layer="conv5_x", channels=channel)
     acts = maps[channel]
     i, j = divmod(int(acts.argmax()), acts.shape[1])
     expected = NeuronDeconvolution(model, model.layer4).attribute(x[:1].clone().requires_grad_(True),

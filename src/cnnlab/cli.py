@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,10 @@ TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+# Library errors name Python parameters in backquotes (`index`); on the command line they are flags.
+FLAGS = {"image": "--image", "index": "--index", "count": "--count", "layer": "--layer", "target": "--target",
+         "channel": "--channel", "channels": "--channel", "kind": "--kind", "steps": "--steps", "out": "--out"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -171,13 +176,14 @@ def build_parser() -> Parser:
 
 
 class _Notes(logging.Handler):
-    """The library's notes and warnings (the ``cnnlab`` logger) as one escaped line each on stderr.
+    """The library's notes and warnings (the ``cnnlab`` logger) as one escaped line each on stderr,
+    with the parameters they name spelled as flags.
 
     It looks ``sys.stderr`` up at every message, so that a redirected stderr (a test's) is honoured.
     """
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(one_line(record.getMessage()), file=sys.stderr)
+        print(one_line(as_flags(record.getMessage())), file=sys.stderr)
 
 
 def _show_notes() -> None:
@@ -188,13 +194,18 @@ def _show_notes() -> None:
         logger.propagate = False  # the command line shows them once, as above
 
 
+def as_flags(message: str) -> str:
+    """A library message with the parameters it names spelled as the flags that set them."""
+    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m[1], m[0]), message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_notes()
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"cnnlab {args.command}: error: {one_line(str(e))}", file=sys.stderr)
+        print(f"cnnlab {args.command}: error: {one_line(as_flags(str(e)))}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno not in WRITE_ERRORS:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import cnnlab
-from cnnlab.report.figures import ASSIGNMENT_TEST, ASSIGNMENT_TRAIN
+from cnnlab.report.charts import ASSIGNMENT_TEST, ASSIGNMENT_TRAIN
 from cnnlab.report.sections import Contents, Example, Picture
 
 __all__ = ["SECTIONS", "render"]

@@ -12,8 +12,8 @@
 - occlusion: Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014
   (arXiv:1311.2901), Sec. 4.2.
 
-Every function takes a model, a batch of network inputs (B, C, H, W) and a target (class index,
-(B,) tensor, or ``None`` for the predicted class) and returns attributions of the input's shape.
+Every function has the shape of :mod:`cnnlab.viz.shape` and returns attributions of the input's
+shape; only guided Grad-CAM has a ``layer``, and none has ``channels``.
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from captum.attr import GuidedBackprop, GuidedGradCam, NoiseTunnel, Occlusion, Saliency
 from torch import Tensor, nn
 
-from cnnlab.core.errors import UserError
-from cnnlab.viz.cam import Target, predicted
-from cnnlab.viz.layers import resolve
+from cnnlab.viz.layers import default_layer, module_at
+from cnnlab.viz.shape import Channels, Target, target_classes, unused
 
-__all__ = ["ATTRIBUTIONS", "PathIntegral", "attribute", "guided_backprop", "guided_grad_cam",
-           "integrated_gradients", "occlusion", "path_integral", "saliency", "smoothgrad"]
+__all__ = ["ATTRIBUTIONS", "PathIntegral", "guided_backprop", "guided_grad_cam", "integrated_gradients",
+           "occlusion", "path_integral", "saliency", "smoothgrad"]
 
 
 def _captum(attributor, x: Tensor, **kwargs) -> Tensor:
@@ -41,26 +41,26 @@ def _captum(attributor, x: Tensor, **kwargs) -> Tensor:
         return attributor.attribute(x.detach().clone().requires_grad_(True), **kwargs).detach()
 
 
-def saliency(model: nn.Module, x: Tensor, target: Target = None) -> Tensor:
+def saliency(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+             channels: Channels = None) -> Tensor:
     """|∂y_c/∂x|, the vanilla gradient's magnitude."""
-    from captum.attr import Saliency
+    unused("saliency", layer=layer, channels=channels)
+    return _captum(Saliency(model), x, target=target_classes(model, x, target), abs=True)
 
-    return _captum(Saliency(model), x, target=predicted(model, x, target), abs=True)
 
-
-def guided_backprop(model: nn.Module, x: Tensor, target: Target = None) -> Tensor:
+def guided_backprop(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+                    channels: Channels = None) -> Tensor:
     """The gradient with only positive gradients passed back through every ReLU."""
-    from captum.attr import GuidedBackprop
+    unused("guided_backprop", layer=layer, channels=channels)
+    return _captum(GuidedBackprop(model), x, target=target_classes(model, x, target))
 
-    return _captum(GuidedBackprop(model), x, target=predicted(model, x, target))
 
-
-def guided_grad_cam(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x") -> Tensor:
+def guided_grad_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+                    channels: Channels = None) -> Tensor:
     """Guided backprop times the Grad-CAM of ``layer``, upsampled bilinearly."""
-    from captum.attr import GuidedGradCam
-
-    method = GuidedGradCam(model, resolve(model, layer))
-    return _captum(method, x, target=predicted(model, x, target), interpolate_mode="bilinear")
+    unused("guided_grad_cam", channels=channels)
+    method = GuidedGradCam(model, module_at(model, layer or default_layer(model)))
+    return _captum(method, x, target=target_classes(model, x, target), interpolate_mode="bilinear")
 
 
 @dataclass
@@ -72,7 +72,7 @@ class PathIntegral:
     steps: Tensor  # (B,) trapezoid intervals each image needed
 
 
-def path_integral(model: nn.Module, x: Tensor, target: Target = None, baseline: Tensor | None = None,
+def path_integral(model: nn.Module, x: Tensor, *, target: Target = None, baseline: Tensor | None = None,
                   tolerance: float = 0.01, steps: int = 32, max_steps: int = 4096,
                   batch_size: int = 128) -> PathIntegral:
     """Integrated gradients, refined until each image's completeness gap is below ``tolerance``.
@@ -93,7 +93,7 @@ def path_integral(model: nn.Module, x: Tensor, target: Target = None, baseline: 
         raise ValueError(f"steps must be at least 1 and at most max_steps (got steps={steps}, max_steps={max_steps})")
     x = x.detach()
     base = torch.zeros_like(x) if baseline is None else baseline.detach().to(x).expand_as(x)
-    target = predicted(model, x, target)
+    target = target_classes(model, x, target)
     delta = x - base
     n = len(x)
 
@@ -149,14 +149,17 @@ def path_integral(model: nn.Module, x: Tensor, target: Target = None, baseline: 
     return PathIntegral(attributions.detach(), gap.detach(), intervals)
 
 
-def integrated_gradients(model: nn.Module, x: Tensor, target: Target = None, baseline: Tensor | None = None,
-                         tolerance: float = 0.01, steps: int = 32, max_steps: int = 4096) -> Tensor:
+def integrated_gradients(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+                         channels: Channels = None, baseline: Tensor | None = None, tolerance: float = 0.01,
+                         steps: int = 32, max_steps: int = 4096) -> Tensor:
     """(x − x′) ⊙ the path integral of the gradient from ``baseline`` x′ (default zero: the mean colour).
 
     Complete to within ``tolerance`` of the score's change along the path (see :func:`path_integral`);
     a warning names the images for which ``max_steps`` trapezoid intervals were not enough.
     """
-    result = path_integral(model, x, target, baseline, tolerance, steps, max_steps)
+    unused("integrated_gradients", layer=layer, channels=channels)
+    result = path_integral(model, x, target=target, baseline=baseline, tolerance=tolerance, steps=steps,
+                           max_steps=max_steps)
     short = (result.gap > tolerance).nonzero().flatten().tolist()
     if short:
         warnings.warn(f"integrated gradients: image(s) {short} still miss completeness by "
@@ -165,13 +168,12 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: Target = None, bas
     return result.attributions
 
 
-def smoothgrad(model: nn.Module, x: Tensor, target: Target = None, samples: int = 25, noise: float = 0.15,
-               seed: int = 0) -> Tensor:
+def smoothgrad(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+               channels: Channels = None, samples: int = 25, noise: float = 0.15, seed: int = 0) -> Tensor:
     """The mean saliency over ``samples`` copies of x with Gaussian noise of σ = ``noise`` × the input range."""
-    from captum.attr import NoiseTunnel, Saliency
-
+    unused("smoothgrad", layer=layer, channels=channels)
     sigma = noise * float(x.max() - x.min())
-    t = predicted(model, x, target)
+    t = target_classes(model, x, target)
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -181,16 +183,15 @@ def smoothgrad(model: nn.Module, x: Tensor, target: Target = None, samples: int 
         torch.random.set_rng_state(state)
 
 
-def occlusion(model: nn.Module, x: Tensor, target: Target = None, window: int | None = None,
-              stride: int | None = None) -> Tensor:
+def occlusion(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+              channels: Channels = None, window: int | None = None, stride: int | None = None) -> Tensor:
     """The drop of y_c when a ``window``-pixel square (default 1/8 of the image) is set to zero, per pixel."""
-    from captum.attr import Occlusion
-
+    unused("occlusion", layer=layer, channels=channels)
     side = x.shape[-1]
     window = window or max(2, side // 8)
     stride = stride or max(1, window // 2)
     with torch.no_grad():
-        return Occlusion(model).attribute(x, target=predicted(model, x, target), baselines=0.0,
+        return Occlusion(model).attribute(x, target=target_classes(model, x, target), baselines=0.0,
                                           sliding_window_shapes=(x.shape[1], window, window),
                                           strides=(x.shape[1], stride, stride),
                                           perturbations_per_eval=64).detach()
@@ -205,9 +206,3 @@ ATTRIBUTIONS: dict[str, Callable[..., Tensor]] = {
     "occlusion": occlusion,
 }
 
-
-def attribute(model: nn.Module, x: Tensor, target: Target = None, kind: str = "saliency", **options) -> Tensor:
-    """The attribution named ``kind`` (one of :data:`ATTRIBUTIONS`)."""
-    if kind not in ATTRIBUTIONS:
-        raise UserError(f"unknown attribution {kind!r}; choose one of: {', '.join(ATTRIBUTIONS)}")
-    return ATTRIBUTIONS[kind](model, x, target, **options)

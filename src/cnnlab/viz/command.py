@@ -1,75 +1,31 @@
 """``visualize(method, path, …)``: load a run, pick the images, run one method, write its figures.
 
-This is what ``cnnlab visualize`` calls; each method's figure lives in :mod:`cnnlab.viz.figures`.
+This is what ``cnnlab visualize`` calls; each method's figures come from :mod:`cnnlab.viz.figures`.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
 
+from cnnlab import run as runs
+from cnnlab.core.device import pick_device
 from cnnlab.core.errors import UserError
-from cnnlab.run import LoadedRun
-from cnnlab.viz.inputs import Batch, from_files, from_test_set, parse_target
+from cnnlab.core.files import atomic_write
+from cnnlab.viz import render
+from cnnlab.viz.figures import FIGURES
+from cnnlab.viz.inputs import parse_target
+from cnnlab.viz.job import Job
+from cnnlab.viz.layers import layer_path
 
-__all__ = ["Job", "visualize"]
-
-
-@dataclass
-class Job:
-    """Everything a figure needs: the loaded run, the images and the user's choices."""
-
-    method: str
-    run: LoadedRun
-    out_dir: Path
-    layers: list[str]
-    targets: list[int]  # empty: each image's predicted class
-    channels: list[int]
-    kinds: list[str]
-    count: int | None
-    steps: int | None
-    data_dir: str | None
-    images: list[str] = field(default_factory=list)
-    indices: list[int] = field(default_factory=list)
-    _test: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.run.model
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.run.model.parameters()).device
-
-    @property
-    def size(self) -> int:
-        return self.run.preprocess.size
-
-    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The uint8 test images and labels the run reported on (loaded once)."""
-        return self.run.test_set(data_dir=self.data_dir)
-
-    def batch(self, default_count: int = 1) -> Batch:
-        """The images asked for: ``--image`` files, else ``--index`` test images, else the first ``--count``."""
-        pre = self.run.preprocess
-        if self.images:
-            batch = from_files(self.images, pre)
-        else:
-            indices = self.indices or list(range(self.count or default_count))
-            x, y = self.test_set()
-            batch = from_test_set(x, y, indices, pre)
-        batch.x = batch.x.to(self.device)
-        return batch
-
-    def target(self) -> int | None:
-        return self.targets[0] if self.targets else None
-
-    def tag(self, batch: Batch) -> str:
-        return batch.names[0] if len(batch.names) == 1 else f"{batch.names[0]}+{len(batch.names) - 1}"
+__all__ = ["visualize"]
 
 
 def _listed(value: Any) -> list:
@@ -87,31 +43,47 @@ def visualize(method: str, path: str | Path, *, image: str | Sequence[str] | Non
     """Run visualisation ``method`` on the run folder or checkpoint ``path``; returns the PNGs written.
 
     They go to ``RUN_DIR/viz/<method>/`` (or ``out``) and, with ``tensorboard``, also to the run's
-    TensorBoard as images tagged ``viz/<method>/<name>``.
+    TensorBoard as images tagged ``viz/<method>/<name>``. A parameter the method does not use is
+    refused, and so are values of a multi-valued one that it cannot use.
     """
-    from cnnlab import run as runs
-    from cnnlab.core.device import pick_device
-    from cnnlab.viz.figures import FIGURES
-    from cnnlab.viz.layers import layer_path
-    from cnnlab.viz.render import to_tensorboard
-
     if method not in FIGURES:
         raise UserError(f"unknown method {method!r}; choose one of: {', '.join(FIGURES)}")
+    maker = FIGURES[method]
+    given = dict(image=image, index=index, count=count, layer=layer, target=target, channel=channel, kind=kind,
+                 steps=steps)
+    unused = [name for name, value in given.items() if value is not None and name not in maker.uses]
+    if unused:
+        raise UserError(f"{method} does not use `{unused[0]}`; it uses "
+                        f"{', '.join(f'`{p}`' for p in given if p in maker.uses)}")
     if image is not None and index is not None:
-        raise UserError("give either --image or --index, not both")
-    for name, value in (("--count", count), ("--steps", steps)):
-        if value is not None and value < (0 if name == "--steps" else 1):
-            raise UserError(f"{name} must be at least {0 if name == '--steps' else 1} (got {value})")
+        raise UserError("give either `image` or `index`, not both")
+    for name, value, least in (("count", count, 1), ("steps", steps, 0)):
+        if value is not None and value < least:
+            raise UserError(f"`{name}` must be at least {least} (got {value})")
     loaded = runs.load(path, device=pick_device(device))
     for name in _listed(layer):
         layer_path(loaded.model, name)  # an unknown layer fails before any work is done
     out_dir = Path(out) if out else (loaded.run_dir or loaded.path.parent) / "viz" / method
-    job = Job(method, loaded, out_dir, [str(n) for n in _listed(layer)],
+    job = Job(method, loaded, [str(n) for n in _listed(layer)],
               [t for t in (parse_target(v, loaded.classes) for v in _listed(target)) if t is not None],
-              [int(c) for c in _listed(channel)], [str(k) for k in _listed(kind)], count, steps, data_dir,
-              [str(p) for p in _listed(image)], [int(i) for i in _listed(index)])
-    pngs = FIGURES[method](job)
+              [int(c) for c in _listed(channel)], [str(k) for k in _listed(kind)], count, steps,
+              [str(p) for p in _listed(image)], [int(i) for i in _listed(index)], data_dir)
+    pngs = {out_dir / f"{name}.png": render.png(fig) for name, fig in maker.draw(job).items()}
+    for png, data in pngs.items():
+        atomic_write(png, data)
     if tensorboard:
         log_dir = (loaded.run_dir / "tb") if loaded.run_dir else out_dir / "tb"
-        to_tensorboard(log_dir, pngs, f"viz/{method}")
-    return pngs
+        _to_tensorboard(log_dir, pngs, f"viz/{method}")
+    return list(pngs)
+
+
+def _to_tensorboard(log_dir: Path, pngs: dict[Path, bytes], prefix: str) -> None:
+    """The figures as images in the run's TensorBoard, tagged ``viz/<method>/<file stem>``."""
+    writer = SummaryWriter(str(log_dir))
+    try:
+        for png, data in pngs.items():
+            with Image.open(io.BytesIO(data)) as img:
+                pixels = np.asarray(img.convert("RGB"))
+            writer.add_image(f"{prefix}/{png.stem}", torch.from_numpy(pixels.copy()), dataformats="HWC")
+    finally:
+        writer.close()

@@ -16,7 +16,10 @@ from torch import Tensor, nn
 from cnnlab.core.errors import UserError
 from cnnlab.models import TABLE1_LAYERS
 
-__all__ = ["capture", "first_conv", "forward_until", "layer_path", "recording", "resolve", "valid_names"]
+__all__ = ["STAGES", "capture", "default_layer", "first_conv", "forward_until", "layer_path", "module_at", "recording",
+           "require_channel", "require_feature_maps", "valid_names"]
+
+STAGES = ("conv1", "conv2_x", "conv3_x", "conv4_x", "conv5_x")  # the Table 1 rows that output feature maps
 
 
 def valid_names(model: nn.Module) -> list[str]:
@@ -43,9 +46,17 @@ def layer_path(model: nn.Module, name: str) -> str:
                     f"or a module path such as {example} (top level: {', '.join(tops)})")
 
 
-def resolve(model: nn.Module, name: str) -> nn.Module:
+def module_at(model: nn.Module, name: str) -> nn.Module:
     """The module named ``name`` (see :func:`layer_path`)."""
     return model.get_submodule(layer_path(model, name))
+
+
+def default_layer(model: nn.Module) -> str:
+    """What ``layer=None`` means: the last spatial feature block (conv5_x in every ResNet here)."""
+    stages = [name for name in valid_names(model) if name in STAGES]
+    if not stages:
+        raise UserError("the model has none of the Table 1 stages conv1 … conv5_x; give `layer` as a module path")
+    return stages[-1]
 
 
 def first_conv(model: nn.Module, name: str) -> tuple[str, nn.Conv2d]:
@@ -77,7 +88,7 @@ def recording(model: nn.Module, names: Sequence[str], detach: bool = True,
     handles = []
     wanted = set(names)
     for name in names:
-        module = resolve(model, name)
+        module = module_at(model, name)
 
         def hook(_module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor, name: str = name) -> None:
             store[name] = output.detach() if detach else output
@@ -120,8 +131,9 @@ def require_feature_maps(acts: Tensor, layer: str) -> Tensor:
     return acts
 
 
-def require_channel(acts: Tensor, layer: str, channel: int) -> None:
-    """Refuse a channel index that ``layer``'s output (B, C, …) does not have."""
-    if acts.ndim < 2 or not 0 <= channel < acts.shape[1]:
-        raise UserError(f"--channel {channel} is out of range; layer {layer!r} has "
-                        f"{acts.shape[1]} channels (0 … {acts.shape[1] - 1})")
+def require_channel(acts: Tensor, layer: str, channels: int | Tensor, param: str = "channels") -> None:
+    """Refuse channel indices that ``layer``'s output (B, C, …) does not have, naming ``param``."""
+    for channel in torch.as_tensor(channels).flatten().unique().tolist():
+        if not 0 <= channel < acts.shape[1]:
+            raise UserError(f"`{param}` {channel} is out of range; layer {layer!r} has "
+                            f"{acts.shape[1]} channels (0 … {acts.shape[1] - 1})")

@@ -1,27 +1,26 @@
-"""Figures for the visualisations: tile grids, heat-map overlays, colour maps, PNG and TensorBoard.
+"""Figures for the visualisations: tile grids, tables of panels with heat-map overlays, colour maps, PNG.
 
 Grids are composed as one pixel array and drawn with a single ``imshow``, so showing all 512
 channels of conv5_x costs one image, not 512 axes. Colour maps are perceptually uniform
 (viridis for activations, inferno for heat maps) or diverging and centred on zero (RdBu_r for
-signed attributions), as a paper figure wants.
+signed attributions), as a paper figure wants. Figures are plain ``matplotlib.figure.Figure``
+objects, not pyplot's: no global state, nothing to close, no backend to choose.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-__all__ = ["Panel", "colorize", "minmax", "mosaic", "overlay", "save_grid", "save_panels", "to_tensorboard"]
+__all__ = ["Panel", "colorize", "grid_figure", "image", "minmax", "mosaic", "panels_figure", "png"]
 
 HEAT = "inferno"
 ACTIVATION = "viridis"
@@ -42,12 +41,7 @@ def colorize(values: np.ndarray, cmap: str, vmin: float | None = None, vmax: flo
     lo = float(np.min(values)) if vmin is None else vmin
     hi = float(np.max(values)) if vmax is None else vmax
     scaled = (values - lo) / max(hi - lo, 1e-12)
-    return plt.get_cmap(cmap)(np.clip(scaled, 0, 1))[..., :3]
-
-
-def overlay(rgb: np.ndarray, heat: np.ndarray, cmap: str = HEAT, alpha: float = 0.5) -> np.ndarray:
-    """A heat map (H, W), scaled to its own [min, max], blended over an image (H, W, 3)."""
-    return (1 - alpha) * rgb + alpha * colorize(heat, cmap)
+    return matplotlib.colormaps[cmap](np.clip(scaled, 0, 1))[..., :3]
 
 
 def image(t: Tensor) -> np.ndarray:
@@ -69,10 +63,10 @@ def mosaic(tiles: np.ndarray, cols: int | None = None, pad: int = 1, fill: float
     return out, cols
 
 
-def save_grid(path: Path, tiles: np.ndarray, title: str, *, labels: Sequence[str] | None = None,
+def grid_figure(tiles: np.ndarray, title: str, *, labels: Sequence[str] | None = None,
               cmap: str | None = None, vmin: float | None = None, vmax: float | None = None,
               side: np.ndarray | None = None, side_title: str = "", cols: int | None = None,
-              colorbar: str | None = None) -> Path:
+              colorbar: str | None = None) -> Figure:
     """Tiles as one labelled grid, with an optional image (``side``) to its left.
 
     Gray tiles (N, h, w) go through ``cmap`` with one shared range (``vmin``/``vmax``, default the
@@ -83,7 +77,7 @@ def save_grid(path: Path, tiles: np.ndarray, title: str, *, labels: Sequence[str
     rows = math.ceil(n / cols)
     inches = min(16.0, max(4.0, 0.45 * cols * max(1.0, w / 16)))
     side_inches = inches * 0.45 if side is not None else 0
-    fig = plt.figure(figsize=(inches + side_inches + (0.8 if colorbar else 0), inches * rows / cols + 0.7), dpi=DPI)
+    fig = Figure(figsize=(inches + side_inches + (0.8 if colorbar else 0), inches * rows / cols + 0.7), dpi=DPI)
     if side is not None:
         frac = side_inches / (inches + side_inches)
         ax_side = fig.add_axes((0.01, 0.1, frac - 0.02, 0.8))
@@ -94,7 +88,7 @@ def save_grid(path: Path, tiles: np.ndarray, title: str, *, labels: Sequence[str
     else:
         ax = fig.add_axes((0.01, 0.02, 0.9 if colorbar else 0.98, 0.9))
     if tiles.ndim == 3:
-        cm = plt.get_cmap(cmap or ACTIVATION).with_extremes(bad="white")
+        cm = matplotlib.colormaps[cmap or ACTIVATION].with_extremes(bad="white")
         im = ax.imshow(grid, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest")
         if colorbar:
             fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label=colorbar)
@@ -110,7 +104,7 @@ def save_grid(path: Path, tiles: np.ndarray, title: str, *, labels: Sequence[str
             ax.text(c * step + step * 0.06, r * (grid.shape[0] / rows) + step * 0.06, label, fontsize=size,
                     color="white", va="top", ha="left",
                     bbox=dict(boxstyle="square,pad=0.05", fc="black", ec="none", alpha=0.55))
-    return _save(fig, path)
+    return fig
 
 
 @dataclass
@@ -125,11 +119,11 @@ class Panel:
     box: tuple[int, int, int, int] | None = None  # (top, left, bottom, right) to outline
 
 
-def save_panels(path: Path, rows: Sequence[Sequence[Panel]], title: str = "", row_labels: Sequence[str] = ()) -> Path:
+def panels_figure(rows: Sequence[Sequence[Panel]], title: str = "") -> Figure:
     """A table of panels, one row per image and one column per method or layer."""
     nrows, ncols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols + 0.3, 2.15 * nrows + (0.5 if title else 0.1)),
-                             dpi=DPI, squeeze=False)
+    fig = Figure(figsize=(1.9 * ncols + 0.3, 2.15 * nrows + (0.5 if title else 0.1)), dpi=DPI)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for r, row in enumerate(rows):
         for c in range(ncols):
             ax = axes[r][c]
@@ -140,13 +134,10 @@ def save_panels(path: Path, rows: Sequence[Sequence[Panel]], title: str = "", ro
             _draw(ax, p)
             if p.title:
                 ax.set_title(p.title, fontsize=7)
-        if r < len(row_labels):
-            axes[r][0].text(-0.06, 0.5, row_labels[r], transform=axes[r][0].transAxes, rotation=90,
-                            va="center", ha="right", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(pad=0.3, h_pad=1.2)
-    return _save(fig, path)
+    return fig
 
 
 def _draw(ax, p: Panel) -> None:
@@ -164,28 +155,12 @@ def _draw(ax, p: Panel) -> None:
         ax.imshow(rgb, interpolation="bilinear" if p.under is not None else "nearest")
     if p.box is not None:
         top, left, bottom, right = p.box
-        ax.add_patch(plt.Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
                                    ec="#00e5ff", lw=1.2))
 
 
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
-
-
-def to_tensorboard(log_dir: Path, pngs: Sequence[Path], prefix: str) -> None:
-    """The written PNGs as images in the run's TensorBoard, tagged ``viz/<method>/<file stem>``."""
-    from PIL import Image
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(log_dir))
-    try:
-        for png in pngs:
-            with Image.open(png) as img:
-                pixels = np.asarray(img.convert("RGB"))
-            writer.add_image(f"{prefix}/{Path(png).stem}", torch.from_numpy(pixels.copy()), dataformats="HWC")
-    finally:
-        writer.close()
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes, at the resolution of every visualisation."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
