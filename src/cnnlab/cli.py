@@ -172,6 +172,15 @@ def build_parser() -> Parser:
     p.add_argument("path", metavar="RUN_DIR")
     p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html)")
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser(
+        "compare", help="several runs on one HTML page: error curves overlaid, final accuracies, params, MACs, speed",
+        description="Overlay the runs' training error (dashed) and test error (solid) per epoch, as He et al. 2015 "
+                    "do in Fig. 4 and 6, and tabulate final accuracies, parameters, MACs and images/s. Prints the "
+                    "table and writes one self-contained HTML page.")
+    p.add_argument("paths", metavar="RUN_DIR", nargs="+")
+    p.add_argument("--out", metavar="FILE.html", help="where to write the page (default compare.html)")
+    p.add_argument("--json", action="store_true", help="print the table as one JSON document")
     return parser
 
 
@@ -368,10 +377,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cnnlab.report.compare import compare, format_table
+
+    out, runs = compare(args.paths, out=args.out)
+    if args.json:
+        print(json.dumps({"page": str(out), "runs": [r.row() for r in runs]}))
+        return 0
+    print(format_table(runs))
+    print(f"wrote {out}")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "models": cmd_models,
             "demo": cmd_demo,
             "predict": cmd_predict, "export": cmd_export,
-            "visualize": cmd_visualize, "report": cmd_report}
+            "visualize": cmd_visualize, "report": cmd_report, "compare": cmd_compare}
 
 if __name__ == "__main__":
     sys.exit(main())
