@@ -23,8 +23,15 @@ from cnnlab.core.errors import Interrupted, UserError, one_line
 TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
     "dataset": (str, "cifar10, sample or folder:PATH (a folder or .tar/.tar.gz/.zip of train/<class>/ and test/<class>/)"),
     "data-dir": (str, "where the cifar10 source looks for cifar-10-batches-py (default ~/.cache/cnnlab/data)"),
-    "model": (str, "resnet18, resnet18-seed or resnet18-cifar"),
-    "width": (int, "base channels (64 in the paper; 16 trains quickly on a CPU)"),
+    "model": (str, "a model of `cnnlab models` (resnet18 … resnet152, plain18/34, resnet20 … resnet110, plain20 … "
+                   "plain56, alexnet, vgg11, vgg16, their -cifar forms), torchvision:NAME or timm:NAME"),
+    "width": (int, "base channels of cnnlab's own models (default: the paper's, 64 or 16 for the CIFAR nets; "
+                   "smaller trains quickly on a CPU)"),
+    "weights": (str, "start from DEFAULT or a named set of torchvision's or timm's published weights, or a file "
+                     "(a cnnlab checkpoint or a state dict); their preprocessing becomes the run's"),
+    "freeze": (str, "backbone (train only the classifier) or a layer (stage name or module path): freeze it and "
+                    "everything before it"),
+    "backbone-lr-scale": (float, "learning rate of everything but the classifier, as a fraction of --lr (e.g. 0.1)"),
     "image-size": (int, "side of the square network input in pixels"),
     "epochs": (int, None), "batch-size": (int, None), "lr": (float, "learning rate (peak for onecycle)"),
     "momentum": (float, None), "weight-decay": (float, None),
@@ -63,7 +70,8 @@ def build_parser() -> Parser:
     p.add_argument("--out", help="the run folder (default runs/demo-TIME)")
 
     p = sub.add_parser("train", help="train a model", argument_default=argparse.SUPPRESS)
-    p.add_argument("--recipe", help="seed (the assignment), paper or fast")
+    p.add_argument("--recipe", help="seed (the assignment), paper, fast or finetune (published weights, lower "
+                                    "backbone learning rate)")
     p.add_argument("--config", metavar="FILE.toml", help="settings to apply over the recipe")
     for flag, (kind, text) in TRAIN_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, help=text)
@@ -103,9 +111,14 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("summary", help="the layers of a model as in Table 1, with counted params and MACs")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--image-size", type=int, help="default: 224, or 32 for resnet18-cifar")
+    p.add_argument("--image-size", type=int, help="default: the model's own (224, or 32 for the CIFAR nets)")
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--width", type=int, help="default: the paper's (64, or 16 for the CIFAR nets)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+    p = sub.add_parser("models", help="the models --model knows, with counted params and MACs")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--all", action="store_true", help="also list every torchvision and timm model by name")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
     p = sub.add_parser(
@@ -140,8 +153,9 @@ def build_parser() -> Parser:
                                                               "normalised as the checkpoint says)")
     p.add_argument("--index", nargs="+", type=int, metavar="N", help="images of the run's test set, by index")
     p.add_argument("--count", type=int, metavar="K", help="how many test images (from index 0), channels or filters")
-    p.add_argument("--layer", nargs="+", metavar="NAME", help="Table 1 names (conv1, conv2_x … conv5_x, fc) or "
-                                                              "module paths (layer4.1.left.3)")
+    p.add_argument("--layer", nargs="+", metavar="NAME", help="stage names (conv1, conv2_x … conv5_x, fc for the "
+                   "ResNets; conv1 … conv5 for AlexNet and VGG) or module paths (layer4.1.left.3); default: "
+                   "found from the model")
     p.add_argument("--target", nargs="+", metavar="CLASS", help="class name or index (default: the predicted class)")
     p.add_argument("--channel", nargs="+", type=int, metavar="C", help="channels of the layer")
     p.add_argument("--kind", nargs="+", metavar="KIND", help="cam: grad-cam grad-cam++ score-cam layer-cam; "
@@ -161,6 +175,15 @@ def build_parser() -> Parser:
     p.add_argument("path", metavar="RUN_DIR")
     p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html)")
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser(
+        "compare", help="several runs on one HTML page: error curves overlaid, final accuracies, params, MACs, speed",
+        description="Overlay the runs' training error (dashed) and test error (solid) per epoch, as He et al. 2015 "
+                    "do in Fig. 4 and 6, and tabulate final accuracies, parameters, MACs and images/s. Prints the "
+                    "table and writes one self-contained HTML page.")
+    p.add_argument("paths", metavar="RUN_DIR", nargs="+")
+    p.add_argument("--out", metavar="FILE.html", help="where to write the page (default compare.html)")
+    p.add_argument("--json", action="store_true", help="print the table as one JSON document")
     return parser
 
 
@@ -292,6 +315,35 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from cnnlab.models import FAMILIES
+    from cnnlab.models.external import timm_available, timm_names, torchvision_names
+    from cnnlab.models.summary import catalog, format_catalog
+
+    if not 1 <= args.num_classes <= 100_000:
+        raise UserError(f"--num-classes must be between 1 and 100000 (got {args.num_classes})")
+    entries = catalog(num_classes=args.num_classes)
+    tv = list(torchvision_names())
+    tm = list(timm_names()) if timm_available() else []
+    if args.json:
+        print(json.dumps({"models": entries, "families": FAMILIES, "torchvision": tv, "timm": tm,
+                          "timm_installed": timm_available()}))
+        return 0
+    print(f"cnnlab's own models ({args.num_classes} classes, each at its own input size and width):\n")
+    print(format_catalog(entries))
+    print(f"\ntorchvision:NAME  any of torchvision's {len(tv)} classification models, e.g. torchvision:mobilenet_v3_small, "
+          "torchvision:resnet50 (--weights DEFAULT: its published ImageNet weights)")
+    if timm_available():
+        print(f"timm:NAME         any of timm's {len(tm)} models, e.g. timm:resnet18, timm:efficientnet_b0 "
+              "(--weights DEFAULT or a pretrained tag)")
+    else:
+        print("timm:NAME         any timm model, once timm is installed: pip install 'cnnlab[timm]'")
+    if args.all:
+        print("\n" + "\n".join(["torchvision:" + n for n in tv] + ["timm:" + n for n in tm]))
+    print("\ncnnlab summary MODEL shows a model's layers; its params and MACs are counted, not quoted.")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cnnlab.demo import demo
 
@@ -344,9 +396,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "demo": cmd_demo,
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cnnlab.report.compare import compare, format_table
+
+    out, runs = compare(args.paths, out=args.out)
+    if args.json:
+        print(json.dumps({"page": str(out), "runs": [r.row() for r in runs]}))
+        return 0
+    print(format_table(runs))
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "models": cmd_models,
+            "demo": cmd_demo,
             "predict": cmd_predict, "export": cmd_export,
-            "visualize": cmd_visualize, "report": cmd_report}
+            "visualize": cmd_visualize, "report": cmd_report, "compare": cmd_compare}
 
 if __name__ == "__main__":
     sys.exit(main())

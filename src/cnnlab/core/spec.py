@@ -59,11 +59,15 @@ def _numbers(values: Any, where: str, positive: bool = False) -> tuple[float, ..
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What :func:`cnnlab.models.build` needs to rebuild a network before loading its weights."""
+    """What :func:`cnnlab.models.build` needs to rebuild a network before loading its weights.
+
+    ``name`` is a cnnlab model or ``torchvision:NAME`` / ``timm:NAME``; ``width`` is None for the latter,
+    whose widths are their own.
+    """
 
     name: str
     num_classes: int
-    width: int
+    width: int | None
     in_channels: int = 3
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,8 +84,9 @@ class ModelSpec:
         in_channels = d.get("in_channels", 3)
         if isinstance(in_channels, bool) or in_channels not in CHANNELS:
             raise ValueError(f"model_spec.in_channels is {in_channels!r}, not 1 or 3")
-        return cls(name, _whole(d, "num_classes", 1, MAX_CLASSES, "model_spec"),
-                   _whole(d, "width", 1, MAX_WIDTH, "model_spec"), int(in_channels))
+        # Models with widths of their own (torchvision:, timm:) have none.
+        width = None if d.get("width") is None else _whole(d, "width", 1, MAX_WIDTH, "model_spec")
+        return cls(name, _whole(d, "num_classes", 1, MAX_CLASSES, "model_spec"), width, int(in_channels))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 What was trained and how long it took, the final accuracies beside the assignment's, Table 1 with
 counted parameters and MACs, the training curves, per-class accuracy, the confusion matrix, the
-most-confused pairs and a grid of mistakes, and pictures of what the network learned (conv1
+most-confused pairs and a grid of mistakes, and pictures of what the network learned (first-layer
 filters, feature maps, Grad-CAM, class models). Images are inlined, so the file opens from disk
 with no server and no network.
 """

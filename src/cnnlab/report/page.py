@@ -31,7 +31,7 @@ SECTIONS: dict[str, str] = {
     "confusion": "Confusion matrix",
     "confused-pairs": "Most-confused classes",
     "misclassified": "Misclassified test images",
-    "filters": "conv1 filters",
+    "filters": "First-layer filters",
     "features": "Feature maps",
     "gradcam": "Grad-CAM",
     "patterns": "Class models (activation maximisation)",
@@ -113,8 +113,11 @@ def _summary(c: Contents) -> str:
     else:
         precision = f"bf16 autocast {'on' if amp else 'off' if amp is False else 'auto (on for CUDA)'}"
     rows = [
-        ("model", f"{e(cfg.get('model', '?'))}, width {e(cfg.get('width', '?'))}, "
-                  f"{e(cfg.get('image_size', '?'))}×{e(cfg.get('image_size', '?'))} px input"),
+        ("model", f"{e(cfg.get('model', '?'))}"
+                  + (f", width {e(cfg['width'])}" if cfg.get("width") is not None else "")
+                  + f", {e(cfg.get('image_size', '?'))}×{e(cfg.get('image_size', '?'))} px input"
+                  + (f", starting from {e(cfg['weights'])}" if cfg.get("weights") else "")
+                  + (f", frozen: {e(cfg['freeze'])}" if cfg.get("freeze") else "")),
         ("dataset", e(cfg.get("dataset", "?"))),
         ("images", (f"{e(data.get('train', '?'))} train, {e(data.get('val', '?'))} validation, "
                     f"{e(data.get('test', '?'))} test") if data else "–"),
@@ -178,8 +181,9 @@ def _architecture(c: Contents) -> str:
         f"<tr><td>{e(st['name'])}</td><td>{e('×'.join(str(d) for d in st['output_size']))}</td>"
         f"<td>{e(st['layers'])}</td><td class=\"num\">{st['params']:,}</td><td class=\"num\">{st['macs']:,}</td></tr>"
         for st in s["stages"])
-    return (f"<p>{e(s['model'])} at {s['image_size']}×{s['image_size']} px, {s['num_classes']} classes, width "
-            f"{s['width']}: <strong>{s['params'] / 1e6:.2f} M parameters</strong>, <strong>{s['macs'] / 1e6:.1f} M "
+    width = "" if s["width"] is None else f", width {s['width']}"
+    return (f"<p>{e(s['model'])} at {s['image_size']}×{s['image_size']} px, {s['num_classes']} classes{width}: "
+            f"<strong>{s['params'] / 1e6:.2f} M parameters</strong>, <strong>{s['macs'] / 1e6:.1f} M "
             "multiply-accumulates</strong> per image, both counted on the model (forward hooks), not quoted.</p>"
             "<table><thead><tr><th>stage</th><th>output size (C×H×W)</th><th>layers</th><th class=\"num\">params</th>"
             f"<th class=\"num\">MACs</th></tr></thead><tbody>{rows}</tbody><tfoot><tr><th>total</th><th></th><th></th>"
@@ -246,7 +250,8 @@ def _pictures(text: str, pictures: list[Picture]) -> str:
 def _gradcam(c: Contents) -> str:
     parts = []
     if c.cam_right or c.cam_wrong:
-        parts.append("<p>Grad-CAM (Selvaraju et al. 2017) at conv5_x for the predicted class: the regions whose "
+        parts.append(f"<p>Grad-CAM (Selvaraju et al. 2017) at {e(c.layers[1])}, the last spatial feature block, for "
+                     "the predicted class: the regions whose "
                      "features raised that class's score most, overlaid on the input (bright = more).</p>")
     columns = [(title, pictures) for title, pictures in (("Correct predictions", c.cam_right),
                                                          ("Wrong predictions", c.cam_wrong)) if pictures]
@@ -273,8 +278,8 @@ def render(c: Contents) -> str:
         "filters": _pictures("Every filter of the first convolution, each scaled to its own range: what colours "
                              "and edges the network looks for first. Below, one filter enlarged with its signed "
                              "weights per input channel.", c.filters),
-        "features": _pictures("The output of every channel of conv1 and conv5_x for one test image, beside the "
-                              "input as the network saw it.", c.features),
+        "features": _pictures(f"The output of every channel of {e(c.layers[0])} and {e(c.layers[1])} for one test "
+                              "image, beside the input as the network saw it.", c.features),
         "gradcam": _gradcam(c),
         "patterns": _pictures(f"Images optimised from noise ({c.pattern_steps} steps, Fourier-parameterised with "
                               "jitter, as in cnnlab visualize maximize) to be classified as each class, with the "

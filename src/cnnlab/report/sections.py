@@ -31,6 +31,7 @@ from cnnlab.run import LoadedRun
 from cnnlab.viz import render
 from cnnlab.viz.figures import FIGURES
 from cnnlab.viz.job import Job
+from cnnlab.viz.layers import default_layer, first_layer
 
 __all__ = ["Contents", "Example", "Pair", "Picture", "TestResults", "gather", "read_metrics"]
 
@@ -102,6 +103,7 @@ class Contents:
     cam_wrong: list[Picture] = field(default_factory=list)
     patterns: list[Picture] = field(default_factory=list)
     pattern_steps: int = 0
+    layers: tuple[str, str] = ("conv1", "conv5_x")  # the first layer and the last spatial feature block, as found
     notes: dict[str, list[str]] = field(default_factory=dict)  # section id → why something is missing
     seconds: dict[str, float] = field(default_factory=dict)  # time spent on each section
 
@@ -289,15 +291,18 @@ def _pictures(contents: Contents, loaded: LoadedRun) -> None:
         for section in ("confusion", "confused-pairs", "misclassified", "features", "gradcam"):
             contents.note(section, f"needs the run's test set, which could not be read: {why}")
 
+    pre = loaded.preprocess
+    probe = torch.zeros(1, pre.channels, pre.size, pre.size, device=loaded.device)
+    contents.layers = first, last = first_layer(loaded.model), default_layer(loaded.model, probe)
     _timed(contents, "filters", lambda: contents.filters.extend(
-        _viz("filters", loaded, "the filters of conv1", layers=["conv1"])))
+        _viz("filters", loaded, f"the filters of {first}", layers=[first])))
     if test is not None and predictions is not None:
         right = (predictions == test[1]).nonzero()[:, 0].tolist()
         wrong = (predictions != test[1]).nonzero()[:, 0].tolist()
         shown = _spread(right or wrong, 1)
         _timed(contents, "features", lambda: contents.features.extend(
-            _viz("features", loaded, f"feature maps of test image {shown[0]} at conv1 and conv5_x",
-                 layers=["conv1", "conv5_x"], indices=shown)))
+            _viz("features", loaded, f"feature maps of test image {shown[0]} at {first} and {last}",
+                 layers=[first, last], indices=shown)))
 
         def cams() -> None:
             if right:

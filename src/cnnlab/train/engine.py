@@ -34,7 +34,9 @@ from cnnlab.core.spec import ModelSpec, Preprocess
 from cnnlab.data import load_dataset
 from cnnlab.data.loader import TrainBatches
 from cnnlab.data.splits import Splits, split
-from cnnlab.models import build
+from cnnlab.models import build, default_width
+from cnnlab.models import transfer
+from cnnlab.models import weights as pretrained
 from cnnlab.train import distributed
 from cnnlab.train.device import amp_choice, compiled, keep_freed_memory, use_amp, use_channels_last
 from cnnlab.train.ema import WeightAverage
@@ -66,6 +68,8 @@ class Setup:
     preprocess: Preprocess
     run_dir: Path
     group: distributed.Group
+    weights: dict[str, Any] | None = None  # where the starting weights came from, for config.json
+    frozen: int = 0  # parameter tensors --freeze froze
 
 
 @dataclass
@@ -144,7 +148,7 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
             if device is not None:
                 cfg.device = device
             validate(cfg)
-            setup = _prepare(cfg, group, run_dir)
+            setup = _prepare(cfg, group, run_dir, fresh=False)
             _check_same_run(ckpt, setup, path)
             return _start(setup, ckpt, stop_after, path)
     assert cfg is not None
@@ -163,8 +167,9 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
         return _start(setup, None, stop_after)
 
 
-def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path) -> Setup:
-    """The device, the data splits and a freshly initialised model (seeded) for ``cfg``."""
+def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: bool = True) -> Setup:
+    """The device, the data splits and a freshly initialised model (seeded) for ``cfg``, with its
+    starting weights (``--weights``, unless resuming: not ``fresh``) and frozen layers."""
     dev = distributed.device_for(group, pick_device(cfg.device))
     if dev.type == "cpu":
         keep_freed_memory()
@@ -182,10 +187,13 @@ def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path) -> Setup
         raise UserError(f"--batch-size {cfg.batch_size} over {group.world} ranks gives some ranks one image a step, "
                         f"which BatchNorm cannot normalise; use --batch-size {2 * group.world} or more, or --sync-bn")
     in_channels = data.train_x.shape[1]
-    spec = ModelSpec(cfg.model, len(data.classes), cfg.width, in_channels)
+    width = cfg.width if cfg.width is not None else default_width(cfg.model)
+    spec = ModelSpec(cfg.model, len(data.classes), width, in_channels)
     model = build(spec.name, num_classes=spec.num_classes, width=spec.width, in_channels=spec.in_channels)
+    weights = pretrained.load(model, cfg.model, cfg.weights).to_dict() if cfg.weights and fresh else None
+    frozen = transfer.freeze(model, cfg.freeze)
     preprocess = Preprocess(cfg.image_size, in_channels, cfg.mean, cfg.std)
-    return Setup(cfg, dev, data, model, spec, preprocess, run_dir, group)
+    return Setup(cfg, dev, data, model, spec, preprocess, run_dir, group, weights, len(frozen))
 
 
 def _start(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None,
@@ -225,7 +233,8 @@ class Trainer:
         # What is scored, logged and saved as "model": the average when there is one.
         self.reported = self.ema.module if self.ema is not None else self.model
         forward = distributed.wrap(self.model, group, dev, cfg.sync_bn)  # before the optimizer sees the parameters
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        self.optimizer = torch.optim.SGD(transfer.param_groups(self.model, cfg.lr, cfg.backbone_lr_scale),
+                                         lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                                          fused=dev.type == "cuda" or None)
         self.scheduler = _scheduler(cfg, self.optimizer, self.total_steps)
@@ -527,7 +536,7 @@ def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: 
     if cfg.schedule == "onecycle" and total_steps >= 2:
         # Momentum is left as configured: --momentum should mean what it says. The warm-up is a
         # quarter of the run, but more than one step: OneCycleLR divides by its length.
-        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+        return sched.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
                                 pct_start=max(0.25, 1.5 / total_steps), anneal_strategy="linear",
                                 cycle_momentum=False)
     return sched.LambdaLR(optimizer, lambda _: 1.0)
@@ -593,11 +602,18 @@ def _check_same_run(ckpt: checkpoint.Checkpoint, setup: Setup, path: Path) -> No
 
 def _write_config(setup: Setup) -> None:
     cfg, dev, data, group = setup.cfg, setup.device, setup.data, setup.group
+    weights = setup.weights
+    if weights is None and cfg.weights:  # resumed: the weights were loaded when the run started
+        try:
+            weights = json.loads((setup.run_dir / "config.json").read_text()).get("weights")
+        except (OSError, ValueError):
+            weights = None
     info = {
         "config": cfg.to_dict(),
         "cnnlab": cnnlab.__version__, "torch": str(torch.__version__),
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "amp": amp_choice(cfg.amp, dev),
+        "weights": weights, "frozen_tensors": setup.frozen,
         "world_size": group.world, "global_batch": cfg.batch_size,
         "per_rank_batch": -(-cfg.batch_size // group.world),  # the global batch, split as evenly as possible
         "data": {"classes": data.classes, "hash": data.fingerprint, "train": len(data.train_y),

@@ -1,10 +1,10 @@
-"""Pixel attributions: how much each input pixel matters to a class score. All from captum.
+"""Pixel attributions: how much each input pixel matters to a class score.
 
 - saliency: Simonyan, Vedaldi, Zisserman, "Deep Inside Convolutional Networks", ICLR-W 2014 (arXiv:1312.6034).
 - guided backprop: Springenberg et al., "Striving for Simplicity: The All Convolutional Net",
-  ICLR-W 2015 (arXiv:1412.6806). captum overrides the backward pass of every ``nn.ReLU`` module,
-  which is why every ReLU of the ResNets here, the one after each residual sum included, is its own
-  module.
+  ICLR-W 2015 (arXiv:1412.6806). The guided rule applies at every ReLU the forward pass runs
+  (:mod:`cnnlab.viz.relu_rules`), so it stays exact for models whose ReLUs are reused, in place or
+  functional (torchvision's and timm's), where captum's per-module hooks would not be.
 - guided Grad-CAM: Selvaraju et al., ICCV 2017 (arXiv:1610.02391), guided backprop times Grad-CAM.
 - integrated gradients: Sundararajan, Taly, Yan, "Axiomatic Attribution for Deep Networks", ICML 2017
   (arXiv:1703.01365).
@@ -13,7 +13,8 @@
   (arXiv:1311.2901), Sec. 4.2.
 
 Every function has the shape of :mod:`cnnlab.viz.shape` and returns attributions of the input's
-shape; only guided Grad-CAM has a ``layer``, and none has ``channels``.
+shape; only guided Grad-CAM has a ``layer``, and none has ``channels``. Saliency, SmoothGrad and
+occlusion are captum's.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from captum.attr import GuidedBackprop, GuidedGradCam, NoiseTunnel, Occlusion, Saliency
+from captum.attr import NoiseTunnel, Occlusion, Saliency
 from torch import Tensor, nn
 
-from cnnlab.viz.layers import default_layer, module_at
+from cnnlab.viz.cam import grad_cam
+from cnnlab.viz.relu_rules import GUIDED, relu_rule
 from cnnlab.viz.shape import Channels, Target, target_classes, unused
 
 __all__ = ["ATTRIBUTIONS", "PathIntegral", "guided_backprop", "guided_grad_cam", "integrated_gradients",
@@ -52,15 +54,21 @@ def guided_backprop(model: nn.Module, x: Tensor, *, target: Target = None, layer
                     channels: Channels = None) -> Tensor:
     """The gradient with only positive gradients passed back through every ReLU."""
     unused("guided_backprop", layer=layer, channels=channels)
-    return _captum(GuidedBackprop(model), x, target=target_classes(model, x, target))
+    t = target_classes(model, x, target)
+    inp = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), relu_rule(GUIDED):
+        scores = model(inp).gather(1, t[:, None])
+        (grad,) = torch.autograd.grad(scores.sum(), inp)
+    return grad.detach()
 
 
 def guided_grad_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
                     channels: Channels = None) -> Tensor:
-    """Guided backprop times the Grad-CAM of ``layer``, upsampled bilinearly."""
+    """Guided backprop times the Grad-CAM of ``layer`` (default: the last spatial feature block), upsampled
+    bilinearly: captum's ``GuidedGradCam`` with the guided rule at every ReLU."""
     unused("guided_grad_cam", channels=channels)
-    method = GuidedGradCam(model, module_at(model, layer or default_layer(model)))
-    return _captum(method, x, target=target_classes(model, x, target), interpolate_mode="bilinear")
+    t = target_classes(model, x, target)
+    return guided_backprop(model, x, target=t) * grad_cam(model, x, target=t, layer=layer)
 
 
 @dataclass

@@ -46,7 +46,7 @@ def grad_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str |
              channels: Channels = None) -> Tensor:
     """ReLU(Σ_k α_k A_k) with α_k the spatial mean of ∂y_c/∂A_k, upsampled bilinearly."""
     unused("grad_cam", channels=channels)
-    layer = layer or default_layer(model)
+    layer = layer or default_layer(model, x)
     t = target_classes(model, x, target)
     with torch.enable_grad():
         maps = LayerGradCam(model, module_at(model, layer)).attribute(x, target=t, relu_attributions=True)
@@ -57,7 +57,7 @@ def grad_cam_pp(model: nn.Module, x: Tensor, *, target: Target = None, layer: st
                 channels: Channels = None) -> Tensor:
     """Grad-CAM++: channel weights Σ_ij α_ij ReLU(g_ij) with the paper's closed-form α (Eq. 19)."""
     unused("grad_cam_pp", channels=channels)
-    acts, g = activations_and_gradients(model, x, target_classes(model, x, target), layer or default_layer(model))
+    acts, g = activations_and_gradients(model, x, target_classes(model, x, target), layer or default_layer(model, x))
     g2, g3 = g.pow(2), g.pow(3)
     denominator = 2 * g2 + acts.sum((2, 3), keepdim=True) * g3
     alpha = torch.where(g != 0, g2 / torch.where(denominator != 0, denominator, torch.ones_like(denominator)),
@@ -70,7 +70,7 @@ def layer_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str 
               channels: Channels = None) -> Tensor:
     """LayerCAM: ReLU(Σ_k ReLU(g_k) ⊙ A_k), a weight per location instead of per channel."""
     unused("layer_cam", channels=channels)
-    acts, g = activations_and_gradients(model, x, target_classes(model, x, target), layer or default_layer(model))
+    acts, g = activations_and_gradients(model, x, target_classes(model, x, target), layer or default_layer(model, x))
     return upsample(F.relu((F.relu(g) * acts).sum(1, keepdim=True)), x)
 
 
@@ -80,7 +80,7 @@ def score_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str 
     """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the input; the softmax of the
     target's scores over the masked inputs weighs the channels (no gradients)."""
     unused("score_cam", channels=channels)
-    layer = layer or default_layer(model)
+    layer = layer or default_layer(model, x)
     t = target_classes(model, x, target)
     with recording(model, [layer], stop=True) as store:
         forward_until(model, x, store)

@@ -5,8 +5,9 @@ M. D. Zeiler, R. Fergus, "Visualizing and Understanding Convolutional Networks",
 one are set to zero and the result is passed back down: unpooling with the max-pool switches,
 rectification, and the transposed filters. Back-propagation through the network does exactly that
 except at the ReLUs, where it masks by the forward input's sign; the deconvnet instead rectifies
-the signal coming down. So this is autograd with every ``nn.ReLU``'s backward replaced by that rule
-(batch norm, in eval mode an affine map, passes back through its scale).
+the signal coming down. So this is autograd with every ReLU's backward replaced by that rule, however
+the model applies its ReLUs (:mod:`cnnlab.viz.relu_rules`; batch norm, in eval mode an affine map, passes
+back through its scale).
 """
 
 from __future__ import annotations
@@ -16,13 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnlab.viz.layers import default_layer, forward_until, recording, require_channel, require_feature_maps
+from cnnlab.viz.relu_rules import DECONV, relu_rule
 from cnnlab.viz.shape import Channels, Target, per_image, unused
 
 __all__ = ["deconv"]
-
-
-def _rectify_down(_module: nn.Module, _grad_input: tuple[Tensor, ...], grad_output: tuple[Tensor, ...]):
-    return (F.relu(grad_output[0]),)
 
 
 def deconv(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
@@ -34,9 +32,8 @@ def deconv(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | N
     otherwise the whole feature map is projected.
     """
     unused("deconv", target=target)
-    layer = layer or default_layer(model)
-    handles = [m.register_full_backward_hook(_rectify_down) for m in model.modules() if isinstance(m, nn.ReLU)]
-    try:
+    layer = layer or default_layer(model, x)
+    with relu_rule(DECONV):
         with torch.enable_grad(), recording(model, [layer], detach=False, stop=True) as store:
             inp = x.detach().clone().requires_grad_(True)
             forward_until(model, inp, store)
@@ -53,7 +50,4 @@ def deconv(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | N
             else:
                 signal = a.detach()
             (grad,) = torch.autograd.grad(a, inp, grad_outputs=signal)
-    finally:
-        for h in handles:
-            h.remove()
     return grad.detach()

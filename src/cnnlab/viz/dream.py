@@ -28,7 +28,7 @@ def dream(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | No
     """The batch ``x`` dreamed at ``layer`` (all its channels, or each image's one of ``channels``);
     returns network inputs normalised as ``x``."""
     unused("dream", target=target)
-    layer = layer or default_layer(model)
+    layer = layer or default_layer(model, x)
     picks = None if channels is None else per_image(channels, x, "channels")
     space = pixel_space(preprocess, x)
     base = space.to_pixels(x)

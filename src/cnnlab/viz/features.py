@@ -20,7 +20,7 @@ def feature_maps(model: nn.Module, x: Tensor, *, target: Target = None, layer: s
     """The output (B, C, h, w) of ``layer`` for the batch ``x``; with ``channels``, each image's
     channel alone, (B, 1, h, w)."""
     unused("feature_maps", target=target)
-    layer = layer or default_layer(model)
+    layer = layer or default_layer(model, x)
     maps = capture(model, x, [layer])[layer]
     if channels is None:
         return maps

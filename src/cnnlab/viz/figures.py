@@ -25,7 +25,7 @@ from cnnlab.viz.filters import conv_filters
 from cnnlab.viz.inputs import Batch
 from cnnlab.viz.invert import feature_distance, invert as reconstruct
 from cnnlab.viz.job import Job
-from cnnlab.viz.layers import STAGES, default_layer, require_feature_maps, valid_names
+from cnnlab.viz.layers import default_layer, feature_layers, first_layer, require_feature_maps
 from cnnlab.viz.maximize import fourier_noise, maximize as run_max, objective
 from cnnlab.viz.render import ACTIVATION, HEAT, SIGNED, Panel, grid_figure, image, minmax, panels_figure
 from cnnlab.viz.shape import target_classes
@@ -50,8 +50,14 @@ def _tag(batch: Batch) -> str:
     return batch.names[0] if len(batch.names) == 1 else f"{batch.names[0]}+{len(batch.names) - 1}"
 
 
+def _probe(job: Job) -> torch.Tensor:
+    """One input of the run's size: what the default layers are found with."""
+    pre = job.run.preprocess
+    return torch.zeros(1, pre.channels, pre.size, pre.size, device=job.run.device)
+
+
 def _layers(job: Job) -> list[str]:
-    return job.layers or [default_layer(job.model)]
+    return job.layers or [default_layer(job.model, _probe(job))]
 
 
 def _pixels(job: Job, x: torch.Tensor) -> list[np.ndarray]:
@@ -99,7 +105,7 @@ def _wrapped(panels: list[Panel], per_row: int = 8) -> list[list[Panel]]:
 
 def filters(job: Job) -> Figures:
     figures = {}
-    for layer in job.layers or ["conv1"]:
+    for layer in job.layers or [first_layer(job.model)]:
         path, weight = conv_filters(job.model, layer)
         out_c, in_c, kh, kw = weight.shape
         chosen = job.channels or [0]
@@ -134,7 +140,7 @@ def features(job: Job) -> Figures:
     pixels, captions = _pixels(job, batch.x), _captions(job, batch)
     size = job.run.preprocess.size
     figures = {}
-    for layer in job.layers or ["conv1", "conv5_x"]:
+    for layer in job.layers or [first_layer(job.model), default_layer(job.model, _probe(job))]:
         acts = require_feature_maps(feature_maps(job.model, batch.x, layer=layer).float().cpu(), layer)
         c, h, w = acts.shape[1:]
         for i, name in enumerate(batch.names):
@@ -229,7 +235,7 @@ def deconv(job: Job) -> Figures:
 
 
 def invert(job: Job) -> Figures:
-    layers = job.layers or [n for n in valid_names(job.model) if n in STAGES]
+    layers = job.layers or feature_layers(job.model, _probe(job))
     batch = job.batch()
     pixels = _pixels(job, batch.x)
     columns = {}
@@ -293,7 +299,8 @@ def dream(job: Job) -> Figures:
     batch = job.batch()
     originals = _pixels(job, batch.x)
     figures = {}
-    for layer in job.layers or ["conv4_x"]:
+    stages = feature_layers(job.model, _probe(job))  # the stage before the last, where there are stages
+    for layer in job.layers or (stages[-2:-1] if len(stages) > 2 else stages[-1:]):
         x = run_dream(job.model, batch.x, layer=layer, preprocess=job.run.preprocess,
                       steps=20 if job.steps is None else job.steps)
         table = [[Panel(a, name), Panel(b, f"dreamed at {layer}")]

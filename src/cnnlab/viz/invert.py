@@ -53,7 +53,7 @@ def invert(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | N
     Returns network inputs (normalised as ``x``) whose representation matches ``x``'s.
     """
     unused("invert", target=target, channels=channels)
-    layer = layer or default_layer(model)
+    layer = layer or default_layer(model, x)
     space = pixel_space(preprocess, x)
     m = space.to_pixels(torch.zeros_like(x[:1]))
     with torch.no_grad():

@@ -115,7 +115,7 @@ def objective(model: nn.Module, x: Tensor, *, target: Target = None, layer: str 
     _one_objective(target, layer, channels)
     if channels is None:
         return model(x).log_softmax(1).gather(1, target_classes(model, x, target)[:, None])[:, 0]
-    layer = layer or default_layer(model)
+    layer = layer or default_layer(model, x)
     picks = per_image(channels, x, "channels")
     with recording(model, [layer], detach=False, stop=True) as store:
         forward_until(model, x, store)

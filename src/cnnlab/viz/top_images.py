@@ -73,8 +73,9 @@ def excited_regions(model: nn.Module, x: Tensor, *, layer: str, channel: int,
 
 def top_images(model: nn.Module, images: Tensor, preprocess: Preprocess, *, layer: str | None = None,
                channel: int = 0, count: int = 9) -> TopImages:
-    """The ``count`` uint8 ``images`` on which ``channel`` of ``layer`` (default conv5_x) fires hardest, best first."""
-    layer = layer or default_layer(model)
+    """The ``count`` uint8 ``images`` on which ``channel`` of ``layer`` (default: the last spatial feature
+    block) fires hardest, best first."""
+    layer = layer or default_layer(model, preprocess.to_input(images[:1].to(next(model.parameters()).device)))
     scores = channel_scores(model, images, preprocess, layer=layer, channel=channel)
     best = scores.topk(min(count, len(scores))).indices
     x = preprocess.to_input(images[best].to(next(model.parameters()).device))
