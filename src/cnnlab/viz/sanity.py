@@ -50,10 +50,10 @@ from cnnlab.viz.cam import CAMS
 from cnnlab.viz.layers import STAGES, layer_path, valid_names
 
 __all__ = ["EXPLAINERS", "MAX_RANDOMISED_RHO", "Explainer", "Sanity", "cascade_layers", "choices", "deletion_insertion",
-           "explain", "gaussian_blur", "impute", "randomised", "rank_correlation", "road", "sanity_checks",
+           "explain", "gaussian_blur", "impute", "randomised", "road", "sanity_checks",
            "spearman", "train_on_permuted_labels"]
 
-MAX_RANDOMISED_RHO = 0.5  # a method whose maps keep this rank correlation with every layer re-initialised fails
+MAX_RANDOMISED_RHO = 0.5  # a method whose maps keep this rank correlation once the top is re-initialised fails
 ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ROAD_NOISE = 0.01  # σ of the noise added to imputed pixels, in network-input units (Rong et al.'s default)
 
@@ -99,7 +99,7 @@ def explain(name: str, model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     e = EXPLAINERS[name]
     with warnings.catch_warnings():  # integrated gradients' own note on its precision is not news here
         warnings.simplefilter("ignore")
-        return e.importance(e.method(model, x, target=target, **e.options).detach()).float()
+        return e.importance(e.method(model, x, target=target, **e.options).detach())
 
 
 def _ranks(v: Tensor) -> Tensor:
@@ -125,8 +125,6 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     flat_a, flat_b = na == 0, nb == 0
     return torch.where(flat_a & flat_b, 1.0, torch.where(flat_a | flat_b, 0.0, rho))
 
-
-rank_correlation = spearman
 
 
 def cascade_layers(model: nn.Module) -> list[str]:
