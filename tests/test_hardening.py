@@ -29,7 +29,6 @@ from cnnlab import cli, run
 from cnnlab.core import checkpoint
 from cnnlab.core.errors import UserError
 from cnnlab.data import archives, load_dataset
-from cnnlab.train import engine
 
 # Class names a hostile folder can have: an ANSI escape, and a newline that would forge an output line.
 HOSTILE = ["a\x1b[31mred", "b\nforged line"]

@@ -15,6 +15,7 @@ from PIL import Image
 from cnnlab import cli
 from cnnlab.report import report
 from cnnlab.report.page import SECTIONS
+from cnnlab.viz.sanity import EXPLAINERS
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("CNNLAB_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
@@ -92,8 +93,13 @@ def test_report_in_a_browser(small_run, small_report, browser, tmp_path):
             text = section.inner_text()
             assert title in text and len(text) > len(title) + 20, f"section {sid} is empty: {text!r}"
             assert "could not" not in text, f"section {sid}: {text}"
-        for sid in ("curves", "confusion", "filters", "features", "patterns"):
+        for sid in ("curves", "confusion", "filters", "features", "patterns", "explanations"):
             assert page.locator(f"section#{sid} img.plot").count() >= 1, sid
+        # Every CAM and attribution method is checked, beside the random-map baseline.
+        rows = page.locator("section#explanations table#sanity tbody tr")
+        assert rows.count() == len(EXPLAINERS) + 1
+        assert [rows.nth(k).locator("td").first.inner_text() for k in range(rows.count())] == [
+            *EXPLAINERS, "random map (baseline)"]
         assert page.locator("section#gradcam img.plot").count() == 2  # right and wrong predictions
         assert page.locator("section#misclassified figure.thumb img").count() >= 10
         assert page.locator("section#confused-pairs h3").count() >= 1

@@ -9,8 +9,9 @@ from cnnlab import run
 from cnnlab.data import load_dataset
 from cnnlab.data.splits import reported_test_set
 from cnnlab.models import build
-from cnnlab.viz.attribute import guided_backprop, integrated_gradients, path_integral
-from cnnlab.viz.cam import grad_cam, layer_cam
+from cnnlab.viz.attribute import (guided_backprop, guided_grad_cam, integrated_gradients, occlusion, path_integral,
+                                  smoothgrad)
+from cnnlab.viz.cam import grad_cam, grad_cam_pp, layer_cam, score_cam
 from cnnlab.viz.deconv import deconv
 from cnnlab.viz.features import feature_maps
 from cnnlab.viz.filters import conv_filters
@@ -300,3 +301,256 @@ def test_deconv_keeps_positive_signals_and_follows_zeiler_fergus(loaded, x):
                                                                   (channel, i, j))
     torch.testing.assert_close(got, acts.max() * expected.detach(), atol=1e-5, rtol=1e-4)
     assert got.abs().sum() > 0
+
+
+# --- CAMs, attributions, DeepDream and receptive fields against computations written here ---------------
+
+
+def tiny_cnn(seed=0, circular=False):
+    """conv → ReLU → conv → ReLU (module "3", the layer explained) → 1×1 conv → ReLU → mean → linear,
+    float64 with seeded weights: every quantity below is cheap to compute by its definition, and the
+    head after the layer is piecewise linear, as Grad-CAM++'s closed form assumes."""
+    torch.manual_seed(seed)
+    pad = dict(padding=1, padding_mode="circular" if circular else "zeros")
+    return nn.Sequential(nn.Conv2d(3, 4, 3, **pad), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2, **pad), nn.ReLU(),
+                         nn.Conv2d(5, 6, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(6, 3)).double().eval()
+
+
+def tiny_input(n=2, side=8, seed=1):
+    return torch.randn(n, 3, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_grad_cam_pp_is_equation_19_with_the_derivatives_of_exp_score():
+    """Chattopadhay et al., Eq. 19 for Y = exp(S_c): α = ∂²Y / (2 ∂²Y + Σ_ab A_ab ∂³Y) per element, with the
+    second and third derivatives taken by autograd, weights w_k = Σ_ij α_ij ReLU(∂Y/∂A_ij). cnnlab drops the
+    common factor exp(S_c) of the weights (maps are drawn to their own range), so its map is this / Y."""
+    from torch.func import grad, jvp, vmap
+
+    model, x, target = tiny_cnn(), tiny_input(), torch.tensor([0, 2])
+    head, tail = model[:4], model[4:]
+    expected = []
+    for i in range(len(x)):
+        a = head(x[i:i + 1]).detach()
+        y = lambda acts, c=int(target[i]): tail(acts)[0, c].exp()  # noqa: E731
+        basis = torch.eye(a.numel(), dtype=a.dtype).view(-1, *a.shape)
+        d1 = grad(y)(a)
+        second = lambda v, at=a: jvp(grad(y), (at,), (v,))[1]  # noqa: E731 - H v
+        d2 = vmap(second)(basis).flatten(1).diagonal().view(a.shape)
+        d3 = vmap(lambda v: jvp(lambda at: jvp(grad(y), (at,), (v,))[1], (a,), (v,))[1])(basis)
+        d3 = d3.flatten(1).diagonal().view(a.shape)
+        denominator = 2 * d2 + a.sum((2, 3), keepdim=True) * d3
+        alpha = torch.where(d2 != 0, d2 / torch.where(denominator != 0, denominator, 1.0), 0.0)
+        weights = (alpha * d1.clamp(min=0)).sum((2, 3), keepdim=True)
+        cam = (weights * a).sum(1, keepdim=True).clamp(min=0) / y(a)
+        expected.append(F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False))
+    expected = torch.cat(expected)
+    assert expected.amax() > 0
+    torch.testing.assert_close(grad_cam_pp(model, x, target=target, layer="3"), expected, rtol=1e-10, atol=1e-12)
+
+
+def score_cam_by_definition(model, x, target, head):
+    """Wang et al. 2020, Algorithm 1, one channel at a time: S_k = f_c(X ∘ H_k) − f_c(X_b) with H_k the channel
+    upsampled and min–max scaled and X_b = 0, α = softmax_k(S_k), map = ReLU(Σ_k α_k A_k) upsampled."""
+    out = []
+    for i in range(len(x)):
+        xi, c = x[i:i + 1], int(target[i])
+        acts = head(xi)
+        scores = []
+        for k in range(acts.shape[1]):
+            h = F.interpolate(acts[:, k:k + 1], size=x.shape[-2:], mode="bilinear", align_corners=False)
+            h = (h - h.min()) / (h.max() - h.min()) if h.max() > h.min() else torch.zeros_like(h)
+            scores.append(model(xi * h)[0, c] - model(torch.zeros_like(xi))[0, c])
+        alpha = torch.stack(scores).softmax(0)
+        cam = (alpha.view(1, -1, 1, 1) * acts).sum(1, keepdim=True).clamp(min=0)
+        out.append(F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False))
+    return torch.cat(out)
+
+
+def test_score_cam_is_algorithm_1_of_wang_et_al():
+    model, x, target = tiny_cnn(), tiny_input(), torch.tensor([1, 2])
+    with torch.no_grad():
+        expected = score_cam_by_definition(model, x, target, model[:4])
+    torch.testing.assert_close(score_cam(model, x, target=target, layer="3"), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_score_cam_on_a_model_worked_out_by_hand():
+    """One input channel x = [[1, −1], [2, 0]]; the layer is (ReLU(x), ReLU(−x)) = A₀ = [[1, 0], [2, 0]],
+    A₁ = [[0, 1], [0, 0]]; masks H₀ = A₀ / 2, H₁ = A₁. The head averages each channel and maps (m₀, m₁) to
+    logits (m₀ − m₁, −m₀ + 2 m₁). X ∘ H₀ = [[.5, 0], [2, 0]] gives (m₀, m₁) = (.625, 0), logits (.625, −.625);
+    X ∘ H₁ = [[0, −1], [0, 0]] gives (0, .25), logits (−.25, .5). The zero image scores 0."""
+    import math
+
+    conv = nn.Conv2d(1, 2, 1, bias=False)
+    fc = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+        fc.weight.copy_(torch.tensor([[1.0, -1.0], [-1.0, 2.0]]))
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc).double().eval()
+    x = torch.tensor([[1.0, -1.0], [2.0, 0.0]], dtype=torch.float64).view(1, 1, 2, 2)
+    for target, (s0, s1) in ((0, (0.625, -0.25)), (1, (-0.625, 0.5))):
+        a0 = math.exp(s0) / (math.exp(s0) + math.exp(s1))
+        expected = torch.tensor([[a0, 1 - a0], [2 * a0, 0.0]], dtype=torch.float64).view(1, 1, 2, 2)
+        torch.testing.assert_close(score_cam(model, x, target=target, layer="1"), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_score_cam_maps_of_the_predicted_and_the_least_likely_class_differ():
+    """Two blobs, each the evidence for one class: the weak one (value 1, left) for class 0, the strong one (value
+    3, right) for class 1, which is predicted. Each class's map must point at its own blob. Before the fix the
+    channel weights differed by at most a factor of e < 3, so both maps pointed at the strong blob."""
+    conv = nn.Conv2d(1, 2, 1, bias=False)
+    fc = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))  # channel 0 sees the left blob, 1 the right
+        fc.weight.copy_(16 * torch.eye(2))
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc).double().eval()
+    x = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    x[..., 2:6, 0:4], x[..., 2:6, 4:8] = 1.0, -3.0
+    logits = model(x)[0]
+    assert logits.argmax() == 1 and logits.argmin() == 0
+    predicted, least = score_cam(model, x, target=1, layer="1")[0, 0], score_cam(model, x, target=0, layer="1")[0, 0]
+    assert divmod(int(predicted.argmax()), 8)[1] >= 4 and divmod(int(least.argmax()), 8)[1] < 4
+    assert pearson(predicted, least) < 0
+
+
+def pearson(a, b):
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def test_smoothgrad_is_the_mean_gradient_magnitude_under_noise_scaled_per_image(relu_net):
+    """Smilkov et al., Sec. 3: σ = noise level × (x_max − x_min) of each image; the noise of each image drawn
+    as the docstring says, so that it can be reproduced here."""
+    model, x = relu_net
+    x = x[:2] * torch.tensor([1.0, 10.0], dtype=x.dtype).view(2, 1, 1, 1)  # two very different ranges
+    target, samples, noise = torch.tensor([3, 7]), 5, 0.2
+    expected = []
+    for i in range(len(x)):
+        sigma = noise * (x[i].max() - x[i].min())
+        eps = torch.randn((samples, *x.shape[1:]), generator=torch.Generator().manual_seed(4), dtype=x.dtype)
+        p = (x[i] + sigma * eps).requires_grad_(True)
+        model(p)[:, target[i]].sum().backward()
+        expected.append(p.grad.abs().mean(0))
+    got = smoothgrad(model, x, target=target, samples=samples, noise=noise, seed=4, batch_size=3)
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-10, atol=1e-14)
+
+
+def test_smoothgrad_of_an_image_does_not_depend_on_its_batch(relu_net):
+    model, x = relu_net
+    state = torch.random.get_rng_state()
+    together = smoothgrad(model, x, target=[1, 2, 3, 4], samples=4)
+    for i in range(len(x)):
+        torch.testing.assert_close(smoothgrad(model, x[i:i + 1], target=[i + 1], samples=4), together[i:i + 1],
+                                   rtol=1e-10, atol=1e-14)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left alone
+
+
+def test_occlusion_is_the_mean_score_drop_of_the_windows_over_each_pixel():
+    """Zeiler & Fergus, Sec. 4.2, as captum averages it: each window of w × w pixels at stride s is set to 0 in
+    every channel, and each pixel gets the mean drop of the target score over the windows that cover it."""
+    model, x, target = tiny_cnn(), tiny_input(side=8), torch.tensor([0, 1])
+    window, stride = 4, 2
+    drop_sum, covered = torch.zeros_like(x[:, :1]), torch.zeros_like(x[:, :1])
+    with torch.no_grad():
+        full = model(x).gather(1, target[:, None])[:, 0]
+        for top in range(0, 8 - window + 1, stride):
+            for left in range(0, 8 - window + 1, stride):
+                hidden = x.clone()
+                hidden[:, :, top:top + window, left:left + window] = 0
+                drop = full - model(hidden).gather(1, target[:, None])[:, 0]
+                drop_sum[:, :, top:top + window, left:left + window] += drop.view(-1, 1, 1, 1)
+                covered[:, :, top:top + window, left:left + window] += 1
+    expected = (drop_sum / covered).expand_as(x)
+    got = occlusion(model, x, target=target, window=window, stride=stride)
+    assert got.dtype == x.dtype
+    # captum divides the summed drops, rounded to float32, by the window count in float32: two roundings of
+    # each value, so a relative error of at most 2 × 2⁻²⁴ (doubled here for the float64 sums' own rounding).
+    torch.testing.assert_close(got, expected, rtol=4 * 2.0 ** -24, atol=1e-300)
+
+
+@pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU")
+def test_guided_grad_cam_is_guided_backprop_times_upsampled_grad_cam(relu_net):
+    model, x = relu_net
+    x, target = x[:2], torch.tensor([2, 5])
+    acts, grads = acts_and_grads(model, model.layer3, x, target)
+    cam = F.relu((grads.mean((2, 3), keepdim=True) * acts).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    for relu in relus:
+        relu.forward = GuidedReLU.apply
+    try:
+        inp = x.clone().requires_grad_(True)
+        model(inp).gather(1, target[:, None]).sum().backward()
+    finally:
+        for relu in relus:
+            del relu.forward
+    expected = inp.grad * cam
+    assert expected.abs().amax() > 0
+    got = guided_grad_cam(model, x, target=target, layer="conv4_x")
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12 * float(expected.abs().amax()))
+
+
+def dream_step(model, layer_module, u, step_size):
+    """One DeepDream step by its definition: gradient ascent on ½‖A‖², normalised by the mean |gradient|."""
+    seen = []
+    handle = layer_module.register_forward_hook(lambda m, i, o: seen.append(o))
+    u = u.clone().requires_grad_(True)
+    model(u)
+    handle.remove()
+    (g,) = torch.autograd.grad(seen[0].pow(2).sum() / 2, u)
+    return (u + step_size * g / g.abs().mean((1, 2, 3), keepdim=True)).clamp(0, 1).detach()
+
+
+def test_dream_is_normalised_gradient_ascent_over_octaves():
+    """Mordvintsev et al.'s octaves: dream at a smaller scale first, then add the detail found, enlarged, to
+    the image at the next scale and dream on (here without jitter; the next test covers it)."""
+    from cnnlab.viz.dream import dream
+
+    model = tiny_cnn()
+    pixels = torch.rand(2, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    got = dream(model, pixels, layer="3", steps=2, octaves=2, octave_scale=1.5, step_size=0.05, jitter=0)
+    small = F.interpolate(pixels, size=(8, 8), mode="bilinear", align_corners=False)  # round(12 / 1.5)
+    u = small
+    for _ in range(2):
+        u = dream_step(model, model[3], u, 0.05)
+    u = pixels + F.interpolate(u - small, size=(12, 12), mode="bilinear", align_corners=False)
+    for _ in range(2):
+        u = dream_step(model, model[3], u, 0.05)
+    torch.testing.assert_close(got, u, rtol=1e-10, atol=1e-12)
+    assert (got - pixels).abs().amax() > 0.01
+
+
+def test_dream_jitter_is_undone_after_each_step():
+    """On a network that is equivariant to circular shifts, jitter changes nothing: every shift is rolled back."""
+    from cnnlab.viz.dream import dream
+
+    model = tiny_cnn(circular=True)
+    model[2].stride = (1, 1)  # a stride would break the equivariance for odd shifts
+    pixels = torch.rand(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    plain = dream(model, pixels, layer="3", steps=3, octaves=1, jitter=0)
+    jittered = dream(model, pixels, layer="3", steps=3, octaves=1, jitter=3, seed=7)
+    torch.testing.assert_close(jittered, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_top_images_rank_by_the_channel_maximum_and_box_the_receptive_field():
+    """Two 3×3 convolutions of ones without padding: a unit at (i, j) sees input rows i … i+4 and columns
+    j … j+4 with gradient [1, 2, 3, 2, 1] ⊗ [1, 2, 3, 2, 1], whose smallest entry is 1/9 ≥ 10% of the largest,
+    so its effective receptive field is that whole 5 × 5 square. A single bright pixel at (r, c) excites the
+    unit centred on it most, at 9 × its value."""
+    from cnnlab.core.spec import Preprocess
+    from cnnlab.viz.top_images import top_images
+
+    model = nn.Sequential(nn.Conv2d(1, 1, 3, bias=False), nn.Conv2d(1, 1, 3, bias=False))
+    for conv in model:
+        nn.init.ones_(conv.weight)
+    spots = [(5, 7, 60), (3, 3, 250), (10, 4, 120), (8, 11, 200), (2, 12, 30)]  # (row, column, value)
+    images = torch.zeros(len(spots), 1, 16, 16, dtype=torch.uint8)
+    for k, (r, c, v) in enumerate(spots):
+        images[k, 0, r, c] = v
+    pre = Preprocess(16, 1, (0.0,), (1.0,))
+    top = top_images(model, images, pre, layer="1", channel=0, count=3)
+    ranked = sorted(range(len(spots)), key=lambda k: -spots[k][2])[:3]
+    assert top.indices.tolist() == ranked
+    torch.testing.assert_close(top.scores, torch.tensor([9 * spots[k][2] / 255 for k in ranked]))
+    assert top.boxes == [(spots[k][0] - 2, spots[k][1] - 2, spots[k][0] + 3, spots[k][1] + 3) for k in ranked]
+    assert top.maps.shape == (3, 12, 12)

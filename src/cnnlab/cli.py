@@ -51,7 +51,8 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 # Library errors name Python parameters in backquotes (`index`); on the command line they are flags.
 FLAGS = {"image": "--image", "index": "--index", "count": "--count", "layer": "--layer", "target": "--target",
-         "channel": "--channel", "channels": "--channel", "kind": "--kind", "steps": "--steps", "out": "--out"}
+         "channel": "--channel", "channels": "--channel", "kind": "--kind", "steps": "--steps", "out": "--out",
+         "random_labels": "--random-labels"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -147,7 +148,8 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("visualize", help="look inside a trained network: filters, feature maps, CAMs, attributions …")
     p.add_argument("method", metavar="METHOD", help="filters, features, top-images, deconv, invert, maximize, dream, "
-                                                     "cam or attribute")
+                                                     "cam, attribute, or sanity (how far to trust each CAM and "
+                                                     "attribution: randomisation tests, deletion, insertion, ROAD)")
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument("--image", nargs="+", metavar="PATH", help="image files (any size or format; resized and "
                                                               "normalised as the checkpoint says)")
@@ -162,6 +164,10 @@ def build_parser() -> Parser:
                    "attribute: saliency guided-backprop guided-grad-cam integrated-gradients smoothgrad occlusion "
                    "(default: all)")
     p.add_argument("--steps", type=int, help="optimisation steps (invert, maximize, dream) or integration steps")
+    p.add_argument("--random-labels", metavar="RUN|EPOCHS|auto|none",
+                   help="sanity: a run trained on permuted labels, or epochs to train one here for the data "
+                        "randomisation test (default auto: one epoch when that is cheap)")
+    p.add_argument("--json", action="store_true", help="sanity: print the table as JSON")
     p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/viz/METHOD)")
     p.add_argument("--tensorboard", action="store_true", help="also log the images to the run's TensorBoard")
     p.add_argument("--device", default="auto")
@@ -381,11 +387,39 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_visualize(args: argparse.Namespace) -> int:
     from cnnlab.viz import visualize
 
+    if args.method == "sanity":
+        return _sanity(args)
+    for flag, value in (("--json", args.json), ("--random-labels", args.random_labels)):
+        if value:
+            raise UserError(f"{flag} is for cnnlab visualize sanity; {args.method} does not use it")
+
     pngs = visualize(args.method, args.path, image=args.image, index=args.index, count=args.count,
                      layer=args.layer, target=args.target, channel=args.channel, kind=args.kind, steps=args.steps,
                      out=args.out, tensorboard=args.tensorboard, device=args.device, data_dir=args.data_dir)
     for png in pngs:
         print(f"wrote {png}")
+    return 0
+
+
+def _sanity(args: argparse.Namespace) -> int:
+    from cnnlab.viz.command import sanity
+
+    for flag, value in (("--target", args.target), ("--channel", args.channel), ("--steps", args.steps),
+                        ("--tensorboard", args.tensorboard)):
+        if value:
+            raise UserError(f"sanity does not use {flag}; it uses --image, --index, --count, --layer, --kind, "
+                            "--random-labels, --json")
+    result, files = sanity(args.path, image=args.image, index=args.index, count=args.count, layer=args.layer,
+                           kind=args.kind, random_labels=args.random_labels or "auto", out=args.out,
+                           device=args.device, data_dir=args.data_dir,
+                           progress=None if args.json else lambda m: print(f"… {m}", file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print(result.table())
+    print(f"data randomisation: {as_flags(result.random_labels_note)}")
+    for file in files:
+        print(f"wrote {file}")
     return 0
 
 

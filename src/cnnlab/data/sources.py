@@ -8,7 +8,6 @@ decoded once and cached under ``cache_dir()/datasets`` keyed by their content.
 from __future__ import annotations
 
 import hashlib
-import io
 import multiprocessing
 import os
 import pickle

@@ -18,6 +18,7 @@ import torch
 import cnnlab
 from cnnlab.report.charts import ASSIGNMENT_TEST, ASSIGNMENT_TRAIN
 from cnnlab.report.sections import Contents, Example, Picture
+from cnnlab.viz.sanity import MAX_RANDOMISED_RHO
 
 __all__ = ["SECTIONS", "render"]
 
@@ -34,6 +35,7 @@ SECTIONS: dict[str, str] = {
     "filters": "First-layer filters",
     "features": "Feature maps",
     "gradcam": "Grad-CAM",
+    "explanations": "Explanations: how far to trust them",
     "patterns": "Class models (activation maximisation)",
 }
 
@@ -262,6 +264,38 @@ def _gradcam(c: Contents) -> str:
     return "".join(parts)
 
 
+def _explanations(c: Contents) -> str:
+    s = c.sanity
+    if s is None:
+        return ""
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    rows = []
+    for name, r, verdict in s.rows():
+        cls = "" if verdict == "–" else (' class="good"' if verdict == "passes" else ' class="bad"')
+        rhos = "".join(f'<td class="num">{"<b>" if step == s.judged else ""}{r.rho(step):.2f}'
+                       f'{"</b>" if step == s.judged else ""}</td>' for step in s.layers)
+        rows.append(f"<tr><td>{e(name)}</td>{rhos}<td class=\"num\">{mean(r.deletion):.3f}</td>"
+                    f"<td class=\"num\">{mean(r.insertion):.3f}</td><td class=\"num\">{mean(r.road):.3f}</td>"
+                    f"<td{cls}>{e(verdict)}</td></tr>")
+    steps = "".join(f'<th class="num">ρ, to {e(step)}</th>' for step in s.layers)
+    images = ", ".join(str(i) for i in c.sanity_images)
+    return (f"<p>A saliency map can look right and still say nothing about the network (Adebayo et al. 2018). "
+            f"Each method was checked on {s.images} test images ({e(images)}) for the predicted class. "
+            f"<b>ρ, to layer</b>: the Spearman rank correlation between a method's maps for the trained network and "
+            f"for the network with its layers re-initialised from fc down to that layer (cascading randomisation); "
+            f"a method whose maps survive re-initialising fc … {e(s.judged)} (ρ ≥ {MAX_RANDOMISED_RHO}, bold) shows "
+            f"the image, not what the network learned. <b>Deletion</b> and <b>insertion</b> (Petsiuk et al. 2018): "
+            f"the area under the class probability as the pixels the map ranks highest are removed (lower is better) "
+            f"or put back into a blurred image (higher is better), in {s.deletion_steps} steps. <b>ROAD</b> (Rong et "
+            f"al. 2022): pixels removed by noisy linear imputation, least relevant first minus most relevant first, "
+            f"halved and averaged over {len(s.road_fractions)} fractions (higher is better). A method passes a "
+            f"faithfulness check when it beats the random map by two standard errors. Data randomisation (a model "
+            f"trained on permuted labels): {e(s.random_labels_note)}.</p>"
+            f'<table id="sanity"><thead><tr><th>method</th>{steps}<th class="num">deletion AUC ↓</th>'
+            '<th class="num">insertion AUC ↑</th><th class="num">ROAD ↑</th><th>verdict</th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>" + "".join(_img(p) for p in c.cascade))
+
+
 def render(c: Contents) -> str:
     """The whole page for the gathered ``Contents``."""
     bodies = {
@@ -281,6 +315,7 @@ def render(c: Contents) -> str:
         "features": _pictures(f"The output of every channel of {e(c.layers[0])} and {e(c.layers[1])} for one test "
                               "image, beside the input as the network saw it.", c.features),
         "gradcam": _gradcam(c),
+        "explanations": _explanations(c),
         "patterns": _pictures(f"Images optimised from noise ({c.pattern_steps} steps, Fourier-parameterised with "
                               "jitter, as in cnnlab visualize maximize) to be classified as each class, with the "
                               "probability the model gives them.", c.patterns),

@@ -29,9 +29,10 @@ from cnnlab.models.summary import summarize
 from cnnlab.report import charts
 from cnnlab.run import LoadedRun
 from cnnlab.viz import render
-from cnnlab.viz.figures import FIGURES
+from cnnlab.viz.figures import FIGURES, sanity_figure
 from cnnlab.viz.job import Job
 from cnnlab.viz.layers import default_layer, first_layer
+from cnnlab.viz.sanity import Sanity, sanity_checks
 
 __all__ = ["Contents", "Example", "Pair", "Picture", "TestResults", "gather", "read_metrics"]
 
@@ -41,6 +42,11 @@ PAIR_EXAMPLES = 6  # images shown for each pair
 CAM_IMAGES = 4  # Grad-CAM: this many right and this many wrong
 PATTERN_CLASSES = 10  # class models drawn
 SMALL_MODEL_MACS = 100_000_000  # per image; below this the report runs on one CPU thread
+# The explanations' checks, kept small here (cnnlab visualize sanity runs 8 images and every layer):
+SANITY_IMAGES = 4  # test images, spread over the test set
+SANITY_STEPS = ["fc", "conv5_x"]  # cascade steps measured; the whole network re-initialised is always added
+SANITY_DELETION_STEPS = 8
+SANITY_ROAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +110,9 @@ class Contents:
     patterns: list[Picture] = field(default_factory=list)
     pattern_steps: int = 0
     layers: tuple[str, str] = ("conv1", "conv5_x")  # the first layer and the last spatial feature block, as found
+    sanity: Sanity | None = None
+    sanity_images: list[int] = field(default_factory=list)  # the test images the checks ran on
+    cascade: list[Picture] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)  # section id → why something is missing
     seconds: dict[str, float] = field(default_factory=dict)  # time spent on each section
 
@@ -288,7 +297,7 @@ def _pictures(contents: Contents, loaded: LoadedRun) -> None:
     _timed(contents, "per-class", load_test)
     if contents.test is None:
         why = contents.notes.get("per-class", ["the test set could not be read"])[-1]
-        for section in ("confusion", "confused-pairs", "misclassified", "features", "gradcam"):
+        for section in ("confusion", "confused-pairs", "misclassified", "features", "gradcam", "explanations"):
             contents.note(section, f"needs the run's test set, which could not be read: {why}")
 
     pre = loaded.preprocess
@@ -317,6 +326,23 @@ def _pictures(contents: Contents, loaded: LoadedRun) -> None:
                 contents.note("gradcam", "every test image was classified correctly: no mistakes to show")
 
         _timed(contents, "gradcam", cams)
+
+        def explanations() -> None:
+            images, _ = test
+            shown = _spread(list(range(len(images))), SANITY_IMAGES)
+            x = loaded.preprocess.to_input(images[shown].to(loaded.device))
+            result = sanity_checks(loaded.model, x, layers=SANITY_STEPS, deletion_steps=SANITY_DELETION_STEPS,
+                                   road_fractions=SANITY_ROAD_FRACTIONS,
+                                   random_labels_note="not run in the report; cnnlab visualize sanity runs it")
+            contents.sanity, contents.sanity_images = result, shown
+            with torch.no_grad():
+                p, c = loaded.model(x[:1]).softmax(1)[0].max(0)
+            figure = sanity_figure(result, render.image(loaded.preprocess.to_pixels(x[:1])[0]),
+                                   f"test image {shown[0]}\npred {loaded.classes[int(c)]} ({float(p):.2f})")
+            contents.cascade.append(Picture(charts.png_uri(render.png(figure)),
+                                            "each method's map as the network's layers are re-initialised from the top"))
+
+        _timed(contents, "explanations", explanations)
     # Class models: a few optimisation steps suffice at CIFAR size; larger inputs get fewer.
     contents.pattern_steps = 64 if loaded.preprocess.size <= 64 else 24
     classes = list(range(min(PATTERN_CLASSES, len(loaded.classes))))

@@ -8,7 +8,8 @@
 - guided Grad-CAM: Selvaraju et al., ICCV 2017 (arXiv:1610.02391), guided backprop times Grad-CAM.
 - integrated gradients: Sundararajan, Taly, Yan, "Axiomatic Attribution for Deep Networks", ICML 2017
   (arXiv:1703.01365).
-- SmoothGrad: Smilkov et al., "SmoothGrad: removing noise by adding noise", 2017 (arXiv:1706.03825).
+- SmoothGrad: Smilkov et al., "SmoothGrad: removing noise by adding noise", 2017 (arXiv:1706.03825);
+  written here, because captum's NoiseTunnel takes one σ for the whole batch.
 - occlusion: Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014
   (arXiv:1311.2901), Sec. 4.2.
 
@@ -24,9 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from captum.attr import NoiseTunnel, Occlusion, Saliency
+from captum.attr import Occlusion, Saliency
 from torch import Tensor, nn
 
+from cnnlab.core.errors import UserError
 from cnnlab.viz.cam import grad_cam
 from cnnlab.viz.relu_rules import GUIDED, relu_rule
 from cnnlab.viz.shape import Channels, Target, target_classes, unused
@@ -177,18 +179,35 @@ def integrated_gradients(model: nn.Module, x: Tensor, *, target: Target = None, 
 
 
 def smoothgrad(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
-               channels: Channels = None, samples: int = 25, noise: float = 0.15, seed: int = 0) -> Tensor:
-    """The mean saliency over ``samples`` copies of x with Gaussian noise of σ = ``noise`` × the input range."""
+               channels: Channels = None, samples: int = 25, noise: float = 0.15, seed: int = 0,
+               batch_size: int = 64) -> Tensor:
+    """The mean saliency |∂y_c/∂x| over ``samples`` noisy copies of each image.
+
+    As Smilkov et al. define it (Sec. 3), the noise is per image: Gaussian with σ = ``noise`` × (that
+    image's max − min). Each image's noise comes from its own generator, seeded with ``seed``:
+    ``torch.randn((samples, C, H, W), generator=torch.Generator().manual_seed(seed), dtype=x.dtype)``,
+    drawn on the CPU. So an image's map is the same alone or in any batch, and the global random
+    state is left alone.
+    """
     unused("smoothgrad", layer=layer, channels=channels)
-    sigma = noise * float(x.max() - x.min())
+    if samples < 1:
+        raise UserError(f"`samples` must be at least 1 (got {samples})")
+    x = x.detach()
     t = target_classes(model, x, target)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return _captum(NoiseTunnel(Saliency(model)), x, target=t, nt_type="smoothgrad", nt_samples=samples,
-                       nt_samples_batch_size=samples, stdevs=sigma)
-    finally:
-        torch.random.set_rng_state(state)
+    flat = x.flatten(1)
+    sigma = noise * (flat.amax(1) - flat.amin(1))
+    noisy = torch.cat([
+        x[i] + sigma[i] * torch.randn((samples, *x.shape[1:]), generator=torch.Generator().manual_seed(seed),
+                                      dtype=x.dtype).to(x.device)
+        for i in range(len(x))])
+    labels = t.repeat_interleave(samples)
+    grads = []
+    with torch.enable_grad():
+        for chunk, y in zip(noisy.split(batch_size), labels.split(batch_size)):
+            chunk = chunk.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(model(chunk).gather(1, y[:, None]).sum(), chunk)
+            grads.append(g.abs())
+    return torch.cat(grads).view(len(x), samples, *x.shape[1:]).mean(1)
 
 
 def occlusion(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
@@ -202,7 +221,7 @@ def occlusion(model: nn.Module, x: Tensor, *, target: Target = None, layer: str 
         return Occlusion(model).attribute(x, target=target_classes(model, x, target), baselines=0.0,
                                           sliding_window_shapes=(x.shape[1], window, window),
                                           strides=(x.shape[1], stride, stride),
-                                          perturbations_per_eval=64).detach()
+                                          perturbations_per_eval=64).detach().to(x.dtype)  # captum ends in float32
 
 
 ATTRIBUTIONS: dict[str, Callable[..., Tensor]] = {

@@ -77,8 +77,18 @@ def layer_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str 
 @torch.no_grad()
 def score_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
               channels: Channels = None, batch_size: int = 64) -> Tensor:
-    """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the input; the softmax of the
-    target's scores over the masked inputs weighs the channels (no gradients)."""
+    """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the input; how much each masked
+    input raises the target's logit, softmax-normalised over the channels, weighs them (no gradients).
+
+    Wang et al. describe two readings. Algorithm 1 of the paper scores channel k by the increase of
+    the class's *logit*, S_k = f_c(X ∘ H_k) − f_c(X_b), and weighs it by softmax_k(S_k); the authors'
+    released code instead weighs by the class's *probability* on X ∘ H_k, with no softmax over
+    channels. This is Algorithm 1 (as pytorch-grad-cam's ScoreCAM): a logit is unbounded, so the
+    weights keep the full spread of what each channel shows for *this* class, and the softmax over
+    channels makes f_c(X_b) cancel, so no baseline image has to be chosen. (cnnlab once took the
+    softmax over classes and then again over channels: weights in [0, 1] before exp() differ by a
+    factor of at most e, so every class got nearly the same map.)
+    """
     unused("score_cam", channels=channels)
     layer = layer or default_layer(model, x)
     t = target_classes(model, x, target)
@@ -88,13 +98,12 @@ def score_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str 
     b, k = acts.shape[:2]
     masks = upsample(acts.flatten(0, 1)[:, None], x).view(b, k, *x.shape[-2:])
     lo = masks.amin((2, 3), keepdim=True)
-    masks = (masks - lo) / (masks.amax((2, 3), keepdim=True) - lo).clamp_min(1e-12)
-    scores = torch.empty(b, k, device=x.device)
+    masks = (masks - lo) / (masks.amax((2, 3), keepdim=True) - lo).clamp_min(torch.finfo(x.dtype).tiny)
+    scores = torch.empty(b, k, device=x.device, dtype=x.dtype)
     for i in range(b):
         for start in range(0, k, batch_size):
             m = masks[i, start:start + batch_size, None]
-            probs = model(x[i:i + 1] * m).softmax(1)
-            scores[i, start:start + batch_size] = probs[:, t[i]]
+            scores[i, start:start + batch_size] = model(x[i:i + 1] * m)[:, t[i]]
     weights = scores.softmax(1)[:, :, None, None]
     return upsample(F.relu((weights * acts).sum(1, keepdim=True)), x)
 

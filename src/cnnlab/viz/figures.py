@@ -28,10 +28,11 @@ from cnnlab.viz.job import Job
 from cnnlab.viz.layers import default_layer, feature_layers, first_layer, require_feature_maps
 from cnnlab.viz.maximize import fourier_noise, maximize as run_max, objective
 from cnnlab.viz.render import ACTIVATION, HEAT, SIGNED, Panel, grid_figure, image, minmax, panels_figure
+from cnnlab.viz.sanity import EXPLAINERS, Sanity
 from cnnlab.viz.shape import target_classes
 from cnnlab.viz.top_images import top_images as find_top
 
-__all__ = ["FIGURES", "Maker"]
+__all__ = ["FIGURES", "Maker", "sanity_figure"]
 
 Figures = dict[str, Figure]  # file stem → figure
 
@@ -307,6 +308,24 @@ def dream(job: Job) -> Figures:
                  for name, a, b in zip(batch.names, originals, _pixels(job, x))]
         figures[f"{_stem(layer)}_{_tag(batch)}"] = panels_figure(table, title="DeepDream")
     return figures
+
+
+def sanity_figure(result: Sanity, picture: np.ndarray, caption: str) -> Figure:
+    """The cascading randomisation of one image: a row per method, the trained network's map and then
+    the map after each cascade step, with the step's mean rank correlation over all the images."""
+    rows = [[Panel(picture, caption)]]
+    for name, maps in result.maps.items():
+        if name not in result.methods:
+            continue
+        signed = EXPLAINERS[name].signed
+        cells = [Panel(maps[0].numpy(), f"{name}\ntrained network", SIGNED if signed else HEAT, symmetric=signed)]
+        for layer, m in zip(result.layers, maps[1:]):
+            rho = result.methods[name].rho(layer)
+            cells.append(Panel(m.numpy(), f"down to {layer} re-init.\nmean ρ {rho:.2f}", SIGNED if signed else HEAT,
+                               symmetric=signed))
+        rows.append(cells)
+    return panels_figure(rows, title="cascading randomisation: each map after re-initialising the layers from fc "
+                                     "down to the one named (Adebayo et al. 2018)")
 
 
 IMAGES = frozenset({"image", "index", "count"})

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import matplotlib
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-__all__ = ["Panel", "colorize", "grid_figure", "image", "minmax", "mosaic", "panels_figure", "png"]
+__all__ = ["Panel", "colorize", "grid_figure", "image", "minmax", "mosaic", "panels_figure", "png", "text_size", "wrap"]
 
 HEAT = "inferno"
 ACTIVATION = "viridis"
@@ -63,45 +64,98 @@ def mosaic(tiles: np.ndarray, cols: int | None = None, pad: int = 1, fill: float
     return out, cols
 
 
+def text_size(text: str, fontsize: float) -> tuple[float, float]:
+    """Width and height in inches of ``text`` (lines and all) as matplotlib draws it at ``fontsize``
+    points, under the current rc settings."""
+    fig = Figure(dpi=72)
+    artist = fig.text(0, 0, text, fontsize=fontsize)
+    box = artist.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    return box.width / 72, box.height / 72
+
+
+def wrap(text: str, fontsize: float, width: float) -> str:
+    """``text`` with each line broken between words (inside a word if it must) to fit ``width`` inches."""
+    lines = []
+    for line in text.split("\n"):
+        current = ""
+        for word in line.split(" "):
+            trial = f"{current} {word}" if current else word
+            if not current or text_size(trial, fontsize)[0] <= width:
+                current = trial
+                continue
+            lines.append(current)
+            current = word
+        while len(current) > 1 and text_size(current, fontsize)[0] > width:  # one word wider than the width
+            cut = len(current) - 1
+            while cut > 1 and text_size(current[:cut], fontsize)[0] > width:
+                cut -= 1
+            lines.append(current[:cut])
+            current = current[cut:]
+        lines.append(current)
+    return "\n".join(lines)
+
+
+MARGIN = 0.08  # inches around every figure
+TITLE_SIZE, CAPTION_SIZE, SIDE_SIZE = 10, 7, 9  # points
+GAP = 0.06  # inches between a caption and what it captions
+
+
 def grid_figure(tiles: np.ndarray, title: str, *, labels: Sequence[str] | None = None,
-              cmap: str | None = None, vmin: float | None = None, vmax: float | None = None,
-              side: np.ndarray | None = None, side_title: str = "", cols: int | None = None,
-              colorbar: str | None = None) -> Figure:
+                cmap: str | None = None, vmin: float | None = None, vmax: float | None = None,
+                side: np.ndarray | None = None, side_title: str = "", cols: int | None = None,
+                colorbar: str | None = None) -> Figure:
     """Tiles as one labelled grid, with an optional image (``side``) to its left.
 
     Gray tiles (N, h, w) go through ``cmap`` with one shared range (``vmin``/``vmax``, default the
     tiles' own), so their brightness is comparable; RGB tiles (N, h, w, 3) are drawn as they are.
+    The figure is laid out in inches from the measured size of every caption, so that no text
+    overlaps a picture or another text, or leaves the figure.
     """
     n, h, w = tiles.shape[:3]
-    grid, cols = mosaic(tiles, cols, pad=max(1, h // 16), fill=np.nan if tiles.ndim == 3 else 1.0)
-    rows = math.ceil(n / cols)
-    inches = min(16.0, max(4.0, 0.45 * cols * max(1.0, w / 16)))
-    side_inches = inches * 0.45 if side is not None else 0
-    fig = Figure(figsize=(inches + side_inches + (0.8 if colorbar else 0), inches * rows / cols + 0.7), dpi=DPI)
+    pad = max(1, h // 16)
+    grid, cols = mosaic(tiles, cols, pad=pad, fill=np.nan if tiles.ndim == 3 else 1.0)
+    grid_w = min(16.0, max(4.0, 0.45 * cols * max(1.0, w / 16)))
+    grid_h = grid_w * grid.shape[0] / grid.shape[1]
+    side_w = grid_w * 0.45 if side is not None else 0.0
+    side_gap = 0.15 if side is not None else 0.0
+    bar_w = 0.95 if colorbar and tiles.ndim == 3 else 0.0  # the bar, its tick labels and its label
+    width = MARGIN + side_w + side_gap + grid_w + bar_w + MARGIN
+    title = wrap(title, TITLE_SIZE, grid_w + bar_w)
+    title_h = text_size(title, TITLE_SIZE)[1] + GAP
+    height = MARGIN + max(title_h + grid_h, 0) + MARGIN
     if side is not None:
-        frac = side_inches / (inches + side_inches)
-        ax_side = fig.add_axes((0.01, 0.1, frac - 0.02, 0.8))
+        side_title = wrap(side_title, SIDE_SIZE, side_w)
+        side_h = side_w * side.shape[0] / side.shape[1]
+        height = max(height, MARGIN + text_size(side_title, SIDE_SIZE)[1] + GAP + side_h + MARGIN)
+    fig = Figure(figsize=(width, height), dpi=DPI)
+
+    def box(left: float, top: float, w_in: float, h_in: float) -> tuple[float, float, float, float]:
+        """An axes rectangle in figure fractions from inches measured from the top-left corner."""
+        return left / width, 1 - (top + h_in) / height, w_in / width, h_in / height
+
+    if side is not None:
+        ax_side = fig.add_axes(box(MARGIN, height - MARGIN - side_h, side_w, side_h))
         ax_side.imshow(side, interpolation="nearest")
-        ax_side.set_title(side_title, fontsize=9)
+        ax_side.set_title(side_title, fontsize=SIDE_SIZE, pad=GAP * 72)
         ax_side.axis("off")
-        ax = fig.add_axes((frac, 0.02, (1 - frac) * (0.9 if colorbar else 0.98), 0.9))
-    else:
-        ax = fig.add_axes((0.01, 0.02, 0.9 if colorbar else 0.98, 0.9))
+    left = MARGIN + side_w + side_gap
+    ax = fig.add_axes(box(left, height - MARGIN - grid_h, grid_w, grid_h))
     if tiles.ndim == 3:
         cm = matplotlib.colormaps[cmap or ACTIVATION].with_extremes(bad="white")
         im = ax.imshow(grid, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest")
         if colorbar:
-            fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label=colorbar)
+            cax = fig.add_axes(box(left + grid_w + 0.1, height - MARGIN - grid_h + 0.1, 0.15, grid_h - 0.2))
+            fig.colorbar(im, cax=cax, label=colorbar)
     else:
         ax.imshow(grid, interpolation="nearest")
-    ax.set_title(title, fontsize=10)
+    fig.text((left + (grid_w + bar_w) / 2) / width, 1 - MARGIN / height, title, fontsize=TITLE_SIZE,
+             ha="center", va="top")
     ax.axis("off")
     if labels is not None:
-        step = grid.shape[1] / cols
-        size = max(3.0, min(8.0, 72 * inches / cols / 4.5))
+        size = max(3.0, min(8.0, 72 * grid_w / cols / 4.5))
         for i, label in enumerate(labels):
-            r, c = divmod(i, cols)
-            ax.text(c * step + step * 0.06, r * (grid.shape[0] / rows) + step * 0.06, label, fontsize=size,
+            r, c = divmod(i, cols)  # a tile's top-left pixel is at pad + index × (side + pad); its edge 0.5 before
+            ax.text(pad + c * (w + pad) - 0.5 + 0.06 * w, pad + r * (h + pad) - 0.5 + 0.06 * h, label, fontsize=size,
                     color="white", va="top", ha="left",
                     bbox=dict(boxstyle="square,pad=0.05", fc="black", ec="none", alpha=0.55))
     return fig
@@ -119,24 +173,38 @@ class Panel:
     box: tuple[int, int, int, int] | None = None  # (top, left, bottom, right) to outline
 
 
+PANEL, COLUMN = 1.7, 1.9  # inches: a picture's side, and the width of a column
+
+
 def panels_figure(rows: Sequence[Sequence[Panel]], title: str = "") -> Figure:
-    """A table of panels, one row per image and one column per method or layer."""
+    """A table of panels, one row per image and one column per method or layer.
+
+    Laid out in inches: each row is as tall as its longest caption plus a picture, captions are
+    wrapped to their column, and the title to the figure, so nothing overlaps however long a
+    caption or a class name is.
+    """
     nrows, ncols = len(rows), max(len(r) for r in rows)
-    fig = Figure(figsize=(1.9 * ncols + 0.3, 2.15 * nrows + (0.5 if title else 0.1)), dpi=DPI)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    width = 2 * MARGIN + ncols * COLUMN
+    captions = [[wrap(p.title, CAPTION_SIZE, COLUMN - 0.1) if p.title else "" for p in row] for row in rows]
+    heads = [max((text_size(t, CAPTION_SIZE)[1] + GAP for t in row if t), default=0.0) for row in captions]
+    title = wrap(title, TITLE_SIZE, width - 2 * MARGIN) if title else ""
+    title_h = text_size(title, TITLE_SIZE)[1] + 2 * GAP if title else 0.0
+    row_gap = 0.1
+    height = 2 * MARGIN + title_h + sum(heads) + nrows * PANEL + (nrows - 1) * row_gap
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    top = MARGIN + title_h
     for r, row in enumerate(rows):
-        for c in range(ncols):
-            ax = axes[r][c]
+        top += heads[r]
+        for c, p in enumerate(row):
+            left = MARGIN + c * COLUMN + (COLUMN - PANEL) / 2
+            ax = fig.add_axes((left / width, 1 - (top + PANEL) / height, PANEL / width, PANEL / height))
             ax.axis("off")
-            if c >= len(row):
-                continue
-            p = row[c]
             _draw(ax, p)
-            if p.title:
-                ax.set_title(p.title, fontsize=7)
+            if captions[r][c]:
+                ax.set_title(captions[r][c], fontsize=CAPTION_SIZE, pad=GAP * 72)
+        top += PANEL + row_gap
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(pad=0.3, h_pad=1.2)
+        fig.text(0.5, 1 - MARGIN / height, title, fontsize=TITLE_SIZE, ha="center", va="top")
     return fig
 
 
