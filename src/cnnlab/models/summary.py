@@ -209,10 +209,14 @@ def summarize(
     try:
         model = _build(name, num_classes, width, in_channels, "meta")
         result = _count(model, name, size, in_channels, torch.device("meta"))
-    except (NotImplementedError, RuntimeError):
+    except (NotImplementedError, RuntimeError, AssertionError):
         # An operation without a meta kernel: count on the CPU instead.
         model = _build(name, num_classes, width, in_channels, "cpu")
-        result = _count(model, name, size, in_channels, torch.device("cpu"))
+        try:
+            result = _count(model, name, size, in_channels, torch.device("cpu"))
+        except (RuntimeError, AssertionError) as e:
+            raise UserError(f"{name} cannot take {size} px inputs ({str(e).strip().splitlines()[0]}); its native "
+                            f"size is {native_image_size(name)} px") from None
     return {"model": name, "image_size": size, "num_classes": num_classes, "width": width, **result}
 
 
@@ -270,20 +274,13 @@ def _count(model: nn.Module, name: str, size: int, in_channels: int, device: tor
     try:
         with torch.no_grad():
             model(torch.zeros(1, in_channels, size, size, device=device))
+    except RuntimeError:
+        _too_small(name, size, downsamplers, rows, extra, complete=False)  # a layer with no map to shrink?
+        raise
     finally:
         for handle in handles:
             handle.remove()
-
-    # Padding keeps the forward from failing on tiny inputs, but a stride-2 layer fed a single
-    # pixel only samples padding: the deeper stages would describe nothing of the image.
-    for path, side, _, stride, _ in downsamplers:
-        if side < stride:
-            smallest = _smallest_image([d[2:] for d in downsamplers])
-            native = f" (the model's native size is {native_image_size(name)})"
-            raise UserError(
-                f"image size {size} is too small for {name}: {_row_of(path, rows, extra)} ({path}) would "
-                f"downsample a {side}×{side} map; use at least {smallest} px{native}"
-            )
+    _too_small(name, size, downsamplers, rows, extra)
 
     params = dict.fromkeys(names, 0)
     for path, parameter in model.named_parameters():
@@ -306,6 +303,21 @@ def _count(model: nn.Module, name: str, size: int, in_channels: int, device: tor
             for row in names
         ],
     }
+
+
+def _too_small(name: str, size: int, downsamplers: list[tuple[str, int, int, int, int]],
+               rows: list[tuple[str, str]], extra: dict[str, str], complete: bool = True) -> None:
+    """Padding keeps the forward from failing on tiny inputs, but a stride-2 layer fed a single pixel only
+    samples padding: the deeper stages would describe nothing of the image. Say so, with the smallest size
+    that works when the whole forward pass ran (``complete``), else with the model's own size."""
+    for path, side, _, stride, _ in downsamplers:
+        if side < stride:
+            native = native_image_size(name)
+            smallest = _smallest_image([d[2:] for d in downsamplers]) if complete else None
+            advice = f"use at least {smallest} px (the model's native size is {native})" if smallest \
+                else f"use a larger image, such as the model's native size, {native} px"
+            raise UserError(f"image size {size} is too small for {name}: {_row_of(path, rows, extra)} ({path}) "
+                            f"would downsample a {side}×{side} map; {advice}")
 
 
 def catalog(num_classes: int = 10) -> list[dict[str, Any]]:

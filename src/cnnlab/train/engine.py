@@ -190,10 +190,25 @@ def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: b
     width = cfg.width if cfg.width is not None else default_width(cfg.model)
     spec = ModelSpec(cfg.model, len(data.classes), width, in_channels)
     model = build(spec.name, num_classes=spec.num_classes, width=spec.width, in_channels=spec.in_channels)
+    _check_input_size(model, cfg, in_channels)
     weights = pretrained.load(model, cfg.model, cfg.weights).to_dict() if cfg.weights and fresh else None
     frozen = transfer.freeze(model, cfg.freeze)
     preprocess = Preprocess(cfg.image_size, in_channels, cfg.mean, cfg.std)
     return Setup(cfg, dev, data, model, spec, preprocess, run_dir, group, weights, len(frozen))
+
+
+def _check_input_size(model: nn.Module, cfg: TrainConfig, channels: int) -> None:
+    """One image through the model before anything else: a model that cannot take --image-size (a pool left
+    with nothing to pool, a transformer made for one size) says so in one line instead of in a traceback."""
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, channels, cfg.image_size, cfg.image_size))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{cfg.model} cannot take {cfg.image_size} px inputs ({first}); choose another "
+                        "--image-size") from None
+    finally:
+        model.train()
 
 
 def _start(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None,
