@@ -232,6 +232,25 @@ def test_batch_size_1_is_refused_with_batchnorm(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_batch_size_1_trains_a_model_without_batchnorm(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--dataset", f"folder:{data}", "--model", "alexnet-cifar", "--width", "4",
+                     "--image-size", "32", "--epochs", "1", "--batch-size", "1", "--limit-train", "3",
+                     "--val-split", "0", "--device", "cpu", "--out", str(out)]) == 0
+    assert "joins the batch before it" not in capsys.readouterr().err
+    assert checkpoint.read(out / "checkpoints" / "last.pt").step == 3
+
+
+def test_a_checkpoint_of_a_torchvision_model_loads(tmp_path):
+    from cnnlab.core.spec import ModelSpec, Preprocess
+    from cnnlab.models import build
+
+    spec = ModelSpec("torchvision:squeezenet1_1", 2, None, 3)
+    model = build(spec.name, num_classes=2, width=None, in_channels=3)
+    checkpoint.write(checkpoint.Checkpoint(model.state_dict(), spec, Preprocess(32, 3), ["a", "b"]), tmp_path / "tv.pt")
+    assert run.load(tmp_path / "tv.pt").spec == spec
+
+
 def test_a_last_batch_of_one_image_joins_the_one_before(data, tmp_path, capsys):
     # 80 training images, none held out, batches of 79: the second batch would be one image, at 1×1
     # in conv5_x, where BatchNorm raises.
@@ -260,7 +279,7 @@ MALFORMED = {
     "model a list": (lambda s: s.update(model=list(s["model"].values())), "model is list, not a table"),
     "width 10^6": (lambda s: s["model_spec"].update(width=10**6), "model_spec.width is 1000000, outside 1…256"),
     "image size 10^6": (lambda s: s["preprocess"].update(size=10**6), "preprocess.size is 1000000"),
-    "unknown model": (lambda s: s["model_spec"].update(name="vgg16"), "for model 'vgg16', which this cnnlab does not know"),
+    "unknown model": (lambda s: s["model_spec"].update(name="vgg19"), "for model 'vgg19', which this cnnlab cannot build"),
     "config a string": (lambda s: s.update(config="x"), "config is str, not a table"),
     "bad config value": (lambda s: s["config"].update(limit_test=-5), "invalid training configuration: --limit-test"),
 }

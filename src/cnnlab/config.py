@@ -223,9 +223,6 @@ def validate(cfg: TrainConfig) -> None:
          f"unknown dataset {cfg.dataset!r}; choose one of: cifar10, sample, folder:PATH")
     need(cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})")
     need(cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})")
-    # Every model normalises with BatchNorm, which in training needs more than one image a batch.
-    need(cfg.batch_size >= 2, f"--batch-size must be at least 2: {cfg.model} normalises with BatchNorm, whose "
-                              "batch statistics one image cannot give (got 1)")
     if is_external(cfg.model):
         need(cfg.width is None, f"--width scales cnnlab's own models; {cfg.model} has its own widths "
                                 "(leave --width out)")

@@ -18,7 +18,7 @@ from cnnlab.core.errors import UserError
 from cnnlab.core.spec import ModelSpec, Preprocess
 from cnnlab.data import load_dataset
 from cnnlab.data.splits import reported_test_set
-from cnnlab.models import MODELS, build
+from cnnlab.models import build, check_name
 
 
 @dataclass
@@ -87,9 +87,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
     ckpt_path = find_checkpoint(path)
     ckpt = checkpoint.read(ckpt_path)
     spec = ckpt.spec
-    if spec.name not in MODELS:
-        raise UserError(f"{ckpt_path} is for model {spec.name!r}, which this cnnlab does not know "
-                        f"(it builds {', '.join(MODELS)})")
+    try:
+        check_name(spec.name)  # cnnlab's own models, and torchvision:NAME / timm:NAME
+    except UserError as e:
+        raise UserError(f"{ckpt_path} is for model {spec.name!r}, which this cnnlab cannot build: {e}") from None
     if ckpt.config:
         try:
             saved = from_saved(ckpt.config, check=False)

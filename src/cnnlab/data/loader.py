@@ -37,6 +37,7 @@ class TrainBatches:
     channels_last: bool = False
     rank: int = 0
     world: int = 1
+    merge_single: bool = True  # a last batch of one image joins the one before (for BatchNorm models)
 
     def __len__(self) -> int:
         # The last, smaller batch is kept, unless it is too small to give every rank an image, or a
@@ -54,7 +55,7 @@ class TrainBatches:
     def merged(self) -> int:
         """Images per epoch (0 or 1) that join the second-to-last batch rather than form a batch of one."""
         full, rest = divmod(len(self.labels), self.batch_size)
-        return 1 if rest == 1 and self.world == 1 and full >= 1 else 0
+        return 1 if self.merge_single and rest == 1 and self.world == 1 and full >= 1 else 0
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """This rank's part of each batch of ``epoch``, and the global batch's size; skips the first ``start``."""

@@ -180,17 +180,23 @@ def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: b
         shown = ", ".join(dataset.skipped[:5]) + (" …" if len(dataset.skipped) > 5 else "")
         log.warning(f"skipped {len(dataset.skipped)} unreadable image(s): {shown}")
     data = split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split, cfg.batch_size)
-    if len(data.train_y) < 2:
-        raise UserError(f"training needs at least 2 images (it has {len(data.train_y)}): the models normalise "
-                        "with BatchNorm, which one image cannot give batch statistics; raise --limit-train")
-    if group.world > 1 and not cfg.sync_bn and cfg.batch_size // group.world < 2:
-        raise UserError(f"--batch-size {cfg.batch_size} over {group.world} ranks gives some ranks one image a step, "
-                        f"which BatchNorm cannot normalise; use --batch-size {2 * group.world} or more, or --sync-bn")
     in_channels = data.train_x.shape[1]
     width = cfg.width if cfg.width is not None else default_width(cfg.model)
     spec = ModelSpec(cfg.model, len(data.classes), width, in_channels)
     model = build(spec.name, num_classes=spec.num_classes, width=spec.width, in_channels=spec.in_channels)
     _check_input_size(model, cfg, in_channels)
+    if has_batchnorm(model):
+        # In training, BatchNorm normalises with the statistics of the batch, which one image cannot give.
+        if cfg.batch_size < 2:
+            raise UserError(f"--batch-size must be at least 2: {cfg.model} normalises with BatchNorm, whose batch "
+                            "statistics one image cannot give (got 1)")
+        if len(data.train_y) < 2:
+            raise UserError(f"training {cfg.model} needs at least 2 images (it has {len(data.train_y)}): it "
+                            "normalises with BatchNorm, which one image cannot give batch statistics; raise --limit-train")
+        if group.world > 1 and not cfg.sync_bn and cfg.batch_size // group.world < 2:
+            raise UserError(f"--batch-size {cfg.batch_size} over {group.world} ranks gives some ranks one image a "
+                            f"step, which BatchNorm cannot normalise; use --batch-size {2 * group.world} or more, "
+                            "or --sync-bn")
     weights = pretrained.load(model, cfg.model, cfg.weights).to_dict() if cfg.weights and fresh else None
     frozen = transfer.freeze(model, cfg.freeze)
     preprocess = Preprocess(cfg.image_size, in_channels, cfg.mean, cfg.std)
@@ -238,7 +244,8 @@ class Trainer:
                                     else torch.preserve_format)
         data = setup.data
         self.batches = TrainBatches(data.train_x.to(dev), data.train_y.to(dev), cfg.batch_size, setup.preprocess,
-                                    cfg.augment, cfg.seed, self.channels_last, group.rank, group.world)
+                                    cfg.augment, cfg.seed, self.channels_last, group.rank, group.world,
+                                    merge_single=has_batchnorm(self.model))
         self.scored = {"val": (data.val_x.to(dev), data.val_y.to(dev))} if len(data.val_y) else {}
         self.scored["test"] = (data.test_x.to(dev), data.test_y.to(dev))
         self.steps_per_epoch = len(self.batches)
@@ -541,6 +548,12 @@ class StopSignals:
         return Interrupted(self.signum or signal.SIGTERM,
                            f"stopped by {name} at step {p.step} (epoch {epoch}) with a checkpoint; "
                            f"continue with: cnnlab train --resume {run_dir}")
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` normalises with batch statistics while training (cnnlab's ResNets and VGGs
+    do; AlexNet and many torchvision and timm models do not)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
