@@ -147,9 +147,14 @@ def _random_labels_model(loaded: runs.LoadedRun, random_labels: str | int | None
     cfg = loaded.config
     if not cfg.get("dataset"):
         return None, "not run: the checkpoint does not say which dataset it was trained on"
-    data = split(load_dataset(cfg["dataset"], data_dir=data_dir or cfg.get("data_dir"),
-                              skip_bad_images=bool(cfg.get("skip_bad_images", False))),
-                 cfg.get("limit_train"), cfg.get("limit_test"), cfg.get("val_split"))
+    try:
+        data = split(load_dataset(cfg["dataset"], data_dir=data_dir or cfg.get("data_dir"),
+                                  skip_bad_images=bool(cfg.get("skip_bad_images", False))),
+                     cfg.get("limit_train"), cfg.get("limit_test"), cfg.get("val_split"))
+    except UserError as e:
+        if text != "auto":
+            raise
+        return None, f"not run: the training images could not be read ({e})"
     epochs = 1 if text == "auto" else int(text)
     cost = 3 * _macs(loaded.model, x) * len(data.train_y) * epochs
     if text == "auto" and cost > RANDOM_LABELS_BUDGET:
