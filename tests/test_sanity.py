@@ -250,6 +250,7 @@ def test_the_command_prints_the_table_and_writes_the_figure(small_run, capsys):
 
     assert main(argv[:-2] + ["--random-labels", "none", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
+    assert document["images"] == ["test0", "test199"]
     assert document["methods"]["saliency"]["random_labels_rho"] is None
     assert list(document["methods"]["saliency"]["randomisation_rho"]) == ["fc", "conv5_x", "conv1"]
     assert set(document["baseline"]) >= {"deletion_auc", "insertion_auc", "road"}

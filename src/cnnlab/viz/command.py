@@ -200,6 +200,7 @@ def sanity(path: str | Path, *, image: str | Sequence[str] | None = None, index:
     other, note = _random_labels_model(loaded, random_labels, batch.x, data_dir)
     result = sanity_checks(loaded.model, batch.x, methods=kinds or None,
                            layers=layers or None, random_labels=other, random_labels_note=note, progress=progress)
+    result.names = batch.names
     out_dir = Path(out) if out else (loaded.run_dir or loaded.path.parent) / "viz" / "sanity"
     with torch.no_grad():
         probs = loaded.model(batch.x[:1]).softmax(1)[0]
@@ -207,7 +208,7 @@ def sanity(path: str | Path, *, image: str | Sequence[str] | None = None, index:
     caption = f"{batch.names[0]}\npred {loaded.classes[int(c)]} ({float(p):.2f})"
     figure = sanity_figure(result, render.image(pre.to_pixels(batch.x[:1])[0]), caption)
     files = {out_dir / "cascade.png": render.png(figure),
-             out_dir / "sanity.json": (json.dumps({"images": batch.names, **result.to_json()}, indent=1) + "\n").encode()}
+             out_dir / "sanity.json": (json.dumps(result.to_json(), indent=1) + "\n").encode()}
     for file, data in files.items():
         atomic_write(file, data)
     return result, list(files)

@@ -401,6 +401,7 @@ class Sanity:
     random_labels_note: str  # how the data randomisation test was done, or why not
     maps: dict[str, list[Tensor]] = field(default_factory=dict, repr=False)  # method → the first image's map
     # for the trained model, then after each cascade step
+    names: list[str] = field(default_factory=list)  # of the images, where the caller knows them
 
     def checks(self, name: str) -> dict[str, str]:
         """How method ``name`` does at each check (passes, fails, unclear or not run): its maps must change,
@@ -434,6 +435,7 @@ class Sanity:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "images": self.names,
             "methods": {name: {**r.to_json(), "checks": self.checks(name), "verdict": self.verdict(name)}
                         for name, r in self.methods.items()},
             "baseline": self.baseline.to_json(),
