@@ -213,7 +213,8 @@ def test_a_map_that_ignores_the_model_fails_and_grad_cam_does_not(net, monkeypat
                                    torch.ones(3, dtype=torch.float64), rtol=0, atol=1e-12)
     assert "model randomisation" in result.verdict("edges")
     assert result.methods["grad-cam"].rho("conv5_x") < 0.5
-    assert result.checks("grad-cam")["model randomisation"] and result.checks("grad-cam")["data randomisation"] is None
+    assert result.checks("grad-cam")["model randomisation"] == "passes"
+    assert result.checks("grad-cam")["data randomisation"] == "not run"
     assert result.baseline.rho("conv1") > 1 - 1e-12  # the random map ignores the model too
     assert len(result.maps["grad-cam"]) == 1 + 3
     document = json.loads(json.dumps(result.to_json()))
@@ -222,10 +223,14 @@ def test_a_map_that_ignores_the_model_fails_and_grad_cam_does_not(net, monkeypat
 
 
 def test_beating_the_baseline_takes_two_standard_errors():
-    assert checks._beats([0.5, 0.6, 0.55], [0.1, 0.2, 0.15], higher=True)
-    assert not checks._beats([0.5, 0.1, 0.55], [0.1, 0.2, 0.15], higher=True)  # one image the other way
-    assert checks._beats([0.1, 0.2], [0.3, 0.41], higher=False)
-    assert not checks._beats([0.1], [0.3], higher=False)  # one image proves nothing
+    compare = checks.compare
+    assert compare([0.5, 0.6, 0.55], [0.1, 0.2, 0.15], higher=True) == "passes"
+    # Differences (.4, −.1, .4): mean .233, standard error .167; better, but not by two standard errors.
+    assert compare([0.5, 0.1, 0.55], [0.1, 0.2, 0.15], higher=True) == "unclear"
+    assert compare([0.1, 0.2], [0.3, 0.41], higher=False) == "passes"
+    assert compare([0.1], [0.3], higher=False) == "unclear"  # one image proves nothing
+    assert compare([0.1, 0.1], [0.2, 0.3], higher=True) == "fails"
+    assert compare([0.2, 0.3], [0.2, 0.3], higher=True) == "fails"  # no better is not better
 
 
 def test_the_command_prints_the_table_and_writes_the_figure(small_run, capsys):
@@ -245,6 +250,7 @@ def test_the_command_prints_the_table_and_writes_the_figure(small_run, capsys):
 
     assert main(argv[:-2] + ["--random-labels", "none", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
+    assert document["images"] == ["test0", "test199"]
     assert document["methods"]["saliency"]["random_labels_rho"] is None
     assert list(document["methods"]["saliency"]["randomisation_rho"]) == ["fc", "conv5_x", "conv1"]
     assert set(document["baseline"]) >= {"deletion_auc", "insertion_auc", "road"}

@@ -157,12 +157,12 @@ def build_parser() -> Parser:
     p.add_argument("--count", type=int, metavar="K", help="how many test images (from index 0), channels or filters")
     p.add_argument("--layer", nargs="+", metavar="NAME", help="stage names (conv1, conv2_x … conv5_x, fc for the "
                    "ResNets; conv1 … conv5 for AlexNet and VGG) or module paths (layer4.1.left.3); default: "
-                   "found from the model")
+                   "found from the model; sanity: the cascade steps to measure")
     p.add_argument("--target", nargs="+", metavar="CLASS", help="class name or index (default: the predicted class)")
     p.add_argument("--channel", nargs="+", type=int, metavar="C", help="channels of the layer")
     p.add_argument("--kind", nargs="+", metavar="KIND", help="cam: grad-cam grad-cam++ score-cam layer-cam; "
-                   "attribute: saliency guided-backprop guided-grad-cam integrated-gradients smoothgrad occlusion "
-                   "(default: all)")
+                   "attribute: saliency guided-backprop guided-grad-cam integrated-gradients smoothgrad occlusion; "
+                   "sanity: any of these (default: all)")
     p.add_argument("--steps", type=int, help="optimisation steps (invert, maximize, dream) or integration steps")
     p.add_argument("--random-labels", metavar="RUN|EPOCHS|auto|none",
                    help="sanity: a run trained on permuted labels, or epochs to train one here for the data "

@@ -271,7 +271,7 @@ def _explanations(c: Contents) -> str:
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     rows = []
     for name, r, verdict in s.rows():
-        cls = "" if verdict == "–" else (' class="good"' if verdict == "passes" else ' class="bad"')
+        cls = (' class="good"' if verdict == "passes" else ' class="bad"' if verdict.startswith("fails") else "")
         rhos = "".join(f'<td class="num">{"<b>" if step == s.judged else ""}{r.rho(step):.2f}'
                        f'{"</b>" if step == s.judged else ""}</td>' for step in s.layers)
         rows.append(f"<tr><td>{e(name)}</td>{rhos}<td class=\"num\">{mean(r.deletion):.3f}</td>"
@@ -288,9 +288,11 @@ def _explanations(c: Contents) -> str:
             f"the area under the class probability as the pixels the map ranks highest are removed (lower is better) "
             f"or put back into a blurred image (higher is better), in {s.deletion_steps} steps. <b>ROAD</b> (Rong et "
             f"al. 2022): pixels removed by noisy linear imputation, least relevant first minus most relevant first, "
-            f"halved and averaged over {len(s.road_fractions)} fractions (higher is better). A method passes a "
-            f"faithfulness check when it beats the random map by two standard errors. Data randomisation (a model "
-            f"trained on permuted labels): {e(s.random_labels_note)}.</p>"
+            f"halved and averaged over {len(s.road_fractions)} fractions (higher is better). A method passes insertion "
+            f"and ROAD when it beats the random map by two standard errors, fails when it does not beat it at all. "
+            f"Deletion is shown but not judged: scattered pixels set to the mean colour destroy an image faster "
+            f"than any one region, so noise beats every smooth map there. Data randomisation (a model trained on "
+            f"permuted labels): {e(s.random_labels_note)}.</p>"
             f'<table id="sanity"><thead><tr><th>method</th>{steps}<th class="num">deletion AUC ↓</th>'
             '<th class="num">insertion AUC ↑</th><th class="num">ROAD ↑</th><th>verdict</th></tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>" + "".join(_img(p) for p in c.cascade))

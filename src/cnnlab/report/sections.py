@@ -44,7 +44,7 @@ PATTERN_CLASSES = 10  # class models drawn
 SMALL_MODEL_MACS = 100_000_000  # per image; below this the report runs on one CPU thread
 # The explanations' checks, kept small here (cnnlab visualize sanity runs 8 images and every layer):
 SANITY_IMAGES = 4  # test images, spread over the test set
-SANITY_STEPS = ["fc", "conv5_x"]  # cascade steps measured; the whole network re-initialised is always added
+SANITY_STEPS = ["conv5_x"]  # cascade steps measured (fc … conv5_x); the whole network is always added
 SANITY_DELETION_STEPS = 8
 SANITY_ROAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -331,8 +331,9 @@ def _pictures(contents: Contents, loaded: LoadedRun) -> None:
             images, _ = test
             shown = _spread(list(range(len(images))), SANITY_IMAGES)
             x = loaded.preprocess.to_input(images[shown].to(loaded.device))
+            window = max(2, loaded.preprocess.size // 8)  # occlusion's own window, without overlap here
             result = sanity_checks(loaded.model, x, layers=SANITY_STEPS, deletion_steps=SANITY_DELETION_STEPS,
-                                   road_fractions=SANITY_ROAD_FRACTIONS,
+                                   road_fractions=SANITY_ROAD_FRACTIONS, options={"occlusion": {"stride": window}},
                                    random_labels_note="not run in the report; cnnlab visualize sanity runs it")
             contents.sanity, contents.sanity_images = result, shown
             with torch.no_grad():

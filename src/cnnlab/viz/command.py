@@ -147,9 +147,14 @@ def _random_labels_model(loaded: runs.LoadedRun, random_labels: str | int | None
     cfg = loaded.config
     if not cfg.get("dataset"):
         return None, "not run: the checkpoint does not say which dataset it was trained on"
-    data = split(load_dataset(cfg["dataset"], data_dir=data_dir or cfg.get("data_dir"),
-                              skip_bad_images=bool(cfg.get("skip_bad_images", False))),
-                 cfg.get("limit_train"), cfg.get("limit_test"), cfg.get("val_split"))
+    try:
+        data = split(load_dataset(cfg["dataset"], data_dir=data_dir or cfg.get("data_dir"),
+                                  skip_bad_images=bool(cfg.get("skip_bad_images", False))),
+                     cfg.get("limit_train"), cfg.get("limit_test"), cfg.get("val_split"))
+    except UserError as e:
+        if text != "auto":
+            raise
+        return None, f"not run: the training images could not be read ({e})"
     epochs = 1 if text == "auto" else int(text)
     cost = 3 * _macs(loaded.model, x) * len(data.train_y) * epochs
     if text == "auto" and cost > RANDOM_LABELS_BUDGET:
@@ -195,6 +200,7 @@ def sanity(path: str | Path, *, image: str | Sequence[str] | None = None, index:
     other, note = _random_labels_model(loaded, random_labels, batch.x, data_dir)
     result = sanity_checks(loaded.model, batch.x, methods=kinds or None,
                            layers=layers or None, random_labels=other, random_labels_note=note, progress=progress)
+    result.names = batch.names
     out_dir = Path(out) if out else (loaded.run_dir or loaded.path.parent) / "viz" / "sanity"
     with torch.no_grad():
         probs = loaded.model(batch.x[:1]).softmax(1)[0]
@@ -202,7 +208,7 @@ def sanity(path: str | Path, *, image: str | Sequence[str] | None = None, index:
     caption = f"{batch.names[0]}\npred {loaded.classes[int(c)]} ({float(p):.2f})"
     figure = sanity_figure(result, render.image(pre.to_pixels(batch.x[:1])[0]), caption)
     files = {out_dir / "cascade.png": render.png(figure),
-             out_dir / "sanity.json": (json.dumps({"images": batch.names, **result.to_json()}, indent=1) + "\n").encode()}
+             out_dir / "sanity.json": (json.dumps(result.to_json(), indent=1) + "\n").encode()}
     for file, data in files.items():
         atomic_write(file, data)
     return result, list(files)
