@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 import cnnlab
 from cnnlab.core.errors import UserError
@@ -170,8 +170,11 @@ def curves(runs: list[Compared]) -> str:
                                  lw=2.0 if key == "test" else 1.3)
         ax_err.set_title("error per epoch: dashed training error, solid test error", fontsize=10)
         ax_err.set_ylabel("error (%)")
-        ax_loss.set_title("loss per epoch: dashed training, solid test", fontsize=10)
+        ax_loss.set_title("loss per epoch: dashed training, solid test (log scale)", fontsize=10)
         ax_loss.set_ylabel("cross-entropy loss")
+        ax_loss.set_yscale("log")  # one diverging epoch would otherwise flatten every other curve
+        for axis in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:g}"))  # plain numbers: the page draws text without TeX
         for ax in (ax_err, ax_loss):
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
