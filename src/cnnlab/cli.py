@@ -209,7 +209,6 @@ def _show_notes() -> None:
     if not any(isinstance(h, _Notes) for h in logger.handlers):
         logger.addHandler(_Notes(logging.INFO))
         logger.setLevel(logging.INFO)
-        logger.propagate = False  # the command line shows them once, as above
 
 
 def as_flags(message: str) -> str:

@@ -176,7 +176,7 @@ def _timed(contents: Contents, section: str, make: Callable[[], None]) -> None:
         contents.note(section, str(e))
     except Exception as e:  # a figure that fails must not cost the user the rest of the report
         contents.note(section, f"this part could not be drawn ({type(e).__name__}: {e})")
-        log.warning("cnnlab report: warning: section %s could not be drawn: %s: %s", section, type(e).__name__, e)
+        log.warning("section %s could not be drawn: %s: %s", section, type(e).__name__, e)
     contents.seconds[section] = contents.seconds.get(section, 0.0) + time.perf_counter() - start
 
 
