@@ -46,7 +46,7 @@ SMALL_MODEL_MACS = 100_000_000  # per image; below this the report runs on one C
 SANITY_IMAGES = 4  # test images, spread over the test set
 SANITY_STEPS = ["conv5_x"]  # cascade steps measured (fc … conv5_x); the whole network is always added
 SANITY_DELETION_STEPS = 8
-SANITY_ROAD_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+SANITY_ROAD_FRACTIONS = (0.2, 0.5, 0.8)
 
 log = logging.getLogger(__name__)
 
