@@ -121,3 +121,19 @@ def test_normalising_first_equals_normalising_after_the_resize():
     # The slower order, with torch's float32 interpolation kernel, is equal to its own rounding.
     torch.testing.assert_close(pipeline.resize_then_normalise(images, 224, mean, std).double(), truth,
                                atol=5e-5, rtol=0)
+
+
+def test_degradation_dry_run(tmp_path, monkeypatch, one_thread):
+    from benchmarks import degradation
+
+    monkeypatch.delenv("CNNLAB_CIFAR10_JPEG", raising=False)
+    assert degradation.main(["--quick", "--runs", str(tmp_path / "runs")]) == 0
+    [path] = (tmp_path / "runs" / "quick").glob("degradation-cpu-*.json")
+    document = json.loads(path.read_text())
+    assert document["quick"] and document["dataset"] == "sample" and document["settings"]["width"] == 2
+    assert [row["model"] for row in document["rows"]] == ["plain20", "plain56", "resnet20", "resnet56"]
+    for row in document["rows"]:
+        assert 0 <= row["train_error"] <= 100 and row["params"] > 0 and len(row["curve"]) == 1
+    plain20, plain56 = document["rows"][:2]
+    assert document["shape"]["plain56_trains_worse_than_plain20"] == (plain56["train_error"] > plain20["train_error"])
+    assert Path(document["page"]).is_file() and "plain56" in Path(document["page"]).read_text()

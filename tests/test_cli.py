@@ -53,14 +53,14 @@ def one_error_line(capsys, argv, *words):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["train", "--model", "vgg16"], ["resnet18", "resnet18-seed", "resnet18-cifar"]),
+    (["train", "--model", "vgg19"], ["resnet18", "resnet18-seed", "resnet18-cifar", "vgg16", "torchvision:NAME"]),
     (["train", "--recipe", "slow"], ["seed", "paper", "fast"]),
     (["train", "--dataset", "imagenet"], ["cifar10", "sample", "folder:PATH"]),
     (["train", "--batch-size", "0"], ["--batch-size"]),
     (["train", "--lr", "-1"], ["--lr"]),
     (["train", "--epochs", "0"], ["--epochs"]),
     (["train", "--epochs", "three"], ["--epochs", "invalid int"]),
-    (["summary", "alexnet"], ["resnet18-cifar"]),
+    (["summary", "googlenet"], ["resnet18-cifar", "alexnet"]),
     (["evaluate", "/nonexistent/run"], ["/nonexistent/run"]),
 ])
 def test_user_errors_are_one_line_and_exit_2(capsys, argv, words):

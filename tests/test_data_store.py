@@ -21,7 +21,7 @@ from cnnlab.config import resolve
 from cnnlab.core import checkpoint
 from cnnlab.core.errors import UserError
 from cnnlab.core.spec import Preprocess
-from cnnlab.data import load_dataset, open_dataset, sources, store
+from cnnlab.data import load_dataset, open_dataset, store
 from cnnlab.data.loader import TrainBatches
 from cnnlab.train import engine
 

@@ -12,7 +12,10 @@ from cnnlab.run import load
 
 @pytest.fixture
 def one_epoch(monkeypatch):
+    from cnnlab.report import sections
+
     monkeypatch.setitem(demo.DEMO, "epochs", 1)
+    monkeypatch.setattr(sections, "SANITY_IMAGES", 2)  # the report's explanations on two images
 
 
 def test_demo_trains_evaluates_and_says_where(one_epoch, tmp_path, capsys):
@@ -49,6 +52,7 @@ def test_demo_trains_evaluates_and_says_where(one_epoch, tmp_path, capsys):
     assert printed.rstrip().splitlines()[-1].startswith(f"  report:          {out / 'report.html'}")
     page = (out / "report.html").read_text()
     assert 'id="misclassified"' in page and "data:image/png;base64," in page
+    assert '<table id="sanity">' in page  # the explanations' checks
 
 
 def test_demo_runs_twice_without_out(one_epoch, tmp_path, monkeypatch):

@@ -110,12 +110,13 @@ def test_a_named_dataset_trains_from_its_official_files(name: str, tmp_path: Pat
     assert torch.equal(ds.train_x, torch.from_numpy(train_x)) and torch.equal(ds.test_x, torch.from_numpy(test_x))
     assert ds.train_y.tolist() == train_y.tolist() and ds.test_y.tolist() == test_y.tolist()
 
+    held_out = 0 if name == "cifar100" else 4  # a validation split must leave one image per class (100)
     cfg = resolve(overrides=dict(recipe="fast", dataset=name, data_dir=str(tmp_path / "data"), model="resnet18-cifar",
-                                 width=4, image_size=16, epochs=1, batch_size=8, lr=0.05, val_split=4, device="cpu",
+                                 width=4, image_size=16, epochs=1, batch_size=8, lr=0.05, val_split=held_out, device="cpu",
                                  out=str(tmp_path / "run")))
     result = engine.train(cfg)
     data = json.loads((result.run_dir / "config.json").read_text())["data"]
-    assert data["train"] == N_TRAIN - 4 and data["test"] == N_TEST and data["stored_size"] == list(shape)
+    assert data["train"] == N_TRAIN - held_out and data["test"] == N_TEST and data["stored_size"] == list(shape)
     assert 0 <= result.last["test_acc"] <= 1
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from cnnlab import cli
 from cnnlab.report import report
 from cnnlab.report.page import SECTIONS
+from cnnlab.viz.sanity import EXPLAINERS
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("CNNLAB_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
@@ -92,8 +93,13 @@ def test_report_in_a_browser(small_run, small_report, browser, tmp_path):
             text = section.inner_text()
             assert title in text and len(text) > len(title) + 20, f"section {sid} is empty: {text!r}"
             assert "could not" not in text, f"section {sid}: {text}"
-        for sid in ("curves", "confusion", "filters", "features", "patterns"):
+        for sid in ("curves", "confusion", "filters", "features", "patterns", "explanations"):
             assert page.locator(f"section#{sid} img.plot").count() >= 1, sid
+        # Every CAM and attribution method is checked, beside the random-map baseline.
+        rows = page.locator("section#explanations table#sanity tbody tr")
+        assert rows.count() == len(EXPLAINERS) + 1
+        assert [rows.nth(k).locator("td").first.inner_text() for k in range(rows.count())] == [
+            *EXPLAINERS, "random map (baseline)"]
         assert page.locator("section#gradcam img.plot").count() == 2  # right and wrong predictions
         assert page.locator("section#misclassified figure.thumb img").count() >= 10
         assert page.locator("section#confused-pairs h3").count() >= 1
@@ -189,3 +195,18 @@ def test_report_user_errors(tmp_path, capsys):
     (tmp_path / "f.txt").write_text("x")
     assert cli.main(["report", str(tmp_path / "f.txt")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_a_figure_that_fails_is_a_note_and_a_logged_warning(hostile_run, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from cnnlab.viz.figures import FIGURES, Maker
+
+    def broken(job):
+        raise RuntimeError("out of ink")
+
+    monkeypatch.setitem(FIGURES, "filters", Maker(broken, FIGURES["filters"].uses))
+    with caplog.at_level(logging.WARNING, logger="cnnlab.report"):
+        out = report(hostile_run[0], out=tmp_path / "r.html", device="cpu")
+    assert "this part could not be drawn (RuntimeError: out of ink)" in out.read_text()
+    assert [r.getMessage() for r in caplog.records] == ["section filters could not be drawn: RuntimeError: out of ink"]

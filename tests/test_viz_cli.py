@@ -34,6 +34,19 @@ def pngs(capsys):
     (["maximize", "--layer", "conv4_x", "--channel", "0", "3", "--steps", "5"], ["conv4_x_ch0-3.png"]),
     (["maximize", "--target", "cat", "ship", "--steps", "5"], ["classes.png"]),
     (["dream", "--steps", "2"], ["conv4_x_test0.png"]),
+    # Every value of a multi-valued flag is drawn: a figure per layer, per filter, per channel.
+    (["filters", "--layer", "conv1", "conv2_x", "--channel", "0", "1"],
+     ["conv1.png", "conv1_filter0.png", "conv1_filter1.png", "conv2_x.png", "conv2_x_filter0.png",
+      "conv2_x_filter1.png"]),
+    (["cam", "--index", "3", "--layer", "conv4_x", "conv5_x", "--target", "cat", "ship", "--kind", "grad-cam"],
+     ["conv4_x_test3.png", "conv5_x_test3.png"]),
+    (["top-images", "--layer", "conv3_x", "conv4_x", "--channel", "1", "--count", "2"],
+     ["conv3_x_ch1.png", "conv4_x_ch1.png"]),
+    (["deconv", "--index", "5", "--layer", "conv4_x", "conv5_x", "--channel", "0", "1"],
+     ["conv4_x_test5.png", "conv5_x_test5.png"]),
+    (["maximize", "--layer", "conv3_x", "fc", "--channel", "1", "2", "--steps", "2"],
+     ["conv3_x_ch1-2.png", "classes.png"]),
+    (["dream", "--layer", "conv3_x", "conv4_x", "--steps", "1"], ["conv3_x_test0.png", "conv4_x_test0.png"]),
 ])
 def test_every_method_writes_its_figures(small_run, capsys, argv, names):
     method = argv[0]
@@ -41,6 +54,22 @@ def test_every_method_writes_its_figures(small_run, capsys, argv, names):
     paths = pngs(capsys)
     assert [p.rsplit("/", 1)[1] for p in paths] == names
     assert all(p.startswith(str(small_run / "viz" / method)) for p in paths)
+
+
+def test_several_targets_give_each_image_a_row_for_each(small_run):
+    from cnnlab import run
+    from cnnlab.viz.figures import FIGURES
+    from cnnlab.viz.job import Job
+
+    loaded = run.load(small_run)
+    job = Job("cam", loaded, targets=[3, 8], kinds=["grad-cam", "layer-cam"], indices=[1, 2])
+    (figure,) = FIGURES["cam"].draw(job).values()
+    titles = [ax.get_title() for ax in figure.axes]
+    assert len(titles) == 4 * 3  # (image, target) rows; the image and two CAMs a row
+    assert [t.split("\n")[0] for t in titles[::3]] == ["test1", "test1", "test2", "test2"]
+    shown = [t.splitlines()[-1] for t in titles[::3]]
+    assert all(line.startswith(("target ", "true ", "pred ")) for line in shown)
+    assert sum(line in ("target cat", "target ship") for line in shown) >= 2
 
 
 def test_features_show_every_conv5_x_channel_beside_an_image_file(small_run, tmp_path, capsys):
@@ -66,7 +95,15 @@ def test_features_show_every_conv5_x_channel_beside_an_image_file(small_run, tmp
     (["visualize", "cam", "RUN", "--target", "12"], ["out of range", "0 … 9"]),
     (["visualize", "cam", "RUN", "--kind", "grad-cam+++"], ["grad-cam", "grad-cam++", "score-cam", "layer-cam"]),
     (["visualize", "attribute", "RUN", "--kind", "lime"], ["saliency", "integrated-gradients", "occlusion"]),
-    (["visualize", "features", "RUN", "--index", "5000"], ["out of range", "200 images"]),
+    (["visualize", "features", "RUN", "--index", "5000"], ["--index 5000 is out of range", "200 images"]),
+    (["visualize", "filters", "RUN", "--channel", "99"], ["--channel 99 is out of range", "8 filters"]),
+    (["visualize", "deconv", "RUN", "--channel", "99"], ["--channel 99 is out of range", "64 channels"]),
+    (["visualize", "features", "RUN", "--target", "cat"], ["features does not use --target", "--index", "--layer"]),
+    (["visualize", "cam", "RUN", "--steps", "3"], ["cam does not use --steps"]),
+    (["visualize", "attribute", "RUN", "--layer", "conv4_x", "conv5_x"], ["one --layer", "guided-grad-cam"]),
+    (["visualize", "attribute", "RUN", "--kind", "saliency", "--layer", "conv4_x"],
+     ["--layer is used by the guided-grad-cam attribution alone"]),
+    (["visualize", "maximize", "RUN", "--target", "cat", "--channel", "1"], ["--target", "--channel", "not both"]),
     (["visualize", "features", "RUN", "--image", "BAD"], ["cannot read image", "PNG", "JPEG"]),
     (["visualize", "features", "RUN", "--image", "MISSING"], ["cannot read image", "no such file"]),
     (["visualize", "cam", "RUN", "--layer", "fc"], ["not feature maps", "conv5_x"]),

@@ -11,11 +11,14 @@ import errno
 import json
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from cnnlab import __version__
-from cnnlab.core.errors import UserError, one_line
+from cnnlab.core.errors import Interrupted, UserError, one_line
 
 TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
     "dataset": (str, "cifar10, cifar100, mnist, fashion-mnist, svhn, stl10, sample or folder:PATH (a folder or "
@@ -23,8 +26,15 @@ TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
     "data-dir": (str, "where named datasets are looked for and downloaded (default ~/.cache/cnnlab/data)"),
     "store-size": (int, "side in pixels at which folder images are cached (default: as they are, or the "
                         "--image-size when larger or of mixed sizes)"),
-    "model": (str, "resnet18, resnet18-seed or resnet18-cifar"),
-    "width": (int, "base channels (64 in the paper; 16 trains quickly on a CPU)"),
+    "model": (str, "a model of `cnnlab models` (resnet18 … resnet152, plain18/34, resnet20 … resnet110, plain20 … "
+                   "plain56, alexnet, vgg11, vgg16, their -cifar forms), torchvision:NAME or timm:NAME"),
+    "width": (int, "base channels of cnnlab's own models (default: the paper's, 64 or 16 for the CIFAR nets; "
+                   "smaller trains quickly on a CPU)"),
+    "weights": (str, "start from DEFAULT or a named set of torchvision's or timm's published weights, or a file "
+                     "(a cnnlab checkpoint or a state dict); their preprocessing becomes the run's"),
+    "freeze": (str, "backbone (train only the classifier) or a layer (stage name or module path): freeze it and "
+                    "everything before it"),
+    "backbone-lr-scale": (float, "learning rate of everything but the classifier, as a fraction of --lr (e.g. 0.1)"),
     "image-size": (int, "side of the square network input in pixels"),
     "epochs": (int, None), "batch-size": (int, None), "lr": (float, "learning rate (peak for onecycle)"),
     "momentum": (float, None), "weight-decay": (float, None),
@@ -40,7 +50,12 @@ TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
 }
 
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+# Library errors name Python parameters in backquotes (`index`); on the command line they are flags.
+FLAGS = {"image": "--image", "index": "--index", "count": "--count", "layer": "--layer", "target": "--target",
+         "channel": "--channel", "channels": "--channel", "kind": "--kind", "steps": "--steps", "out": "--out",
+         "random_labels": "--random-labels"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,7 +74,8 @@ def build_parser() -> Parser:
     p.add_argument("--out", help="the run folder (default runs/demo-TIME)")
 
     p = sub.add_parser("train", help="train a model", argument_default=argparse.SUPPRESS)
-    p.add_argument("--recipe", help="seed (the assignment), paper or fast")
+    p.add_argument("--recipe", help="seed (the assignment), paper, fast or finetune (published weights, lower "
+                                    "backbone learning rate)")
     p.add_argument("--config", metavar="FILE.toml", help="settings to apply over the recipe")
     for flag, (kind, text) in TRAIN_FLAGS.items():
         p.add_argument(f"--{flag}", type=kind, help=text)
@@ -83,7 +99,8 @@ def build_parser() -> Parser:
     p.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
                    help="with torchrun: normalise with the statistics of the whole global batch")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                                                       "(or give RUN_DIR/checkpoints/best.pt to continue from that)")
     p.add_argument("--stop-after", type=int, metavar="STEPS",
                    help="stop after this many steps with a checkpoint; continue later with --resume")
 
@@ -101,9 +118,14 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("summary", help="the layers of a model as in Table 1, with counted params and MACs")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--image-size", type=int, help="default: 224, or 32 for resnet18-cifar")
+    p.add_argument("--image-size", type=int, help="default: the model's own (224, or 32 for the CIFAR nets)")
     p.add_argument("--num-classes", type=int, default=1000)
-    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--width", type=int, help="default: the paper's (64, or 16 for the CIFAR nets)")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+    p = sub.add_parser("models", help="the models --model knows, with counted params and MACs")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--all", action="store_true", help="also list every torchvision and timm model by name")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
     p = sub.add_parser(
@@ -132,20 +154,26 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("visualize", help="look inside a trained network: filters, feature maps, CAMs, attributions …")
     p.add_argument("method", metavar="METHOD", help="filters, features, top-images, deconv, invert, maximize, dream, "
-                                                     "cam or attribute")
+                                                     "cam, attribute, or sanity (how far to trust each CAM and "
+                                                     "attribution: randomisation tests, deletion, insertion, ROAD)")
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument("--image", nargs="+", metavar="PATH", help="image files (any size or format; resized and "
                                                               "normalised as the checkpoint says)")
     p.add_argument("--index", nargs="+", type=int, metavar="N", help="images of the run's test set, by index")
     p.add_argument("--count", type=int, metavar="K", help="how many test images (from index 0), channels or filters")
-    p.add_argument("--layer", nargs="+", metavar="NAME", help="Table 1 names (conv1, conv2_x … conv5_x, fc) or "
-                                                              "module paths (layer4.1.left.3)")
+    p.add_argument("--layer", nargs="+", metavar="NAME", help="stage names (conv1, conv2_x … conv5_x, fc for the "
+                   "ResNets; conv1 … conv5 for AlexNet and VGG) or module paths (layer4.1.left.3); default: "
+                   "found from the model; sanity: the cascade steps to measure")
     p.add_argument("--target", nargs="+", metavar="CLASS", help="class name or index (default: the predicted class)")
     p.add_argument("--channel", nargs="+", type=int, metavar="C", help="channels of the layer")
     p.add_argument("--kind", nargs="+", metavar="KIND", help="cam: grad-cam grad-cam++ score-cam layer-cam; "
-                   "attribute: saliency guided-backprop guided-grad-cam integrated-gradients smoothgrad occlusion "
-                   "(default: all)")
+                   "attribute: saliency guided-backprop guided-grad-cam integrated-gradients smoothgrad occlusion; "
+                   "sanity: any of these (default: all)")
     p.add_argument("--steps", type=int, help="optimisation steps (invert, maximize, dream) or integration steps")
+    p.add_argument("--random-labels", metavar="RUN|EPOCHS|auto|none",
+                   help="sanity: a run trained on permuted labels, or epochs to train one here for the data "
+                        "randomisation test (default auto: one epoch when that is cheap)")
+    p.add_argument("--json", action="store_true", help="sanity: print the table as JSON")
     p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/viz/METHOD)")
     p.add_argument("--tensorboard", action="store_true", help="also log the images to the run's TensorBoard")
     p.add_argument("--device", default="auto")
@@ -159,17 +187,27 @@ def build_parser() -> Parser:
     p.add_argument("path", metavar="RUN_DIR")
     p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html)")
     p.add_argument("--device", default="auto")
+
+    p = sub.add_parser(
+        "compare", help="several runs on one HTML page: error curves overlaid, final accuracies, params, MACs, speed",
+        description="Overlay the runs' training error (dashed) and test error (solid) per epoch, as He et al. 2015 "
+                    "do in Fig. 4 and 6, and tabulate final accuracies, parameters, MACs and images/s. Prints the "
+                    "table and writes one self-contained HTML page.")
+    p.add_argument("paths", metavar="RUN_DIR", nargs="+")
+    p.add_argument("--out", metavar="FILE.html", help="where to write the page (default compare.html)")
+    p.add_argument("--json", action="store_true", help="print the table as one JSON document")
     return parser
 
 
 class _Notes(logging.Handler):
-    """The library's notes and warnings (the ``cnnlab`` logger) as one escaped line each on stderr.
+    """The library's notes and warnings (the ``cnnlab`` logger) as one escaped line each on stderr,
+    with the parameters they name spelled as flags.
 
     It looks ``sys.stderr`` up at every message, so that a redirected stderr (a test's) is honoured.
     """
 
     def emit(self, record: logging.LogRecord) -> None:
-        print(one_line(record.getMessage()), file=sys.stderr)
+        print(one_line(as_flags(record.getMessage())), file=sys.stderr)
 
 
 def _show_notes() -> None:
@@ -177,16 +215,32 @@ def _show_notes() -> None:
     if not any(isinstance(h, _Notes) for h in logger.handlers):
         logger.addHandler(_Notes(logging.INFO))
         logger.setLevel(logging.INFO)
-        logger.propagate = False  # the command line shows them once, as above
+
+
+def as_flags(message: str) -> str:
+    """A library message with the parameters it names spelled as the flags that set them."""
+    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m[1], m[0]), message)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Interrupted(signum, "stopped by SIGTERM")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _show_notes()
+    # SIGTERM (what SLURM and Kubernetes send) ends a command as Ctrl-C does: one line, exit 143, files
+    # being written left whole. Training acts on it at its next step, with a checkpoint (see train.engine).
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as e:
+        print(f"cnnlab {args.command}: {one_line(str(e))}", file=sys.stderr)
+        return 128 + e.signum
     except UserError as e:
-        print(f"cnnlab {args.command}: error: {one_line(str(e))}", file=sys.stderr)
+        print(f"cnnlab {args.command}: error: {one_line(as_flags(str(e)))}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno not in WRITE_ERRORS:
@@ -198,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cnnlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # Each command imports what it runs inside its function: torch alone takes seconds to import, and
@@ -219,7 +276,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = resolve(toml_path=getattr(args, "config", None), overrides=given)
         if os.environ.get("RANK", "0") == "0":  # torchrun starts one copy per rank; one says it
-            print("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+            print(one_line("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())))
         result = train(cfg, stop_after=stop_after)
     if os.environ.get("RANK", "0") == "0":
         _print_result(result)
@@ -246,10 +303,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({k: result[k] for k in ("top1", "n", "per_class", "confusion")}))
         return 0
     flip = ", with flip TTA" if result["tta"] else ""
-    print(f"top-1 accuracy {100 * result['top1']:.2f}% on {result['n']} test images ({result['dataset']}{flip})")
+    # Class names and paths come from files: escaped, so that they cannot move the cursor or forge lines.
+    print(one_line(f"top-1 accuracy {100 * result['top1']:.2f}% on {result['n']} test images ({result['dataset']}{flip})"))
     for name, acc in result["per_class"].items():
-        print(f"  {name:>20}  {'-' if acc is None else f'{100 * acc:.1f}%'}")
-    print("wrote " + ", ".join(result["outputs"]))
+        print(one_line(f"  {name:>20}  {'-' if acc is None else f'{100 * acc:.1f}%'}"))
+    print(one_line("wrote " + ", ".join(result["outputs"])))
     return 0
 
 
@@ -265,6 +323,35 @@ def cmd_summary(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be between 1 and {most} (got {value})")
     result = summarize(args.model, image_size=args.image_size, num_classes=args.num_classes, width=args.width)
     print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cnnlab.models import FAMILIES
+    from cnnlab.models.external import timm_available, timm_names, torchvision_names
+    from cnnlab.models.summary import catalog, format_catalog
+
+    if not 1 <= args.num_classes <= 100_000:
+        raise UserError(f"--num-classes must be between 1 and 100000 (got {args.num_classes})")
+    entries = catalog(num_classes=args.num_classes)
+    tv = list(torchvision_names())
+    tm = list(timm_names()) if timm_available() else []
+    if args.json:
+        print(json.dumps({"models": entries, "families": FAMILIES, "torchvision": tv, "timm": tm,
+                          "timm_installed": timm_available()}))
+        return 0
+    print(f"cnnlab's own models ({args.num_classes} classes, each at its own input size and width):\n")
+    print(format_catalog(entries))
+    print(f"\ntorchvision:NAME  any of torchvision's {len(tv)} classification models, e.g. torchvision:mobilenet_v3_small, "
+          "torchvision:resnet50 (--weights DEFAULT: its published ImageNet weights)")
+    if timm_available():
+        print(f"timm:NAME         any of timm's {len(tm)} models, e.g. timm:resnet18, timm:efficientnet_b0 "
+              "(--weights DEFAULT or a pretrained tag)")
+    else:
+        print("timm:NAME         any timm model, once timm is installed: pip install 'cnnlab[timm]'")
+    if args.all:
+        print("\n" + "\n".join(["torchvision:" + n for n in tv] + ["timm:" + n for n in tm]))
+    print("\ncnnlab summary MODEL shows a model's layers; its params and MACs are counted, not quoted.")
     return 0
 
 
@@ -287,7 +374,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(good))
     else:
         for r in good:
-            print(f"{r['image']}  " + "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"]))
+            print(one_line(f"{r['image']}  " + "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"])))
     return 0 if len(good) == len(results) else 1
 
 
@@ -305,11 +392,39 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_visualize(args: argparse.Namespace) -> int:
     from cnnlab.viz import visualize
 
+    if args.method == "sanity":
+        return _sanity(args)
+    for flag, value in (("--json", args.json), ("--random-labels", args.random_labels)):
+        if value:
+            raise UserError(f"{flag} is for cnnlab visualize sanity; {args.method} does not use it")
+
     pngs = visualize(args.method, args.path, image=args.image, index=args.index, count=args.count,
                      layer=args.layer, target=args.target, channel=args.channel, kind=args.kind, steps=args.steps,
                      out=args.out, tensorboard=args.tensorboard, device=args.device, data_dir=args.data_dir)
     for png in pngs:
         print(f"wrote {png}")
+    return 0
+
+
+def _sanity(args: argparse.Namespace) -> int:
+    from cnnlab.viz.command import sanity
+
+    for flag, value in (("--target", args.target), ("--channel", args.channel), ("--steps", args.steps),
+                        ("--tensorboard", args.tensorboard)):
+        if value:
+            raise UserError(f"sanity does not use {flag}; it uses --image, --index, --count, --layer, --kind, "
+                            "--random-labels, --json")
+    result, files = sanity(args.path, image=args.image, index=args.index, count=args.count, layer=args.layer,
+                           kind=args.kind, random_labels=args.random_labels or "auto", out=args.out,
+                           device=args.device, data_dir=args.data_dir,
+                           progress=None if args.json else lambda m: print(f"… {m}", file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print(result.table())
+    print(f"data randomisation: {as_flags(result.random_labels_note)}")
+    for file in files:
+        print(f"wrote {file}")
     return 0
 
 
@@ -320,9 +435,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "demo": cmd_demo,
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cnnlab.report.compare import compare, format_table
+
+    out, runs = compare(args.paths, out=args.out)
+    if args.json:
+        print(json.dumps({"page": str(out), "runs": [r.row() for r in runs]}))
+        return 0
+    print(format_table(runs))
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "models": cmd_models,
+            "demo": cmd_demo,
             "predict": cmd_predict, "export": cmd_export,
-            "visualize": cmd_visualize, "report": cmd_report}
+            "visualize": cmd_visualize, "report": cmd_report, "compare": cmd_compare}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.core.errors import UserError
+from cnnlab.core.spec import MAX_IMAGE_SIZE, MAX_WIDTH
 from cnnlab.data import DATASET_CHOICES, NAMED_DATASETS
-from cnnlab.models import MODELS
+from cnnlab.models import check_name, default_width, is_external
+from cnnlab.models import weights as pretrained
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -23,9 +25,8 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTS = ("none", "flip-crop")
 DEVICES = ("auto", "cpu", "cuda")
-# Beyond these a model no longer fits in memory or a tensor side overflows; say so before trying.
-MAX_WIDTH = 256
-MAX_IMAGE_SIZE = 1024
+# MAX_WIDTH and MAX_IMAGE_SIZE (from cnnlab.core.spec, which checks checkpoints against them too):
+# beyond them a model no longer fits in memory or a tensor side overflows; say so before trying.
 MAX_SEED = 2**63 - 1
 
 
@@ -44,10 +45,14 @@ class TrainConfig:
     data_on_device: bool | None = None  # the whole dataset on the device; False: read from the cache; None: if it fits
     # model
     model: str = "resnet18-seed"
-    width: int = 64
+    width: int | None = None  # None: the model's own (64 for the ImageNet nets, 16 for the CIFAR nets)
     image_size: int = 224
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # transfer learning
+    weights: str | None = None  # DEFAULT, a published weights name, or a file (cnnlab.models.weights)
+    freeze: str | None = None  # "backbone" (train only the head) or a layer: freeze it and all before it
+    backbone_lr_scale: float = 1.0  # learning rate of everything but the head, relative to --lr
     # optimisation
     epochs: int = 40
     batch_size: int = 64
@@ -95,6 +100,13 @@ RECIPES: dict[str, dict[str, Any]] = {
         epochs=18, batch_size=512, lr=0.4, momentum=0.9, nesterov=True, weight_decay=5e-4,
         schedule="onecycle", augment="flip-crop", label_smoothing=0.1, tta=True,  # by benchmarks/recipe.py
     ),
+    # Transfer learning: published ImageNet weights, their preprocessing (set by the weights), a short cosine
+    # schedule at a low learning rate, and the pretrained layers at a tenth of the new head's rate.
+    "finetune": dict(
+        model="torchvision:resnet18", weights="DEFAULT", image_size=224, mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225), epochs=10, batch_size=64, lr=0.01, momentum=0.9, nesterov=True,
+        weight_decay=1e-4, schedule="cosine", augment="flip-crop", label_smoothing=0.1, backbone_lr_scale=0.1,
+    ),
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -111,8 +123,32 @@ def resolve(recipe: str | None = None, toml_path: str | Path | None = None,
     if not isinstance(name, str) or name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
     merged = {**RECIPES[name], **values, **overrides, "recipe": name}
+    model = merged.get("model", TrainConfig.model)
+    check_name(model)
+    if merged.get("width") is None and not is_external(model):
+        merged["width"] = default_width(model)
+    if merged.get("weights"):
+        # The preprocessing the weights were trained with, unless a TOML file or a flag says otherwise.
+        given = {**values, **overrides}
+        found = pretrained.describe(model, _coerce("weights", merged["weights"])).preprocessing()
+        merged.update({k: v for k, v in found.items() if k not in given})
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
     validate(cfg)
+    return cfg
+
+
+def from_saved(values: Any, check: bool = True) -> TrainConfig:
+    """The configuration a checkpoint saved, every value of the type its setting takes.
+
+    Missing settings (a checkpoint from an earlier cnnlab) take their defaults; unknown ones are refused.
+    ``check``: also :func:`validate` it, as for a run that trains again; without, only the types are
+    checked (a finished run is read as it was trained, even if it could no longer be started so).
+    """
+    if not isinstance(values, dict):
+        raise UserError(f"the saved configuration is {type(values).__name__}, not a table of settings")
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -182,7 +218,7 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise UserError(message)
 
-    need(cfg.model in MODELS, f"unknown model {cfg.model!r}; choose one of: {', '.join(MODELS)}")
+    check_name(cfg.model)
     need(cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     need(cfg.augment in AUGMENTS, f"unknown augment {cfg.augment!r}; choose one of: {', '.join(AUGMENTS)}")
     need(cfg.device in DEVICES, f"unknown device {cfg.device!r}; choose one of: {', '.join(DEVICES)}")
@@ -190,7 +226,16 @@ def validate(cfg: TrainConfig) -> None:
          f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASET_CHOICES)}")
     need(cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})")
     need(cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})")
-    need(1 <= cfg.width <= MAX_WIDTH, f"--width must be between 1 and {MAX_WIDTH} (got {cfg.width})")
+    if is_external(cfg.model):
+        need(cfg.width is None, f"--width scales cnnlab's own models; {cfg.model} has its own widths "
+                                "(leave --width out)")
+    else:
+        need(cfg.width is None or 1 <= cfg.width <= MAX_WIDTH,
+             f"--width must be between 1 and {MAX_WIDTH} (got {cfg.width})")
+    need(cfg.weights is None or bool(cfg.weights), "--weights must be DEFAULT, a weights name or a file")
+    need(cfg.freeze is None or bool(cfg.freeze), "--freeze must be backbone or a layer name")
+    need(math.isfinite(cfg.backbone_lr_scale) and cfg.backbone_lr_scale >= 0,
+         f"--backbone-lr-scale must be a finite number ≥ 0 (got {cfg.backbone_lr_scale})")
     need(8 <= cfg.image_size <= MAX_IMAGE_SIZE,
          f"--image-size must be between 8 and {MAX_IMAGE_SIZE} (got {cfg.image_size})")
     need(cfg.store_size is None or 8 <= cfg.store_size <= MAX_IMAGE_SIZE,

@@ -12,13 +12,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cnnlab.config import from_saved
 from cnnlab.core import checkpoint
 from cnnlab.core.errors import UserError
 from cnnlab.core.spec import ModelSpec, Preprocess
 from cnnlab.data import open_dataset
 from cnnlab.data.splits import reported_test_set
 from cnnlab.data.store import PixelStore
-from cnnlab.models import build
+from cnnlab.models import build, check_name
 
 
 @dataclass
@@ -83,9 +84,23 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """A run folder or checkpoint as a model in eval mode; every field it uses is checked first
+    (by :func:`cnnlab.core.checkpoint.read`, and the saved configuration here), and weights that are
+    not finite are refused."""
     ckpt_path = find_checkpoint(path)
     ckpt = checkpoint.read(ckpt_path)
     spec = ckpt.spec
+    try:
+        check_name(spec.name)  # cnnlab's own models, and torchvision:NAME / timm:NAME
+    except UserError as e:
+        raise UserError(f"{ckpt_path} is for model {spec.name!r}, which this cnnlab cannot build: {e}") from None
+    if ckpt.config:
+        try:
+            saved = from_saved(ckpt.config, check=False)
+            if saved.limit_test is not None and saved.limit_test < 1:
+                raise UserError(f"--limit-test must be at least 1 (got {saved.limit_test})")
+        except UserError as e:
+            raise UserError(f"{ckpt_path} holds an invalid training configuration: {e}") from None
     model = build(spec.name, num_classes=spec.num_classes, width=spec.width, in_channels=spec.in_channels)
     try:
         model.load_state_dict(ckpt.model)

@@ -16,3 +16,14 @@ class UserError(ValueError):
 def one_line(message: str) -> str:
     """``message`` with control characters escaped, so that a hostile file name cannot break the line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+class Interrupted(Exception):
+    """A command stopped by a signal (SIGINT, SIGTERM): one line on stderr and exit status 128 + ``signum``.
+
+    Training raises it at a step boundary once it has written a checkpoint, saying how to continue.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum

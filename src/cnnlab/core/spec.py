@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -21,14 +23,51 @@ from cnnlab.core import images, transforms
 # resize to the network's size, which does not antialias: as mixed-size training folders are stored.
 MAX_FILE_SIDE = 256
 
+# What a network can be: the configuration refuses anything beyond (cnnlab.config re-exports these), and
+# a checkpoint that claims more is refused before anything is built. Beyond them a model no longer fits
+# in memory or a tensor side overflows.
+MAX_WIDTH = 256
+MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = 1024
+MAX_CLASSES = 100_000
+CHANNELS = (1, 3)
+
+
+def _whole(d: dict[str, Any], key: str, low: int, high: int, where: str, default: int | None = None) -> int:
+    """``d[key]`` as a whole number in [low, high]; ``ValueError`` naming it otherwise."""
+    value = d.get(key, default)
+    if value is None:
+        raise ValueError(f"{where} has no {key}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where}.{key} is {value!r}, not a whole number")
+    if not low <= value <= high:
+        raise ValueError(f"{where}.{key} is {value}, outside {low}…{high}")
+    return value
+
+
+def _numbers(values: Any, where: str, positive: bool = False) -> tuple[float, ...]:
+    """One or three finite numbers (a mean or a std); ``ValueError`` saying what is wrong otherwise."""
+    if not isinstance(values, (list, tuple)) or len(values) not in CHANNELS:
+        raise ValueError(f"{where} is {values!r}, not a list of 1 or 3 numbers")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{where} holds {v!r}, not a finite number")
+        if positive and v <= 0:
+            raise ValueError(f"{where} holds {v!r}; a standard deviation must be above 0")
+    return tuple(float(v) for v in values)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What :func:`cnnlab.models.build` needs to rebuild a network before loading its weights."""
+    """What :func:`cnnlab.models.build` needs to rebuild a network before loading its weights.
+
+    ``name`` is a cnnlab model or ``torchvision:NAME`` / ``timm:NAME``; ``width`` is None for the latter,
+    whose widths are their own.
+    """
 
     name: str
     num_classes: int
-    width: int
+    width: int | None
     in_channels: int = 3
 
     def to_dict(self) -> dict[str, Any]:
@@ -36,7 +75,18 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
-        return cls(str(d["name"]), int(d["num_classes"]), int(d["width"]), int(d.get("in_channels", 3)))
+        """Checked against the bounds above; ``ValueError`` names the field that is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"model_spec is {type(d).__name__}, not a table of values")
+        name = d.get("name")
+        if not isinstance(name, str) or not name or len(name) > 100:
+            raise ValueError(f"model_spec.name is {name!r}, not a model name")
+        in_channels = d.get("in_channels", 3)
+        if isinstance(in_channels, bool) or in_channels not in CHANNELS:
+            raise ValueError(f"model_spec.in_channels is {in_channels!r}, not 1 or 3")
+        # Models with widths of their own (torchvision:, timm:) have none.
+        width = None if d.get("width") is None else _whole(d, "width", 1, MAX_WIDTH, "model_spec")
+        return cls(name, _whole(d, "num_classes", 1, MAX_CLASSES, "model_spec"), width, int(in_channels))
 
 
 @dataclass(frozen=True)
@@ -60,8 +110,15 @@ class Preprocess:
         return {"size": self.size, "channels": self.channels, "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        return cls(int(d["size"]), int(d["channels"]), tuple(d["mean"]), tuple(d["std"]))
+    def from_dict(cls, d: dict[str, Any], where: str = "preprocess") -> Preprocess:
+        """Checked: size within bounds, 1 or 3 channels, finite statistics and a std above 0."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where} is {type(d).__name__}, not a table of values")
+        channels = d.get("channels")
+        if isinstance(channels, bool) or channels not in CHANNELS:
+            raise ValueError(f"{where}.channels is {channels!r}, not 1 or 3")
+        return cls(_whole(d, "size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE, where), int(channels),
+                   _numbers(d.get("mean"), f"{where}.mean"), _numbers(d.get("std"), f"{where}.std", positive=True))
 
     def to_input(self, pixels: Tensor, channels_last: bool = False) -> Tensor:
         """uint8 (B, C, H, W) on any device → float (B, C, size, size) network input there."""

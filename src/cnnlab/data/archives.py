@@ -4,10 +4,18 @@ Nothing is ever extracted to disk: members are read into memory, so a hostile ar
 write outside any folder. Members that would be dangerous if extracted (absolute paths, ``..``
 components, links leaving the archive, device files) are still refused, because an archive that
 holds them is either broken or an attack, and a user is better told than silently served half.
+
+Memory is bounded before it is spent, from the headers: each member by the largest file an image
+PIL decodes can plausibly be and by the machine's memory (:func:`member_limit`), and the whole by half
+the memory; a member that compresses better than any image set does (a zip bomb) is refused by its
+ratio; and a member whose first bytes are an image header is read in full only if its size fits the
+image that header describes. A tar must end with its end-of-archive blocks, so that one cut short at
+a member boundary is not taken for a smaller data set.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 import tarfile
@@ -15,12 +23,27 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
+from PIL import Image
+
+from cnnlab.core import images
 from cnnlab.core.errors import UserError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
-MAX_TOTAL_BYTES = 16 * 2**30  # uncompressed; far above any image set that fits in memory decoded
+MAX_TOTAL_BYTES = 16 * 2**30  # uncompressed; also never more than half the memory (total_limit)
 MAX_MEMBERS = 2_000_000
+# PIL refuses to decode more than twice MAX_IMAGE_PIXELS pixels; no file of such an image, even
+# uncompressed 8-bit RGBA, is larger than this. CNNLAB_MAX_IMAGE_BYTES overrides it (either way,
+# at most an eighth of the memory: reading a member and decoding it each take as much again).
+MAX_IMAGE_BYTES = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485) * 4
+# Images are compressed already; a member that shrinks more than this is not one (deflate's limit is ~1030).
+MAX_RATIO = 200
+RATIO_FLOOR = 16 * 2**20  # smaller members may compress as well as they like: they cost little memory
+HEADER_BYTES = 64 * 2**10  # read first, to learn what image (if any) a larger member claims to be
+# A file of a w×h image is at most w·h·MAX_BYTES_PER_PIXEL bytes plus HEADER_SLACK of metadata and frames.
+MAX_BYTES_PER_PIXEL = 16
+HEADER_SLACK = 64 * 2**20
 
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -31,6 +54,31 @@ class ArchiveContents:
 
     files: dict[str, bytes] = field(default_factory=dict)
     dirs: set[str] = field(default_factory=set)
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory (16 GiB where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not available on this platform
+        return 16 * 2**30
+
+
+def member_limit() -> int:
+    """The most bytes one image file (an archive member, a file in a folder) may have."""
+    bound = MAX_IMAGE_BYTES
+    env = os.environ.get("CNNLAB_MAX_IMAGE_BYTES", "").strip()
+    if env:
+        try:
+            bound = int(env)
+        except ValueError:
+            raise UserError(f"CNNLAB_MAX_IMAGE_BYTES must be a whole number of bytes (got {env!r})") from None
+    return min(bound, physical_memory() // 8)
+
+
+def total_limit() -> int:
+    """The most uncompressed bytes read from one archive: they are all held in memory at once."""
+    return min(MAX_TOTAL_BYTES, physical_memory() // 2)
 
 
 def is_archive(path: Path) -> bool:
@@ -93,26 +141,84 @@ def _add_parents(contents: ArchiveContents, clean: str) -> None:
             contents.dirs.add(str(parent))
 
 
+def _size(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n:,.0f} bytes"
+
+
 class _Budget:
-    """Counts members and uncompressed bytes so that bombs fail early with a clear message."""
+    """Counts members and uncompressed bytes so that bombs fail early, from the headers, with a clear message."""
 
     def __init__(self, archive: Path) -> None:
         self.archive, self.members, self.total = archive, 0, 0
+        self.member_limit, self.total_limit = member_limit(), total_limit()
+        self.archive_size = max(archive.stat().st_size, 1)
 
-    def add(self, member: str, size: int) -> None:
+    def add(self, member: str, size: int, compressed: int | None = None) -> None:
+        """Count a member of ``size`` bytes (``compressed`` on disk, for a zip) before any of it is read."""
         self.members += 1
         self.total += max(size, 0)
         if self.members > MAX_MEMBERS:
             raise UserError(f"archive {self.archive} has more than {MAX_MEMBERS:,} members (at {member!r}); use a smaller subset")
-        if self.total > MAX_TOTAL_BYTES:
+        if size > self.member_limit:
             raise UserError(
-                f"archive {self.archive} unpacks to more than {MAX_TOTAL_BYTES / 2**30:.0f} GiB (at {member!r}); use a smaller subset"
-            )
+                f"archive {self.archive} member {member!r} unpacks to {_size(size)}, more than any image cnnlab "
+                f"reads ({_size(self.member_limit)}: what the largest image PIL decodes can take, and at most an "
+                f"eighth of this machine's memory; CNNLAB_MAX_IMAGE_BYTES raises it); refusing to read it")
+        if compressed is not None and size > RATIO_FLOOR and size > MAX_RATIO * max(compressed, 1):
+            raise UserError(
+                f"archive {self.archive} member {member!r} unpacks from {_size(compressed)} to {_size(size)}, "
+                f"{size // max(compressed, 1):,} times smaller packed than unpacked: no image compresses like that "
+                f"(a zip bomb?); refusing to read it (if it is genuine, extract the archive and use the folder)")
+        if self.total > self.total_limit:
+            raise UserError(
+                f"archive {self.archive} unpacks to more than {_size(self.total_limit)} (at {member!r}), more than "
+                f"{'half of this machine' if self.total_limit < MAX_TOTAL_BYTES else 'cnnlab'}'s memory allows; "
+                "use a smaller subset")
+        if compressed is None and self.total > RATIO_FLOOR and self.total > MAX_RATIO * self.archive_size:
+            raise UserError(
+                f"archive {self.archive} unpacks to more than {MAX_RATIO} times its size on disk (at {member!r}): no "
+                "image set compresses like that (a bomb?); refusing to read it (if it is genuine, extract it and "
+                "use the folder)")
+
+
+def _read_member(archive: Path, member: str, handle: BinaryIO, size: int) -> bytes:
+    """A member's bytes, its head read first: a member that starts with an image header is read in full
+    only if its size fits the image the header describes (else it is a bomb dressed as an image).
+    The rest is read in blocks into one buffer of the declared size, never more than that."""
+    head = handle.read(min(size, HEADER_BYTES))
+    if len(head) < size:
+        try:
+            _, width, height = images.header(head)
+        except Exception:  # noqa: BLE001 - hostile bytes; no header in the head: the size bounds above protect
+            pass
+        else:
+            plausible = width * height * MAX_BYTES_PER_PIXEL + HEADER_SLACK
+            if size > plausible:
+                raise UserError(
+                    f"archive {archive} member {member!r} is {_size(size)}, but its header describes a {width}×{height} "
+                    f"image, whose file is never larger than {_size(plausible)}; refusing to read it")
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    view[:len(head)] = head
+    filled = len(head)
+    while filled < size:
+        block = handle.read(min(size - filled, 1 << 20))
+        if not block:
+            raise UserError(f"archive {archive} member {member!r} ends after {filled:,} of its {size:,} bytes; "
+                            "check that the file is complete and not corrupt")
+        view[filled:filled + len(block)] = block
+        filled += len(block)
+    if handle.read(1):  # a zip's declared size is what its data inflates to, and the CRC is checked here
+        raise UserError(f"archive {archive} member {member!r} holds more than the {size:,} bytes its header "
+                        "declares; the archive is corrupt or forged")
+    view.release()
+    return bytes(buffer)
 
 
 def _read_tar(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
     contents, budget = ArchiveContents(), _Budget(path)
-    with tarfile.open(path, "r:*") as tar:
+    ending: dict[str, str] = {}
+    with tarfile.open(path, "r:*", tarinfo=_end_aware(ending)) as tar:
         for info in tar:
             clean = _clean_name(path, info.name)
             budget.add(info.name, info.size if info.isfile() else 0)
@@ -131,8 +237,36 @@ def _read_tar(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
             if keep(clean):
                 handle = tar.extractfile(info)
                 assert handle is not None  # regular files always have data
-                contents.files[clean] = handle.read()
+                contents.files[clean] = _read_member(path, info.name, handle, info.size)
+        if ending.get("how") != "marker":
+            # tarfile takes the end of the data, or a damaged header, after a complete member for the end
+            # of the archive: members would silently be missing.
+            what = "is truncated" if ending.get("how") == "cut" else "has a damaged header"
+            raise UserError(f"archive {path} {what}: it ends without the end-of-archive marker after {tar.offset:,} "
+                            "bytes of members, so members are missing; copy or download it again")
     return contents
+
+
+def _end_aware(ending: dict[str, str]) -> type[tarfile.TarInfo]:
+    """A TarInfo that records in ``ending["how"]`` how the member list ended: at the zero block that
+    marks the end of a tar ("marker"), at the end of the data ("cut"), or at a damaged header ("damaged")."""
+
+    class EndAware(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+            try:
+                return super().fromtarfile(tar)
+            except tarfile.EOFHeaderError:
+                ending["how"] = "marker"
+                raise
+            except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+                ending["how"] = "cut"
+                raise
+            except tarfile.HeaderError:
+                ending["how"] = "damaged"
+                raise
+
+    return EndAware
 
 
 def _read_zip(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
@@ -140,7 +274,7 @@ def _read_zip(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
             clean = _clean_name(path, info.filename)
-            budget.add(info.filename, info.file_size)
+            budget.add(info.filename, info.file_size, info.compress_size)
             mode = info.external_attr >> 16  # Unix mode bits, when the zip was made on Unix
             if stat.S_ISLNK(mode):
                 _check_link(path, info.filename, clean, archive.read(info).decode("utf-8", "replace"), hard=False)
@@ -158,5 +292,6 @@ def _read_zip(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
                 if info.flag_bits & 0x1:
                     raise UserError(f"archive {path} member {info.filename!r} is encrypted; decrypt the archive first")
                 # ZipExtFile stops at the declared size, so a lying header cannot inflate memory.
-                contents.files[clean] = archive.read(info)
+                with archive.open(info) as handle:
+                    contents.files[clean] = _read_member(path, info.filename, handle, info.file_size)
     return contents

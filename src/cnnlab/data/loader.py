@@ -47,17 +47,25 @@ class TrainBatches:
     channels_last: bool = False
     rank: int = 0
     world: int = 1
+    merge_single: bool = True  # a last batch of one image joins the one before (for BatchNorm models)
 
     def __len__(self) -> int:
-        # The last, smaller batch is kept, unless it is too small to give every rank an image.
+        # The last, smaller batch is kept, unless it is too small to give every rank an image, or a
+        # single image (which BatchNorm cannot normalise): then it joins the batch before it.
         full, rest = divmod(len(self.labels), self.batch_size)
-        return full + (rest >= self.world)
+        return full + (rest >= self.world and not self.merged)
 
     @property
     def dropped(self) -> int:
         """Images per epoch left out because the last batch could not be split over the ranks."""
         rest = len(self.labels) % self.batch_size
         return rest if rest < self.world else 0
+
+    @property
+    def merged(self) -> int:
+        """Images per epoch (0 or 1) that join the second-to-last batch rather than form a batch of one."""
+        full, rest = divmod(len(self.labels), self.batch_size)
+        return 1 if self.merge_single and rest == 1 and self.world == 1 and full >= 1 else 0
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """This rank's part of each batch of ``epoch``, and the global batch's size; skips the first ``start``."""
@@ -70,8 +78,10 @@ class TrainBatches:
         order = torch.randperm(n, generator=g).to(self.images.device)
         flips = (torch.rand(n, generator=g) < 0.5).to(self.images.device)
         offsets = torch.randint(0, 2 * CROP_PAD + 1, (n, 2), generator=g).to(self.images.device)
+        last = len(self) - 1
         for i in range(start, len(self)):
-            batch = order[i * self.batch_size:(i + 1) * self.batch_size]
+            end = n if i == last and self.merged else (i + 1) * self.batch_size
+            batch = order[i * self.batch_size:end]
             idx = batch.tensor_split(self.world)[self.rank]
             x = self.images[idx]
             if self.augment == "flip-crop":

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from cnnlab.core import images
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write
-from cnnlab.data.archives import is_archive, read_archive
+from cnnlab.data.archives import is_archive, member_limit, read_archive
 from cnnlab.data.standard import NAMED, Arrays, checked
 from cnnlab.data.store import Entry, EntryBuilder, PixelStore, cache_dir, cached, entries_dir, memory_budget_bytes
 
@@ -74,6 +74,9 @@ class Dataset:
     test_x: torch.Tensor | PixelStore
     test_y: torch.Tensor
     skipped: list[str] = field(default_factory=list)  # unreadable images left out (--skip-bad-images)
+    # sha256 of the source's content (files and folder names, or CIFAR-10's pixels and labels): a run
+    # records it, and --resume refuses to continue on data that changed under the same class names.
+    fingerprint: str = ""
 
 
 def default_data_dir() -> Path:
@@ -113,15 +116,45 @@ def load_dataset(spec: str, data_dir: str | Path | None = None, download: bool =
     return data
 
 
-def _from_entry(entry: Entry, name: str) -> Dataset:
+def _from_entry(entry: Entry, name: str, fingerprint: str) -> Dataset:
     return Dataset(name, list(entry.meta["classes"]), entry.pixels("train"), entry.labels("train"),
-                   entry.pixels("test"), entry.labels("test"), list(entry.meta.get("skipped", [])))
+                   entry.pixels("test"), entry.labels("test"), list(entry.meta.get("skipped", [])),
+                   str(entry.meta.get("fingerprint", fingerprint)))
+
+
+def _cache_key(content: str) -> str:
+    """Decoded pixels depend on the content and on the decoder: both are in the cache key (the
+    content hash alone is the data's fingerprint, which a new decoder does not change)."""
+    return hashlib.sha256(f"cnnlab-decoder-{DECODER_VERSION}\0{content}".encode()).hexdigest()
+
+
+def _hash_file(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}; check its permissions") from None
+    return digest.hexdigest()
 
 
 def _hash_files(paths: Iterable[Path], salt: str) -> str:
-    digest = hashlib.sha256(f"cnnlab-decoder-{DECODER_VERSION}\0{salt}\0".encode())
+    """sha256 of several files, each with its size, after ``salt`` (what kind of list they are)."""
+    digest = hashlib.sha256(f"{salt}\0".encode())
     for path in paths:
         _hash_into(digest, path)
+    return digest.hexdigest()
+
+
+def _hash_arrays(arrays: Arrays) -> str:
+    """sha256 of a named dataset's class names, pixels and labels: its fingerprint, whatever its files."""
+    digest = hashlib.sha256("\0".join(arrays.classes).encode())
+    for array in (*arrays.train, *arrays.test):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.data)
     return digest.hexdigest()
 
 
@@ -150,9 +183,10 @@ def _open_named(name: str, data_dir: Path, download: bool) -> Dataset:
     def build(builder: EntryBuilder) -> dict[str, Any]:
         arrays = checked(named.read(data_dir), named.title, named.where(data_dir))
         _write_arrays(builder, arrays)
-        return {"classes": arrays.classes, "source": name}
+        return {"classes": arrays.classes, "source": name, "fingerprint": _hash_arrays(arrays)}
 
-    return _from_entry(cached(f"{name}-{_hash_files(files, name)}", build), name)
+    content = _hash_files(files, name)
+    return _from_entry(cached(f"{name}-{_cache_key(content)}", build), name, content)
 
 
 def _write_arrays(builder: EntryBuilder, arrays: Arrays) -> None:
@@ -228,23 +262,45 @@ class _Tree:
 
 
 def _list_directory(root: Path) -> _Tree:
-    """The images under ``root`` by path: nothing is read yet, so memory does not grow with the folder."""
+    """The images under ``root`` by path: nothing is read yet, so memory does not grow with the folder.
+
+    Folders and files that are symbolic links are followed (datasets are often assembled from links);
+    a link back into its own ancestry is refused. Each file is checked against the per-image size
+    bound (:func:`~cnnlab.data.archives.member_limit`) before anything is read."""
     extensions = _image_extensions()
     tree = _Tree({}, set())
-    for folder, subdirs, files in os.walk(root):
+    limit = member_limit()
+    for folder, subdirs, files in os.walk(root, followlinks=True):
         subdirs[:] = sorted(d for d in subdirs if not _is_hidden(d))
+        here = os.path.realpath(folder)
+        for d in subdirs:
+            if os.path.islink(os.path.join(folder, d)):
+                target = os.path.realpath(os.path.join(folder, d))
+                if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                    raise UserError(f"{Path(folder, d)} is a link to a folder that contains it ({target}); "
+                                    "remove the link, it would be read forever")
         rel_folder = Path(folder).relative_to(root).as_posix()
         prefix = "" if rel_folder == "." else rel_folder + "/"
         tree.dirs.update(prefix + d for d in subdirs)
         for name in files:
-            if _is_candidate(prefix + name, extensions):
-                tree.files[prefix + name] = Path(folder, name)
+            rel = prefix + name
+            if _is_candidate(rel, extensions):
+                path = Path(folder, name)
+                try:
+                    size = path.stat().st_size
+                except OSError as exc:
+                    raise UserError(f"cannot read {path}: {exc.strerror}; check that it exists and "
+                                    "its permissions") from None
+                if size > limit:
+                    raise UserError(f"{path} is {size / 2**20:,.0f} MiB, more than any image cnnlab reads "
+                                    f"({limit / 2**20:,.0f} MiB, see CNNLAB_MAX_IMAGE_BYTES); remove it")
+                tree.files[rel] = path
     return tree
 
 
 def _hash_tree(tree: _Tree) -> str:
-    """Content key of a directory tree, read one file at a time."""
-    digest = hashlib.sha256(f"cnnlab-decoder-{DECODER_VERSION}\0".encode())
+    """Content hash of a directory tree (its layout and image bytes), read one file at a time."""
+    digest = hashlib.sha256()
     for d in sorted(tree.dirs):  # empty class folders change the outcome too
         digest.update(f"d\0{d}\0".encode())
     for rel in sorted(tree.files):
@@ -426,7 +482,8 @@ class _FolderSource:
         self._tree: _Tree | None = None
         self._rows: list[tuple[str, Path, str, str]] | None = None
 
-    def key(self) -> str:
+    def content(self) -> str:
+        """The content hash: the run's data fingerprint, and with the decoder's version the cache key."""
         if self.hf:
             return _hash_tree(_Tree({p.relative_to(self.path).as_posix(): p for p in sorted(self.path.rglob("*"))
                                      if p.is_file()}, set()))
@@ -437,7 +494,7 @@ class _FolderSource:
         if self.path.is_dir():
             self._tree = _list_directory(self.path)
             return _hash_tree(self._tree)
-        return _hash_files([self.path], "archive")
+        return _hash_file(self.path)
 
     def layout(self) -> _Layout:
         if self.hf:
@@ -457,7 +514,8 @@ class _FolderSource:
 def _open_folder(path: Path, name: str, skip_bad: bool, sizing: _Sizing) -> Dataset:
     """A ``train/<class>/…``, ``test/<class>/…`` tree, archive or CSV list, via the cache."""
     source = _FolderSource(path)
-    base = source.key() + ("-skip-bad" if skip_bad else "")
+    content = source.content()
+    base = _cache_key(content) + ("-skip-bad" if skip_bad else "")
     prepared: dict[str, Any] = {}
 
     def prepare() -> dict[str, Any]:
@@ -479,7 +537,7 @@ def _open_folder(path: Path, name: str, skip_bad: bool, sizing: _Sizing) -> Data
         state = prepare()
         return _decode_into(builder, state["layout"], plan, path, skip_bad, state["skipped"])
 
-    return _from_entry(cached(f"{base}-{plan.tag}", build), name)
+    return _from_entry(cached(f"{base}-{plan.tag}", build), name, content)
 
 
 def _read_summary(path: Path) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cnnlab.core.errors import UserError
 from cnnlab.data.sources import Dataset
 from cnnlab.data.store import PixelStore, take
 
@@ -26,21 +27,34 @@ class Splits:
     test_x: torch.Tensor | PixelStore
     test_y: torch.Tensor
     skipped: list[str] = field(default_factory=list)  # images the source could not read and left out
+    fingerprint: str = ""  # the source's content hash (Dataset.fingerprint)
 
 
 def split(data: Dataset, limit_train: int | None = None, limit_test: int | None = None,
-          val_split: int | None = None) -> Splits:
+          val_split: int | None = None, batch_size: int | None = None) -> Splits:
     """Random subsets of ``limit_*`` images, then ``val_split`` images (default 10 %) held out of train.
 
-    Subsets are random rather than the first N because image folders are ordered by class.
+    Subsets are random rather than the first N because image folders are ordered by class. A split
+    asked for that would leave fewer training images than one batch of ``batch_size``, or than there
+    are classes, is refused.
     """
     train = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(SPLIT_SEED))
     train = train[:limit_train]
     test_x, test_y = reported_test_set(data, limit_test)
-    n_val = len(train) // 10 if val_split is None else min(val_split, len(train) - 1)
+    if val_split is None:
+        n_val = len(train) // 10
+    else:
+        n_val = val_split
+        left, needed = len(train) - val_split, max(batch_size or 1, len(data.classes))
+        if val_split > 0 and left < needed:
+            why = (f"one batch (--batch-size {batch_size})" if needed == batch_size and batch_size
+                   else f"one per class ({len(data.classes)} classes)")
+            raise UserError(f"--val-split {val_split} would leave {max(left, 0)} of the {len(train)} training images "
+                            f"to train on, fewer than {why}; hold out at most {max(len(train) - needed, 0)} "
+                            "(or --val-split 0 for none)")
     val, train = train[:n_val].sort().values, train[n_val:].sort().values
     return Splits(data.classes, take(data.train_x, train), data.train_y[train], take(data.train_x, val),
-                  data.train_y[val], test_x, test_y, list(data.skipped))
+                  data.train_y[val], test_x, test_y, list(data.skipped), data.fingerprint)
 
 
 def reported_test_set(data: Dataset, limit_test: int | None) -> tuple[torch.Tensor | PixelStore, torch.Tensor]:

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 import cnnlab
-from cnnlab.report.figures import ASSIGNMENT_TEST, ASSIGNMENT_TRAIN
+from cnnlab.report.charts import ASSIGNMENT_TEST, ASSIGNMENT_TRAIN
 from cnnlab.report.sections import Contents, Example, Picture
+from cnnlab.viz.sanity import MAX_RANDOMISED_RHO
 
 __all__ = ["SECTIONS", "render"]
 
@@ -31,9 +32,10 @@ SECTIONS: dict[str, str] = {
     "confusion": "Confusion matrix",
     "confused-pairs": "Most-confused classes",
     "misclassified": "Misclassified test images",
-    "filters": "conv1 filters",
+    "filters": "First-layer filters",
     "features": "Feature maps",
     "gradcam": "Grad-CAM",
+    "explanations": "Explanations: how far to trust them",
     "patterns": "Class models (activation maximisation)",
 }
 
@@ -113,8 +115,11 @@ def _summary(c: Contents) -> str:
     else:
         precision = f"bf16 autocast {'on' if amp else 'off' if amp is False else 'auto (on for CUDA)'}"
     rows = [
-        ("model", f"{e(cfg.get('model', '?'))}, width {e(cfg.get('width', '?'))}, "
-                  f"{e(cfg.get('image_size', '?'))}×{e(cfg.get('image_size', '?'))} px input"),
+        ("model", f"{e(cfg.get('model', '?'))}"
+                  + (f", width {e(cfg['width'])}" if cfg.get("width") is not None else "")
+                  + f", {e(cfg.get('image_size', '?'))}×{e(cfg.get('image_size', '?'))} px input"
+                  + (f", starting from {e(cfg['weights'])}" if cfg.get("weights") else "")
+                  + (f", frozen: {e(cfg['freeze'])}" if cfg.get("freeze") else "")),
         ("dataset", e(cfg.get("dataset", "?"))),
         ("images", (f"{e(data.get('train', '?'))} train, {e(data.get('val', '?'))} validation, "
                     f"{e(data.get('test', '?'))} test") if data else "–"),
@@ -178,8 +183,9 @@ def _architecture(c: Contents) -> str:
         f"<tr><td>{e(st['name'])}</td><td>{e('×'.join(str(d) for d in st['output_size']))}</td>"
         f"<td>{e(st['layers'])}</td><td class=\"num\">{st['params']:,}</td><td class=\"num\">{st['macs']:,}</td></tr>"
         for st in s["stages"])
-    return (f"<p>{e(s['model'])} at {s['image_size']}×{s['image_size']} px, {s['num_classes']} classes, width "
-            f"{s['width']}: <strong>{s['params'] / 1e6:.2f} M parameters</strong>, <strong>{s['macs'] / 1e6:.1f} M "
+    width = "" if s["width"] is None else f", width {s['width']}"
+    return (f"<p>{e(s['model'])} at {s['image_size']}×{s['image_size']} px, {s['num_classes']} classes{width}: "
+            f"<strong>{s['params'] / 1e6:.2f} M parameters</strong>, <strong>{s['macs'] / 1e6:.1f} M "
             "multiply-accumulates</strong> per image, both counted on the model (forward hooks), not quoted.</p>"
             "<table><thead><tr><th>stage</th><th>output size (C×H×W)</th><th>layers</th><th class=\"num\">params</th>"
             f"<th class=\"num\">MACs</th></tr></thead><tbody>{rows}</tbody><tfoot><tr><th>total</th><th></th><th></th>"
@@ -246,7 +252,8 @@ def _pictures(text: str, pictures: list[Picture]) -> str:
 def _gradcam(c: Contents) -> str:
     parts = []
     if c.cam_right or c.cam_wrong:
-        parts.append("<p>Grad-CAM (Selvaraju et al. 2017) at conv5_x for the predicted class: the regions whose "
+        parts.append(f"<p>Grad-CAM (Selvaraju et al. 2017) at {e(c.layers[1])}, the last spatial feature block, for "
+                     "the predicted class: the regions whose "
                      "features raised that class's score most, overlaid on the input (bright = more).</p>")
     columns = [(title, pictures) for title, pictures in (("Correct predictions", c.cam_right),
                                                          ("Wrong predictions", c.cam_wrong)) if pictures]
@@ -255,6 +262,40 @@ def _gradcam(c: Contents) -> str:
             f"<div><h3>{title}</h3>{''.join(_img(p) for p in pictures)}</div>" for title, pictures in columns)
             + "</div>")
     return "".join(parts)
+
+
+def _explanations(c: Contents) -> str:
+    s = c.sanity
+    if s is None:
+        return ""
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    rows = []
+    for name, r, verdict in s.rows():
+        cls = (' class="good"' if verdict == "passes" else ' class="bad"' if verdict.startswith("fails") else "")
+        rhos = "".join(f'<td class="num">{"<b>" if step == s.judged else ""}{r.rho(step):.2f}'
+                       f'{"</b>" if step == s.judged else ""}</td>' for step in s.layers)
+        rows.append(f"<tr><td>{e(name)}</td>{rhos}<td class=\"num\">{mean(r.deletion):.3f}</td>"
+                    f"<td class=\"num\">{mean(r.insertion):.3f}</td><td class=\"num\">{mean(r.road):.3f}</td>"
+                    f"<td{cls}>{e(verdict)}</td></tr>")
+    steps = "".join(f'<th class="num">ρ, to {e(step)}</th>' for step in s.layers)
+    images = ", ".join(str(i) for i in c.sanity_images)
+    return (f"<p>A saliency map can look right and still say nothing about the network (Adebayo et al. 2018). "
+            f"Each method was checked on {s.images} test images ({e(images)}) for the predicted class. "
+            f"<b>ρ, to layer</b>: the Spearman rank correlation between a method's maps for the trained network and "
+            f"for the network with its layers re-initialised from fc down to that layer (cascading randomisation); "
+            f"a method whose maps survive re-initialising fc … {e(s.judged)} (ρ ≥ {MAX_RANDOMISED_RHO}, bold) shows "
+            f"the image, not what the network learned. <b>Deletion</b> and <b>insertion</b> (Petsiuk et al. 2018): "
+            f"the area under the class probability as the pixels the map ranks highest are removed (lower is better) "
+            f"or put back into a blurred image (higher is better), in {s.deletion_steps} steps. <b>ROAD</b> (Rong et "
+            f"al. 2022): pixels removed by noisy linear imputation, least relevant first minus most relevant first, "
+            f"halved and averaged over {len(s.road_fractions)} fractions (higher is better). A method passes insertion "
+            f"and ROAD when it beats the random map by two standard errors, fails when it does not beat it at all. "
+            f"Deletion is shown but not judged: scattered pixels set to the mean colour destroy an image faster "
+            f"than any one region, so noise beats every smooth map there. Data randomisation (a model trained on "
+            f"permuted labels): {e(s.random_labels_note)}.</p>"
+            f'<table id="sanity"><thead><tr><th>method</th>{steps}<th class="num">deletion AUC ↓</th>'
+            '<th class="num">insertion AUC ↑</th><th class="num">ROAD ↑</th><th>verdict</th></tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>" + "".join(_img(p) for p in c.cascade))
 
 
 def render(c: Contents) -> str:
@@ -273,9 +314,10 @@ def render(c: Contents) -> str:
         "filters": _pictures("Every filter of the first convolution, each scaled to its own range: what colours "
                              "and edges the network looks for first. Below, one filter enlarged with its signed "
                              "weights per input channel.", c.filters),
-        "features": _pictures("The output of every channel of conv1 and conv5_x for one test image, beside the "
-                              "input as the network saw it.", c.features),
+        "features": _pictures(f"The output of every channel of {e(c.layers[0])} and {e(c.layers[1])} for one test "
+                              "image, beside the input as the network saw it.", c.features),
         "gradcam": _gradcam(c),
+        "explanations": _explanations(c),
         "patterns": _pictures(f"Images optimised from noise ({c.pattern_steps} steps, Fourier-parameterised with "
                               "jitter, as in cnnlab visualize maximize) to be classified as each class, with the "
                               "probability the model gives them.", c.patterns),

@@ -2,17 +2,16 @@
 
 The record is read from the run folder (``config.json``, ``metrics.jsonl``); the model is loaded as
 every other command loads it (:func:`cnnlab.run.load`: ``best.pt``, else ``last.pt``) and scored
-with :func:`cnnlab.evaluate.score` on the test images the run reported on; the pictures come from
-the same figure code as ``cnnlab visualize``, with small settings so that a CPU draws them all in
-seconds. A section that cannot be drawn (the dataset is not on this machine, say) gets a note
-saying why, and the rest of the report is still written.
+with :func:`cnnlab.core.metrics.score` on the test images the run reported on; the pictures are the
+figures of ``cnnlab visualize``, inlined without a file in between, drawn with small settings so
+that a CPU draws them all in seconds. A section that cannot be drawn (the dataset is not on this
+machine, say) gets a note saying why, and the rest of the report is still written.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import tempfile
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,9 +21,18 @@ from typing import Any
 
 import torch
 
+from cnnlab import run
+from cnnlab.core.device import pick_device
 from cnnlab.core.errors import UserError
-from cnnlab.report import figures
+from cnnlab.core.metrics import breakdown, confusion_matrix, logits, score
+from cnnlab.models.summary import summarize
+from cnnlab.report import charts
 from cnnlab.run import LoadedRun
+from cnnlab.viz import render
+from cnnlab.viz.figures import FIGURES, sanity_figure
+from cnnlab.viz.job import Job
+from cnnlab.viz.layers import default_layer, first_layer
+from cnnlab.viz.sanity import Sanity, sanity_checks
 
 __all__ = ["Contents", "Example", "Pair", "Picture", "TestResults", "gather", "read_metrics"]
 
@@ -34,6 +42,13 @@ PAIR_EXAMPLES = 6  # images shown for each pair
 CAM_IMAGES = 4  # Grad-CAM: this many right and this many wrong
 PATTERN_CLASSES = 10  # class models drawn
 SMALL_MODEL_MACS = 100_000_000  # per image; below this the report runs on one CPU thread
+# The explanations' checks, kept small here (cnnlab visualize sanity runs 8 images and every layer):
+SANITY_IMAGES = 4  # test images, spread over the test set
+SANITY_STEPS = ["conv5_x"]  # cascade steps measured (fc … conv5_x); the whole network is always added
+SANITY_DELETION_STEPS = 8
+SANITY_ROAD_FRACTIONS = (0.2, 0.5, 0.8)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,6 +109,10 @@ class Contents:
     cam_wrong: list[Picture] = field(default_factory=list)
     patterns: list[Picture] = field(default_factory=list)
     pattern_steps: int = 0
+    layers: tuple[str, str] = ("conv1", "conv5_x")  # the first layer and the last spatial feature block, as found
+    sanity: Sanity | None = None
+    sanity_images: list[int] = field(default_factory=list)  # the test images the checks ran on
+    cascade: list[Picture] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)  # section id → why something is missing
     seconds: dict[str, float] = field(default_factory=dict)  # time spent on each section
 
@@ -151,13 +170,13 @@ def _timed(contents: Contents, section: str, make: Callable[[], None]) -> None:
     """Run one section's work; a failure becomes a note in that section instead of no report."""
     start = time.perf_counter()
     try:
-        with figures.plain_text():
+        with charts.plain_text():
             make()
     except UserError as e:
         contents.note(section, str(e))
     except Exception as e:  # a figure that fails must not cost the user the rest of the report
         contents.note(section, f"this part could not be drawn ({type(e).__name__}: {e})")
-        print(f"cnnlab report: warning: {section}: {type(e).__name__}: {e}", file=sys.stderr)
+        log.warning("section %s could not be drawn: %s: %s", section, type(e).__name__, e)
     contents.seconds[section] = contents.seconds.get(section, 0.0) + time.perf_counter() - start
 
 
@@ -170,8 +189,6 @@ def _spread(items: list[int], k: int) -> list[int]:
 
 
 def _examples(loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor, indices: list[int]) -> list[Example]:
-    from cnnlab.core.metrics import logits
-
     if not indices:
         return []
     idx = torch.tensor(indices)
@@ -179,13 +196,11 @@ def _examples(loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor, ind
         x = loaded.preprocess.to_input(images[idx].to(loaded.device))
         probs = logits(loaded.model, x, loaded.tta).softmax(1).cpu()  # the prediction the scores counted
     p, pred = probs.max(1)
-    return [Example(i, figures.thumbnail(images[i]), loaded.classes[int(labels[i])], loaded.classes[int(pred[k])],
+    return [Example(i, charts.thumbnail(images[i]), loaded.classes[int(labels[i])], loaded.classes[int(pred[k])],
                     float(p[k])) for k, i in enumerate(indices)]
 
 
 def _score_test(contents: Contents, loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from cnnlab.core.metrics import breakdown, confusion_matrix, score
-
     device = loaded.device
     scores = score(loaded.model, images.to(device), labels.to(device), loaded.preprocess, tta=loaded.tta)
     result = breakdown(scores, loaded.classes)
@@ -208,22 +223,16 @@ def _score_test(contents: Contents, loaded: LoadedRun, images: torch.Tensor, lab
                           _examples(loaded, images, labels, where[:PAIR_EXAMPLES])))
     wrong = (pred != y).nonzero()[:, 0].tolist()
     contents.test = TestResults(len(y), result["top1"], result["loss"], per_class,
-                                Picture(figures.confusion(result, classes), "confusion matrix of the test set"),
+                                Picture(charts.confusion(result, classes), "confusion matrix of the test set"),
                                 pairs, _examples(loaded, images, labels, _spread(wrong, MISCLASSIFIED_SHOWN)),
                                 len(wrong), loaded.tta)
     return pred
 
 
-def _viz(method: str, loaded: LoadedRun, test: tuple[torch.Tensor, torch.Tensor] | None, out_dir: Path,
-         alt: str, **choices: Any) -> list[Picture]:
-    """Pictures from ``cnnlab visualize``'s figure code, drawn into a scratch folder and inlined."""
-    from cnnlab.viz.command import Job
-    from cnnlab.viz.figures import FIGURES
-
-    job = Job(method, loaded, out_dir / method, choices.get("layers", []), choices.get("targets", []),
-              choices.get("channels", []), choices.get("kinds", []), choices.get("count"), choices.get("steps"),
-              None, indices=choices.get("indices", []), _test=test)
-    return [Picture(figures.png_uri(Path(p).read_bytes()), alt) for p in FIGURES[method](job)]
+def _viz(method: str, loaded: LoadedRun, alt: str, **choices: Any) -> list[Picture]:
+    """Pictures from ``cnnlab visualize``'s figure code (``choices``: fields of its :class:`Job`), inlined."""
+    figures = FIGURES[method].draw(Job(method, loaded, **choices))
+    return [Picture(charts.png_uri(render.png(fig)), alt) for fig in figures.values()]
 
 
 @contextmanager
@@ -244,10 +253,6 @@ def _threads_for(contents: Contents, device: torch.device) -> Iterator[None]:
 
 def gather(run_dir: Path, device: str = "auto") -> Contents:
     """Everything the page shows for the run folder ``run_dir``."""
-    from cnnlab import run
-    from cnnlab.models.summary import summarize
-    from cnnlab.core.device import pick_device
-
     if not run_dir.exists():
         raise UserError(f"{run_dir} does not exist; give the run folder that cnnlab train wrote")
     if not run_dir.is_dir():
@@ -266,9 +271,9 @@ def gather(run_dir: Path, device: str = "auto") -> Contents:
 
     def curves() -> None:
         if steps:
-            contents.curves.append(Picture(figures.step_curves(steps, epochs),
+            contents.curves.append(Picture(charts.step_curves(steps, epochs),
                                            "training loss, accuracy and learning rate at every step"))
-        contents.curves.append(Picture(figures.epoch_curves(epochs),
+        contents.curves.append(Picture(charts.epoch_curves(epochs),
                                        "train, validation and test loss and accuracy after every epoch"))
 
     _timed(contents, "architecture", architecture)
@@ -292,39 +297,56 @@ def _pictures(contents: Contents, loaded: LoadedRun) -> None:
     _timed(contents, "per-class", load_test)
     if contents.test is None:
         why = contents.notes.get("per-class", ["the test set could not be read"])[-1]
-        for section in ("confusion", "confused-pairs", "misclassified", "features", "gradcam"):
+        for section in ("confusion", "confused-pairs", "misclassified", "features", "gradcam", "explanations"):
             contents.note(section, f"needs the run's test set, which could not be read: {why}")
 
-    with tempfile.TemporaryDirectory(prefix="cnnlab-report-") as scratch:
-        tmp = Path(scratch)
-        _timed(contents, "filters", lambda: contents.filters.extend(
-            _viz("filters", loaded, test, tmp, "the filters of conv1", layers=["conv1"])))
-        if test is not None and predictions is not None:
-            right = (predictions == test[1]).nonzero()[:, 0].tolist()
-            wrong = (predictions != test[1]).nonzero()[:, 0].tolist()
-            shown = _spread(right or wrong, 1)
-            _timed(contents, "features", lambda: contents.features.extend(
-                _viz("features", loaded, test, tmp, f"feature maps of test image {shown[0]} at conv1 and conv5_x",
-                     layers=["conv1", "conv5_x"], indices=shown)))
+    pre = loaded.preprocess
+    probe = torch.zeros(1, pre.channels, pre.size, pre.size, device=loaded.device)
+    contents.layers = first, last = first_layer(loaded.model), default_layer(loaded.model, probe)
+    _timed(contents, "filters", lambda: contents.filters.extend(
+        _viz("filters", loaded, f"the filters of {first}", layers=[first])))
+    if test is not None and predictions is not None:
+        right = (predictions == test[1]).nonzero()[:, 0].tolist()
+        wrong = (predictions != test[1]).nonzero()[:, 0].tolist()
+        shown = _spread(right or wrong, 1)
+        _timed(contents, "features", lambda: contents.features.extend(
+            _viz("features", loaded, f"feature maps of test image {shown[0]} at {first} and {last}",
+                 layers=[first, last], indices=shown)))
 
-            def cams() -> None:
-                if right:
-                    contents.cam_right.extend(_viz("cam", loaded, test, tmp / "right",
-                                                   "Grad-CAM of correctly classified test images",
-                                                   kinds=["grad-cam"], indices=_spread(right, CAM_IMAGES)))
-                else:
-                    contents.note("gradcam", "no test image was classified correctly")
-                if wrong:
-                    contents.cam_wrong.extend(_viz("cam", loaded, test, tmp / "wrong",
-                                                   "Grad-CAM of misclassified test images",
-                                                   kinds=["grad-cam"], indices=_spread(wrong, CAM_IMAGES)))
-                else:
-                    contents.note("gradcam", "every test image was classified correctly: no mistakes to show")
+        def cams() -> None:
+            if right:
+                contents.cam_right.extend(_viz("cam", loaded, "Grad-CAM of correctly classified test images",
+                                               kinds=["grad-cam"], indices=_spread(right, CAM_IMAGES)))
+            else:
+                contents.note("gradcam", "no test image was classified correctly")
+            if wrong:
+                contents.cam_wrong.extend(_viz("cam", loaded, "Grad-CAM of misclassified test images",
+                                               kinds=["grad-cam"], indices=_spread(wrong, CAM_IMAGES)))
+            else:
+                contents.note("gradcam", "every test image was classified correctly: no mistakes to show")
 
-            _timed(contents, "gradcam", cams)
-        # Class models: a few optimisation steps suffice at CIFAR size; larger inputs get fewer.
-        contents.pattern_steps = 64 if loaded.preprocess.size <= 64 else 24
-        classes = list(range(min(PATTERN_CLASSES, len(loaded.classes))))
-        _timed(contents, "patterns", lambda: contents.patterns.extend(
-            _viz("maximize", loaded, test, tmp, "class models: images optimised to be classified as each class",
-                 targets=classes, steps=contents.pattern_steps)))
+        _timed(contents, "gradcam", cams)
+
+        def explanations() -> None:
+            images, _ = test
+            shown = _spread(list(range(len(images))), SANITY_IMAGES)
+            x = loaded.preprocess.to_input(images[shown].to(loaded.device))
+            window = max(2, loaded.preprocess.size // 8)  # occlusion's own window, without overlap here
+            result = sanity_checks(loaded.model, x, layers=SANITY_STEPS, deletion_steps=SANITY_DELETION_STEPS,
+                                   road_fractions=SANITY_ROAD_FRACTIONS, options={"occlusion": {"stride": window}},
+                                   random_labels_note="not run in the report; cnnlab visualize sanity runs it")
+            contents.sanity, contents.sanity_images = result, shown
+            with torch.no_grad():
+                p, c = loaded.model(x[:1]).softmax(1)[0].max(0)
+            figure = sanity_figure(result, render.image(loaded.preprocess.to_pixels(x[:1])[0]),
+                                   f"test image {shown[0]}\npred {loaded.classes[int(c)]} ({float(p):.2f})")
+            contents.cascade.append(Picture(charts.png_uri(render.png(figure)),
+                                            "each method's map as the network's layers are re-initialised from the top"))
+
+        _timed(contents, "explanations", explanations)
+    # Class models: a few optimisation steps suffice at CIFAR size; larger inputs get fewer.
+    contents.pattern_steps = 64 if loaded.preprocess.size <= 64 else 24
+    classes = list(range(min(PATTERN_CLASSES, len(loaded.classes))))
+    _timed(contents, "patterns", lambda: contents.patterns.extend(
+        _viz("maximize", loaded, "class models: images optimised to be classified as each class",
+             targets=classes, steps=contents.pattern_steps)))

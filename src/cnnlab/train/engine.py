@@ -8,9 +8,12 @@ weights as one that was never stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -22,17 +25,19 @@ import torch
 import torch.nn as nn
 
 import cnnlab
-from cnnlab.config import TrainConfig, validate
+from cnnlab.config import TrainConfig, from_saved, validate
 from cnnlab.core import checkpoint
 from cnnlab.core.device import pick_device
-from cnnlab.core.errors import UserError
+from cnnlab.core.errors import Interrupted, UserError
 from cnnlab.core.files import atomic_write, remove_stale
 from cnnlab.core.metrics import score
 from cnnlab.core.spec import ModelSpec, Preprocess
 from cnnlab.data import open_dataset
 from cnnlab.data.loader import TrainBatches, place
 from cnnlab.data.splits import Splits, split
-from cnnlab.models import build
+from cnnlab.models import build, default_width
+from cnnlab.models import transfer
+from cnnlab.models import weights as pretrained
 from cnnlab.train import distributed
 from cnnlab.train.device import amp_choice, compiled, keep_freed_memory, use_amp, use_channels_last
 from cnnlab.train.ema import WeightAverage
@@ -64,6 +69,8 @@ class Setup:
     preprocess: Preprocess
     run_dir: Path
     group: distributed.Group
+    weights: dict[str, Any] | None = None  # where the starting weights came from, for config.json
+    frozen: int = 0  # parameter tensors --freeze froze
 
 
 @dataclass
@@ -91,6 +98,7 @@ class StepStats:
     correct: torch.Tensor
     size: int
     lr: float
+    finite: torch.Tensor  # whether every weight was still finite after this step's update
 
 
 @dataclass
@@ -129,19 +137,21 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
     # Only rank 0 touches the run folder's lock, config, logs and checkpoints; all ranks read.
     only_main = RunLock if group.main else (lambda _: nullcontext())
     if resume is not None:
-        run_dir = Path(resume)
-        path = _resume_checkpoint(run_dir)
+        run_dir, path = _resume_checkpoint(Path(resume))
         with only_main(run_dir):  # before reading last.pt, so that no live run is rewriting it
             ckpt = checkpoint.read(path)
             if ckpt.training is None:
                 raise UserError(f"{path} holds no training state to resume from; start a new run instead")
-            cfg = TrainConfig(**{k: tuple(v) if k in ("mean", "std") else v for k, v in ckpt.config.items()})
+            try:
+                cfg = from_saved(ckpt.config)
+            except UserError as e:
+                raise UserError(f"{path} holds an invalid training configuration: {e}") from None
             if device is not None:
                 cfg.device = device
             validate(cfg)
-            setup = _prepare(cfg, group, run_dir)
-            _check_same_run(ckpt, setup)
-            return _start(setup, ckpt, stop_after)
+            setup = _prepare(cfg, group, run_dir, fresh=False)
+            _check_same_run(ckpt, setup, path)
+            return _start(setup, ckpt, stop_after, path)
     assert cfg is not None
     run_dir = Path(distributed.broadcast(str(_new_run_dir(cfg)) if group.main else None, group))
     _refuse_existing_run(run_dir)
@@ -158,8 +168,9 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
         return _start(setup, None, stop_after)
 
 
-def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path) -> Setup:
-    """The device, the data splits and a freshly initialised model (seeded) for ``cfg``."""
+def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: bool = True) -> Setup:
+    """The device, the data splits and a freshly initialised model (seeded) for ``cfg``, with its
+    starting weights (``--weights``, unless resuming: not ``fresh``) and frozen layers."""
     dev = distributed.device_for(group, pick_device(cfg.device))
     if dev.type == "cpu":
         keep_freed_memory()
@@ -169,20 +180,55 @@ def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path) -> Setup
     if dataset.skipped and group.main:
         shown = ", ".join(dataset.skipped[:5]) + (" …" if len(dataset.skipped) > 5 else "")
         log.warning(f"skipped {len(dataset.skipped)} unreadable image(s): {shown}")
-    data = place(split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split), dev, cfg.data_on_device, group.world)
+    data = place(split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split, cfg.batch_size), dev,
+                 cfg.data_on_device, group.world)
     in_channels = data.train_x.shape[1]
-    spec = ModelSpec(cfg.model, len(data.classes), cfg.width, in_channels)
+    width = cfg.width if cfg.width is not None else default_width(cfg.model)
+    spec = ModelSpec(cfg.model, len(data.classes), width, in_channels)
     model = build(spec.name, num_classes=spec.num_classes, width=spec.width, in_channels=spec.in_channels)
+    _check_input_size(model, cfg, in_channels)
+    if has_batchnorm(model):
+        # In training, BatchNorm normalises with the statistics of the batch, which one image cannot give.
+        if cfg.batch_size < 2:
+            raise UserError(f"--batch-size must be at least 2: {cfg.model} normalises with BatchNorm, whose batch "
+                            "statistics one image cannot give (got 1)")
+        if len(data.train_y) < 2:
+            raise UserError(f"training {cfg.model} needs at least 2 images (it has {len(data.train_y)}): it "
+                            "normalises with BatchNorm, which one image cannot give batch statistics; raise --limit-train")
+        if group.world > 1 and not cfg.sync_bn and cfg.batch_size // group.world < 2:
+            raise UserError(f"--batch-size {cfg.batch_size} over {group.world} ranks gives some ranks one image a "
+                            f"step, which BatchNorm cannot normalise; use --batch-size {2 * group.world} or more, "
+                            "or --sync-bn")
+    weights = pretrained.load(model, cfg.model, cfg.weights).to_dict() if cfg.weights and fresh else None
+    frozen = transfer.freeze(model, cfg.freeze)
     preprocess = Preprocess(cfg.image_size, in_channels, cfg.mean, cfg.std)
-    return Setup(cfg, dev, data, model, spec, preprocess, run_dir, group)
+    return Setup(cfg, dev, data, model, spec, preprocess, run_dir, group, weights, len(frozen))
 
 
-def _start(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None) -> Result:
+def _check_input_size(model: nn.Module, cfg: TrainConfig, channels: int) -> None:
+    """One image through a copy of the model on the meta device before anything else: a model that cannot
+    take --image-size (a pool left with nothing to pool, a transformer made for one size) says so in one line
+    instead of in a traceback. The meta device computes shapes only, so this costs nothing at any size."""
+    probe = copy.deepcopy(model).to("meta").eval()
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(1, channels, cfg.image_size, cfg.image_size, device="meta"))
+    except NotImplementedError:
+        return  # an operation without a shape rule: the first real batch will tell
+    except (RuntimeError, AssertionError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{cfg.model} cannot take {cfg.image_size} px inputs ({first}); choose another "
+                        "--image-size") from None
+
+
+def _start(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None,
+           resumed_from: Path | None = None) -> Result:
     if setup.group.main:
         remove_stale(setup.run_dir / "checkpoints")  # half-written checkpoints of a process that was killed
         _write_config(setup)
     try:
-        return _fit(setup, ckpt, stop_after)
+        with StopSignals() as stop:
+            return _fit(setup, ckpt, stop_after, stop, resumed_from)
     except torch.cuda.OutOfMemoryError:
         cfg = setup.cfg
         per_rank = -(-cfg.batch_size // setup.group.world)
@@ -202,7 +248,8 @@ class Trainer:
                                     else torch.preserve_format)
         data = setup.data
         self.batches = TrainBatches(data.train_x.to(dev), data.train_y.to(dev), cfg.batch_size, setup.preprocess,
-                                    cfg.augment, cfg.seed, self.channels_last, group.rank, group.world)
+                                    cfg.augment, cfg.seed, self.channels_last, group.rank, group.world,
+                                    merge_single=has_batchnorm(self.model))
         self.scored = {"val": (data.val_x.to(dev), data.val_y.to(dev))} if len(data.val_y) else {}
         self.scored["test"] = (data.test_x.to(dev), data.test_y.to(dev))
         self.steps_per_epoch = len(self.batches)
@@ -212,7 +259,8 @@ class Trainer:
         # What is scored, logged and saved as "model": the average when there is one.
         self.reported = self.ema.module if self.ema is not None else self.model
         forward = distributed.wrap(self.model, group, dev, cfg.sync_bn)  # before the optimizer sees the parameters
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        self.optimizer = torch.optim.SGD(transfer.param_groups(self.model, cfg.lr, cfg.backbone_lr_scale),
+                                         lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                                          fused=dev.type == "cuda" or None)
         self.scheduler = _scheduler(cfg, self.optimizer, self.total_steps)
@@ -224,19 +272,39 @@ class Trainer:
         # of different lengths cannot leave a rank waiting.
         self.evaluator = self.reported if group.active or self.ema is not None else self.forward
         self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if self.amp else nullcontext()
+        # Watched after every step (on the device, read back with the losses): the trained weights and
+        # BatchNorm statistics. The same objects all run long (see WeightAverage).
+        self.watched = [t.detach() for t in (*self.model.parameters(), *self.model.buffers()) if t.is_floating_point()]
 
-    def restore(self, ckpt: checkpoint.Checkpoint) -> Progress:
+    def restore(self, ckpt: checkpoint.Checkpoint, path: Path) -> Progress:
         t = ckpt.training
         assert t is not None
-        self.model.load_state_dict(ckpt.train_model if ckpt.train_model is not None else ckpt.model)
-        if self.ema is not None:
-            self.ema.module.load_state_dict(ckpt.model)
-        self.optimizer.load_state_dict(t["optimizer"])
-        self.scheduler.load_state_dict(t["scheduler"])
-        torch.set_rng_state(t["rng"]["torch"])
-        if self.setup.device.type == "cuda" and t["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(t["rng"]["cuda"])
+        try:
+            self.model.load_state_dict(ckpt.train_model if ckpt.train_model is not None else ckpt.model)
+            if self.ema is not None:
+                self.ema.module.load_state_dict(ckpt.model)
+            self.optimizer.load_state_dict(t["optimizer"])
+            self.scheduler.load_state_dict(t["scheduler"])
+            torch.set_rng_state(t["rng"]["torch"])
+            if self.setup.device.type == "cuda" and t["rng"].get("cuda"):
+                torch.cuda.set_rng_state_all(t["rng"]["cuda"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{path}: its training state does not fit the run it describes ({first}); "
+                            "the file is damaged or was edited; start a new run instead") from None
+        if t["step"] > self.total_steps:
+            raise UserError(f"{path} is at step {t['step']}, beyond the {self.total_steps} steps of its run; "
+                            "the file is damaged or was edited")
         return Progress(t["step"], t["best_val_acc"], EpochSums(**t["partial_epoch"]), t["step"])
+
+    def weights_finite(self) -> torch.Tensor:
+        """On the device, without waiting for it: whether no watched tensor holds NaN or +inf.
+
+        One fused max over all of them (a few ms a step for the full-width model on a CPU). A weight
+        that fell to -inf alone makes the next step's loss non-finite, and the exact check before
+        every checkpoint (``check_finite``) catches it too.
+        """
+        return torch.stack(torch._foreach_max(self.watched)).isfinite().all()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, n_global: int, step: int) -> StepStats:
         """One SGD step on this rank's part ``x``, ``y`` of a global batch of ``n_global`` images."""
@@ -252,7 +320,7 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(step)
-        return StepStats(loss_sum.detach(), (logits.argmax(1) == y).sum(), len(y), lr)
+        return StepStats(loss_sum.detach(), (logits.argmax(1) == y).sum(), len(y), lr, self.weights_finite())
 
     def evaluate(self, record: dict[str, Any]) -> dict[str, Any]:
         """Adds ``{val,test}_{loss,acc}`` over all ranks' shards to the epoch ``record``."""
@@ -269,8 +337,10 @@ class Trainer:
         return record
 
     def save(self, progress: Progress, name: str) -> None:
-        progress.saved_step = progress.step
+        """Write the run's state as checkpoint ``name``, once every weight in it is known to be finite."""
         setup = self.setup
+        self.check_finite(progress)
+        progress.saved_step = progress.step
         if not setup.group.main:
             return
         training = {
@@ -283,38 +353,62 @@ class Trainer:
         checkpoint.write(checkpoint.Checkpoint(
             self.reported.state_dict(), setup.spec, setup.preprocess, setup.data.classes, setup.cfg.to_dict(),
             {"cnnlab": cnnlab.__version__, "torch": str(torch.__version__)},
-            self.model.state_dict() if self.ema is not None else None, training),
+            self.model.state_dict() if self.ema is not None else None, training, {"hash": setup.data.fingerprint}),
             setup.run_dir / "checkpoints" / name)
 
+    def check_finite(self, progress: Progress) -> None:
+        """Stop with the divergence message rather than save (or score) weights that are not finite.
 
-def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None) -> Result:
+        Every step's update is checked as it is logged (see ``_flush``); this also covers the weight
+        average and the optimizer's momentum, and is what makes "the last good checkpoint" true.
+        """
+        tensors = list(self.watched)
+        if self.ema is not None:
+            tensors += [t for t in self.ema.module.state_dict().values() if t.is_floating_point()]
+        tensors += [t for state in self.optimizer.state.values() for t in state.values()
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+        if bool(torch.stack([torch.stack(t.aminmax()) for t in tensors]).isfinite().all()):
+            return
+        raise UserError(
+            f"training diverged: the weights became NaN or infinite between step {progress.saved_step} and step "
+            f"{progress.step}, though every loss was finite; the learning rate "
+            f"({self.scheduler.get_last_lr()[0]:g}) is most likely too high for this model and batch size, try a "
+            f"lower --lr; {_last_good(self.setup, progress)}")
+
+
+def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None, stop: StopSignals,
+         resumed_from: Path | None = None) -> Result:
     cfg, group, run_dir = setup.cfg, setup.group, setup.run_dir
     t = Trainer(setup)
     if t.batches.dropped and group.main:
         log.warning(f"the last {t.batches.dropped} training image(s) of each epoch are left out: too few to split "
                     f"over {group.world} ranks (choose a --batch-size that leaves a remainder of 0 or at least "
                     f"{group.world})")
-    p = t.restore(ckpt) if ckpt is not None else Progress()
+    if t.batches.merged and group.main:
+        log.warning("the last batch of each epoch would hold a single image, which BatchNorm cannot normalise: it "
+                    "joins the batch before it (choose a --batch-size that does not leave a remainder of 1)")
+    p = t.restore(ckpt, resumed_from or run_dir) if ckpt is not None else Progress()
     if p.step >= t.total_steps:
         raise UserError(f"the run in {run_dir} already finished all {cfg.epochs} epochs; nothing to resume")
-    log = RunLog(run_dir, t.total_steps, start_step=p.step, epochs=cfg.epochs) if group.main else None
-    if p.step == 0:
-        if log is not None:
-            log.hyperparameters(cfg.to_dict())
+    run_log = RunLog(run_dir, t.total_steps, start_step=p.step, epochs=cfg.epochs) if group.main else None
+    if p.step == 0 or (resumed_from is not None and resumed_from.name != "last.pt"):
+        if run_log is not None and p.step == 0:
+            run_log.hyperparameters(cfg.to_dict())
         t.save(p, "last.pt")  # so that even a run that fails in its first epoch can be resumed or inspected
     stop_at = p.step + stop_after if stop_after else None
     last: dict[str, Any] = {}
     t.model.train()
     try:
         for epoch in range(p.step // t.steps_per_epoch, cfg.epochs):
-            lr = _run_epoch(t, p, log, epoch, stop_at)
+            lr = _run_epoch(t, p, run_log, epoch, stop_at, stop)
             if p.step < (epoch + 1) * t.steps_per_epoch:
                 break  # stopped mid-epoch by --stop-after, with a checkpoint
+            t.check_finite(p)  # before scoring and logging weights that could not be saved
             record = t.evaluate(p.sums.record(epoch + 1, p.step, lr))
-            if log is not None:
-                log.filters(t.reported, p.step)
-                log.predictions(*t.last_scored[:2], t.last_scored[2], setup.data.classes, p.step)
-                log.epoch(record)
+            if run_log is not None:
+                run_log.filters(t.reported, p.step)
+                run_log.predictions(*t.last_scored[:2], t.last_scored[2], setup.data.classes, p.step)
+                run_log.epoch(record)
             p.sums, last = EpochSums(), record
             improved = "val_acc" in record and (p.best_val is None or record["val_acc"] > p.best_val)
             if improved:
@@ -322,17 +416,21 @@ def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | Non
             t.save(p, "last.pt")
             if improved:
                 t.save(p, "best.pt")
+            if p.step < t.total_steps and stop.agreed(t, at_flush=True):
+                raise stop.interrupted(p, epoch + 1, run_dir)
             if stop_at is not None and p.step >= stop_at:
                 break
     finally:
-        if log is not None:
-            log.close()
+        if run_log is not None:
+            run_log.close()
     return Result(run_dir, last, p.best_val, p.step)
 
 
-def _run_epoch(t: Trainer, p: Progress, log: RunLog | None, epoch: int, stop_at: int | None) -> float:
+def _run_epoch(t: Trainer, p: Progress, log: RunLog | None, epoch: int, stop_at: int | None,
+               stop: StopSignals) -> float:
     """The steps of ``epoch`` from where ``p`` stands, logged a window at a time; returns the last step's
-    learning rate. Returns early, after a checkpoint, when ``stop_at`` is reached mid-epoch."""
+    learning rate. Returns early, after a checkpoint, when ``stop_at`` is reached mid-epoch; raises
+    ``Interrupted``, after a checkpoint, at the first step boundary after SIGINT or SIGTERM."""
     cfg = t.setup.cfg
     first = p.step - epoch * t.steps_per_epoch
     pending: list[StepStats] = []
@@ -344,11 +442,16 @@ def _run_epoch(t: Trainer, p: Progress, log: RunLog | None, epoch: int, stop_at:
         end_of_epoch = i == t.steps_per_epoch - 1
         stopping = stop_at is not None and p.step >= stop_at and not end_of_epoch
         mid_checkpoint = not end_of_epoch and (stopping or cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0)
-        if len(pending) == FLUSH_EVERY or end_of_epoch or mid_checkpoint:
+        flush = len(pending) == FLUSH_EVERY or end_of_epoch or mid_checkpoint
+        # A signal is acted on at this step boundary (with several ranks: at the next window, all together).
+        signalled = not end_of_epoch and stop.agreed(t, at_flush=flush)
+        if flush or signalled:
             _flush(log, epoch + 1, p, pending, time.perf_counter() - tick, t)
             pending, tick = [], time.perf_counter()
-        if mid_checkpoint:
+        if mid_checkpoint or signalled:
             t.save(p, "last.pt")
+        if signalled:
+            raise stop.interrupted(p, epoch + 1, t.setup.run_dir)
         if stopping:
             break
     return lr
@@ -362,11 +465,17 @@ def _flush(log: RunLog | None, epoch: int, p: Progress, pending: list[StepStats]
     device = pending[0].loss_sum.device
     sums = torch.stack([torch.stack([s.loss_sum for s in pending]).double(),
                         torch.stack([s.correct for s in pending]).double(),
-                        torch.tensor([float(s.size) for s in pending], dtype=torch.float64, device=device)])
-    loss_sums, correct, sizes = distributed.all_sum(sums, t.setup.group).tolist()
+                        torch.tensor([float(s.size) for s in pending], dtype=torch.float64, device=device),
+                        torch.stack([s.finite for s in pending]).double()])
+    loss_sums, correct, sizes, finite = distributed.all_sum(sums, t.setup.group).tolist()
     losses = [l / n for l, n in zip(loss_sums, sizes)]
     first = p.step - len(pending) + 1
     bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
+    # A step whose loss was finite but whose update left a weight NaN or infinite diverged too: it and
+    # what follows are not logged, and no checkpoint is written after it.
+    broken = next((i for i, ok in enumerate(finite) if ok < t.setup.group.world), len(losses))
+    weights_first = broken < bad
+    bad = min(bad, broken)
     good = slice(0, bad)
     if bad:
         p.sums.loss_sum += sum(l * n for l, n in zip(losses[good], sizes[good]))
@@ -377,11 +486,78 @@ def _flush(log: RunLog | None, epoch: int, p: Progress, pending: list[StepStats]
             log.steps(epoch, first, losses[good], [c / n for c, n in zip(correct[good], sizes[good])],
                       [s.lr for s in pending[good]], sum(sizes[good]) / max(seconds * bad / len(pending), 1e-9))
     if bad < len(losses):
+        what = (f"the weights became NaN or infinite at step {first + bad} (epoch {epoch}; its loss, "
+                f"{losses[bad]:.4g}, was still finite)" if weights_first else
+                f"the loss became {losses[bad]} at step {first + bad} (epoch {epoch})")
         raise UserError(
-            f"training diverged: the loss became {losses[bad]} at step {first + bad} (epoch {epoch}); "
-            f"the learning rate ({pending[bad].lr:g}) is most likely too high for this model and batch size, "
-            f"try a lower --lr; the last good checkpoint (step {p.saved_step}) is "
-            f"{t.setup.run_dir / 'checkpoints' / 'last.pt'}")
+            f"training diverged: {what}; the learning rate ({pending[bad].lr:g}) is most likely too high for this "
+            f"model and batch size, try a lower --lr; {_last_good(t.setup, p)}")
+
+
+def _last_good(setup: Setup, p: Progress) -> str:
+    """Where the divergence message sends the user: the last checkpoint, finite by construction."""
+    return f"the last good checkpoint (step {p.saved_step}) is {setup.run_dir / 'checkpoints' / 'last.pt'}"
+
+
+class StopSignals:
+    """SIGINT and SIGTERM while training: noted by the handler, acted on at the next step boundary.
+
+    There the trainer writes ``last.pt`` and raises :class:`Interrupted`, which the command turns into
+    one line naming the resume command and exit status 130 (SIGINT) or 143 (SIGTERM). A second signal
+    before that boundary stops at once (the previous checkpoint is intact). Installed only in the main
+    thread, and not over a signal that is ignored; elsewhere (a notebook's worker thread) signals keep
+    their usual effect.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) != signal.SIG_IGN:  # a nohup'd or background job keeps ignoring it
+                    self.previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _note(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} before the next checkpoint; "
+                                      "the last one is intact")
+        self.signum = signum
+
+    def agreed(self, t: Trainer, at_flush: bool) -> bool:
+        """Whether to stop now. One process checks at every step; several ranks at each logging window,
+        where they all are, so that they stop at the same step (a signal reaches them at different times)."""
+        group = t.setup.group
+        if not group.active:
+            return self.signum is not None
+        if not at_flush:
+            return False
+        flag = torch.tensor([0.0 if self.signum is None else 1.0], device=t.setup.device)
+        if distributed.all_sum(flag, group).item() == 0:
+            return False
+        self.signum = self.signum or signal.SIGTERM  # a peer was signalled; this rank stops with it
+        return True
+
+    def interrupted(self, p: Progress, epoch: int, run_dir: Path) -> Interrupted:
+        name = signal.Signals(self.signum or signal.SIGTERM).name
+        return Interrupted(self.signum or signal.SIGTERM,
+                           f"stopped by {name} at step {p.step} (epoch {epoch}) with a checkpoint; "
+                           f"continue with: cnnlab train --resume {run_dir}")
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` normalises with batch statistics while training (cnnlab's ResNets and VGGs
+    do; AlexNet and many torchvision and timm models do not)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
@@ -392,7 +568,7 @@ def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: 
     if cfg.schedule == "onecycle" and total_steps >= 2:
         # Momentum is left as configured: --momentum should mean what it says. The warm-up is a
         # quarter of the run, but more than one step: OneCycleLR divides by its length.
-        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps,
+        return sched.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
                                 pct_start=max(0.25, 1.5 / total_steps), anneal_strategy="linear",
                                 cycle_momentum=False)
     return sched.LambdaLR(optimizer, lambda _: 1.0)
@@ -416,38 +592,64 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
 
 
 def _refuse_existing_run(run_dir: Path) -> None:
-    if any((run_dir / "checkpoints" / name).exists() for name in ("last.pt", "best.pt")):
+    checkpoints = run_dir / "checkpoints"
+    if (checkpoints / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                         "or choose another --out")
+    if (checkpoints / "best.pt").exists():
+        raise UserError(f"{run_dir} already holds a run whose checkpoints/last.pt is missing; continue it from "
+                        f"its best.pt with --resume {checkpoints / 'best.pt'}, or choose another --out")
 
 
-def _resume_checkpoint(run_dir: Path) -> Path:
-    path = run_dir / "checkpoints" / "last.pt"
-    if not run_dir.is_dir():
-        raise UserError(f"--resume {run_dir}: no such run folder")
+def _resume_checkpoint(given: Path) -> tuple[Path, Path]:
+    """The run folder and the checkpoint to continue from: the folder's last.pt, or a checkpoint file
+    in ``RUN_DIR/checkpoints`` (best.pt, when last.pt was lost)."""
+    if given.is_file():
+        if given.parent.name != "checkpoints":
+            raise UserError(f"--resume {given}: give a run folder, or a checkpoint in one (RUN_DIR/checkpoints/best.pt)")
+        return given.parent.parent, given
+    if not given.is_dir():
+        raise UserError(f"--resume {given}: no such run folder")
+    path = given / "checkpoints" / "last.pt"
+    best = given / "checkpoints" / "best.pt"
+    if not path.is_file() and best.is_file():
+        raise UserError(f"--resume {given}: its checkpoints/last.pt is missing, but best.pt is there; continue "
+                        f"from best.pt (the steps after it are trained again) with: cnnlab train --resume {best}")
     if not path.is_file():
-        raise UserError(f"--resume {run_dir}: it holds no checkpoints/last.pt to continue from; "
-                        f"start a new run with --out {run_dir}")
-    return path
+        raise UserError(f"--resume {given}: it holds no checkpoints/last.pt to continue from; "
+                        f"start a new run with --out {given}")
+    return given, path
 
 
-def _check_same_run(ckpt: checkpoint.Checkpoint, setup: Setup) -> None:
+def _check_same_run(ckpt: checkpoint.Checkpoint, setup: Setup, path: Path) -> None:
     if (ckpt.spec, ckpt.preprocess, ckpt.classes) != (setup.spec, setup.preprocess, setup.data.classes):
         raise UserError("the checkpoint's model or classes differ from what its configuration now builds "
                         "(was the dataset changed?); start a new run instead of resuming")
+    saved = ckpt.data.get("hash")
+    if saved is not None and saved != setup.data.fingerprint:
+        raise UserError(f"--resume: the dataset {setup.cfg.dataset} is not the one {path} was trained on (same "
+                        "classes, but the images changed since; their content hash differs): resuming would "
+                        "continue on other data; restore the original data, or start a new run with --out")
 
 
 def _write_config(setup: Setup) -> None:
     cfg, dev, data, group = setup.cfg, setup.device, setup.data, setup.group
+    weights = setup.weights
+    if weights is None and cfg.weights:  # resumed: the weights were loaded when the run started
+        try:
+            weights = json.loads((setup.run_dir / "config.json").read_text()).get("weights")
+        except (OSError, ValueError):
+            weights = None
     info = {
         "config": cfg.to_dict(),
         "cnnlab": cnnlab.__version__, "torch": str(torch.__version__),
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "amp": amp_choice(cfg.amp, dev),
+        "weights": weights, "frozen_tensors": setup.frozen,
         "world_size": group.world, "global_batch": cfg.batch_size,
         "per_rank_batch": -(-cfg.batch_size // group.world),  # the global batch, split as evenly as possible
-        "data": {"classes": data.classes, "train": len(data.train_y), "val": len(data.val_y),
-                 "test": len(data.test_y), "stored_size": list(data.train_x.shape[1:]),
+        "data": {"classes": data.classes, "hash": data.fingerprint, "train": len(data.train_y),
+                 "val": len(data.val_y), "test": len(data.test_y), "stored_size": list(data.train_x.shape[1:]),
                  "on_device": isinstance(data.train_x, torch.Tensor),
                  "skipped_images": data.skipped},
     }

@@ -1,19 +1,21 @@
-"""Pixel attributions: how much each input pixel matters to a class score. All from captum.
+"""Pixel attributions: how much each input pixel matters to a class score.
 
 - saliency: Simonyan, Vedaldi, Zisserman, "Deep Inside Convolutional Networks", ICLR-W 2014 (arXiv:1312.6034).
 - guided backprop: Springenberg et al., "Striving for Simplicity: The All Convolutional Net",
-  ICLR-W 2015 (arXiv:1412.6806). captum overrides the backward pass of every ``nn.ReLU`` module,
-  which is why every ReLU of the ResNets here, the one after each residual sum included, is its own
-  module.
+  ICLR-W 2015 (arXiv:1412.6806). The guided rule applies at every ReLU the forward pass runs
+  (:mod:`cnnlab.viz.relu_rules`), so it stays exact for models whose ReLUs are reused, in place or
+  functional (torchvision's and timm's), where captum's per-module hooks would not be.
 - guided Grad-CAM: Selvaraju et al., ICCV 2017 (arXiv:1610.02391), guided backprop times Grad-CAM.
 - integrated gradients: Sundararajan, Taly, Yan, "Axiomatic Attribution for Deep Networks", ICML 2017
   (arXiv:1703.01365).
-- SmoothGrad: Smilkov et al., "SmoothGrad: removing noise by adding noise", 2017 (arXiv:1706.03825).
+- SmoothGrad: Smilkov et al., "SmoothGrad: removing noise by adding noise", 2017 (arXiv:1706.03825);
+  written here, because captum's NoiseTunnel takes one σ for the whole batch.
 - occlusion: Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014
   (arXiv:1311.2901), Sec. 4.2.
 
-Every function takes a model, a batch of network inputs (B, C, H, W) and a target (class index,
-(B,) tensor, or ``None`` for the predicted class) and returns attributions of the input's shape.
+Every function has the shape of :mod:`cnnlab.viz.shape` and returns attributions of the input's
+shape; only guided Grad-CAM has a ``layer``, and none has ``channels``. Saliency, SmoothGrad and
+occlusion are captum's.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from captum.attr import Occlusion, Saliency
 from torch import Tensor, nn
 
 from cnnlab.core.errors import UserError
-from cnnlab.viz.cam import Target, predicted
-from cnnlab.viz.layers import resolve
+from cnnlab.viz.cam import grad_cam
+from cnnlab.viz.relu_rules import GUIDED, relu_rule
+from cnnlab.viz.shape import Channels, Target, target_classes, unused
 
-__all__ = ["ATTRIBUTIONS", "PathIntegral", "attribute", "guided_backprop", "guided_grad_cam",
-           "integrated_gradients", "occlusion", "path_integral", "saliency", "smoothgrad"]
+__all__ = ["ATTRIBUTIONS", "PathIntegral", "guided_backprop", "guided_grad_cam", "integrated_gradients",
+           "occlusion", "path_integral", "saliency", "smoothgrad"]
 
 
 def _captum(attributor, x: Tensor, **kwargs) -> Tensor:
@@ -41,26 +45,32 @@ def _captum(attributor, x: Tensor, **kwargs) -> Tensor:
         return attributor.attribute(x.detach().clone().requires_grad_(True), **kwargs).detach()
 
 
-def saliency(model: nn.Module, x: Tensor, target: Target = None) -> Tensor:
+def saliency(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+             channels: Channels = None) -> Tensor:
     """|∂y_c/∂x|, the vanilla gradient's magnitude."""
-    from captum.attr import Saliency
+    unused("saliency", layer=layer, channels=channels)
+    return _captum(Saliency(model), x, target=target_classes(model, x, target), abs=True)
 
-    return _captum(Saliency(model), x, target=predicted(model, x, target), abs=True)
 
-
-def guided_backprop(model: nn.Module, x: Tensor, target: Target = None) -> Tensor:
+def guided_backprop(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+                    channels: Channels = None) -> Tensor:
     """The gradient with only positive gradients passed back through every ReLU."""
-    from captum.attr import GuidedBackprop
+    unused("guided_backprop", layer=layer, channels=channels)
+    t = target_classes(model, x, target)
+    inp = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), relu_rule(GUIDED):
+        scores = model(inp).gather(1, t[:, None])
+        (grad,) = torch.autograd.grad(scores.sum(), inp)
+    return grad.detach()
 
-    return _captum(GuidedBackprop(model), x, target=predicted(model, x, target))
 
-
-def guided_grad_cam(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x") -> Tensor:
-    """Guided backprop times the Grad-CAM of ``layer``, upsampled bilinearly."""
-    from captum.attr import GuidedGradCam
-
-    method = GuidedGradCam(model, resolve(model, layer))
-    return _captum(method, x, target=predicted(model, x, target), interpolate_mode="bilinear")
+def guided_grad_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+                    channels: Channels = None) -> Tensor:
+    """Guided backprop times the Grad-CAM of ``layer`` (default: the last spatial feature block), upsampled
+    bilinearly: captum's ``GuidedGradCam`` with the guided rule at every ReLU."""
+    unused("guided_grad_cam", channels=channels)
+    t = target_classes(model, x, target)
+    return guided_backprop(model, x, target=t) * grad_cam(model, x, target=t, layer=layer)
 
 
 @dataclass
@@ -72,7 +82,7 @@ class PathIntegral:
     steps: Tensor  # (B,) trapezoid intervals each image needed
 
 
-def path_integral(model: nn.Module, x: Tensor, target: Target = None, baseline: Tensor | None = None,
+def path_integral(model: nn.Module, x: Tensor, *, target: Target = None, baseline: Tensor | None = None,
                   tolerance: float = 0.01, steps: int = 32, max_steps: int = 4096,
                   batch_size: int = 128) -> PathIntegral:
     """Integrated gradients, refined until each image's completeness gap is below ``tolerance``.
@@ -93,7 +103,7 @@ def path_integral(model: nn.Module, x: Tensor, target: Target = None, baseline: 
         raise ValueError(f"steps must be at least 1 and at most max_steps (got steps={steps}, max_steps={max_steps})")
     x = x.detach()
     base = torch.zeros_like(x) if baseline is None else baseline.detach().to(x).expand_as(x)
-    target = predicted(model, x, target)
+    target = target_classes(model, x, target)
     delta = x - base
     n = len(x)
 
@@ -149,14 +159,17 @@ def path_integral(model: nn.Module, x: Tensor, target: Target = None, baseline: 
     return PathIntegral(attributions.detach(), gap.detach(), intervals)
 
 
-def integrated_gradients(model: nn.Module, x: Tensor, target: Target = None, baseline: Tensor | None = None,
-                         tolerance: float = 0.01, steps: int = 32, max_steps: int = 4096) -> Tensor:
+def integrated_gradients(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+                         channels: Channels = None, baseline: Tensor | None = None, tolerance: float = 0.01,
+                         steps: int = 32, max_steps: int = 4096) -> Tensor:
     """(x − x′) ⊙ the path integral of the gradient from ``baseline`` x′ (default zero: the mean colour).
 
     Complete to within ``tolerance`` of the score's change along the path (see :func:`path_integral`);
     a warning names the images for which ``max_steps`` trapezoid intervals were not enough.
     """
-    result = path_integral(model, x, target, baseline, tolerance, steps, max_steps)
+    unused("integrated_gradients", layer=layer, channels=channels)
+    result = path_integral(model, x, target=target, baseline=baseline, tolerance=tolerance, steps=steps,
+                           max_steps=max_steps)
     short = (result.gap > tolerance).nonzero().flatten().tolist()
     if short:
         warnings.warn(f"integrated gradients: image(s) {short} still miss completeness by "
@@ -165,35 +178,50 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: Target = None, bas
     return result.attributions
 
 
-def smoothgrad(model: nn.Module, x: Tensor, target: Target = None, samples: int = 25, noise: float = 0.15,
-               seed: int = 0) -> Tensor:
-    """The mean saliency over ``samples`` copies of x with Gaussian noise of σ = ``noise`` × the input range."""
-    from captum.attr import NoiseTunnel, Saliency
+def smoothgrad(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+               channels: Channels = None, samples: int = 25, noise: float = 0.15, seed: int = 0,
+               batch_size: int = 64) -> Tensor:
+    """The mean saliency |∂y_c/∂x| over ``samples`` noisy copies of each image.
 
-    sigma = noise * float(x.max() - x.min())
-    t = predicted(model, x, target)
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return _captum(NoiseTunnel(Saliency(model)), x, target=t, nt_type="smoothgrad", nt_samples=samples,
-                       nt_samples_batch_size=samples, stdevs=sigma)
-    finally:
-        torch.random.set_rng_state(state)
+    As Smilkov et al. define it (Sec. 3), the noise is per image: Gaussian with σ = ``noise`` × (that
+    image's max − min). Each image's noise comes from its own generator, seeded with ``seed``:
+    ``torch.randn((samples, C, H, W), generator=torch.Generator().manual_seed(seed), dtype=x.dtype)``,
+    drawn on the CPU. So an image's map is the same alone or in any batch, and the global random
+    state is left alone.
+    """
+    unused("smoothgrad", layer=layer, channels=channels)
+    if samples < 1:
+        raise UserError(f"`samples` must be at least 1 (got {samples})")
+    x = x.detach()
+    t = target_classes(model, x, target)
+    flat = x.flatten(1)
+    sigma = noise * (flat.amax(1) - flat.amin(1))
+    noisy = torch.cat([
+        x[i] + sigma[i] * torch.randn((samples, *x.shape[1:]), generator=torch.Generator().manual_seed(seed),
+                                      dtype=x.dtype).to(x.device)
+        for i in range(len(x))])
+    labels = t.repeat_interleave(samples)
+    grads = []
+    with torch.enable_grad():
+        for chunk, y in zip(noisy.split(batch_size), labels.split(batch_size)):
+            chunk = chunk.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(model(chunk).gather(1, y[:, None]).sum(), chunk)
+            grads.append(g.abs())
+    return torch.cat(grads).view(len(x), samples, *x.shape[1:]).mean(1)
 
 
-def occlusion(model: nn.Module, x: Tensor, target: Target = None, window: int | None = None,
-              stride: int | None = None) -> Tensor:
+def occlusion(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+              channels: Channels = None, window: int | None = None, stride: int | None = None) -> Tensor:
     """The drop of y_c when a ``window``-pixel square (default 1/8 of the image) is set to zero, per pixel."""
-    from captum.attr import Occlusion
-
+    unused("occlusion", layer=layer, channels=channels)
     side = x.shape[-1]
     window = window or max(2, side // 8)
     stride = stride or max(1, window // 2)
     with torch.no_grad():
-        return Occlusion(model).attribute(x, target=predicted(model, x, target), baselines=0.0,
+        return Occlusion(model).attribute(x, target=target_classes(model, x, target), baselines=0.0,
                                           sliding_window_shapes=(x.shape[1], window, window),
                                           strides=(x.shape[1], stride, stride),
-                                          perturbations_per_eval=64).detach()
+                                          perturbations_per_eval=64).detach().to(x.dtype)  # captum ends in float32
 
 
 ATTRIBUTIONS: dict[str, Callable[..., Tensor]] = {
@@ -205,9 +233,3 @@ ATTRIBUTIONS: dict[str, Callable[..., Tensor]] = {
     "occlusion": occlusion,
 }
 
-
-def attribute(model: nn.Module, x: Tensor, target: Target = None, kind: str = "saliency", **options) -> Tensor:
-    """The attribution named ``kind`` (one of :data:`ATTRIBUTIONS`)."""
-    if kind not in ATTRIBUTIONS:
-        raise UserError(f"unknown attribution {kind!r}; choose one of: {', '.join(ATTRIBUTIONS)}")
-    return ATTRIBUTIONS[kind](model, x, target, **options)

@@ -9,8 +9,8 @@
 - LayerCAM: Jiang et al., "LayerCAM: Exploring Hierarchical Class Activation Maps for
   Localization", IEEE TIP 2021.
 
-Every function takes a model, a batch of network inputs, a target and a layer and returns
-(B, 1, H, W) non-negative maps at the input's size, unscaled (rendering scales them).
+Every function has the shape of :mod:`cnnlab.viz.shape` (no ``channels``: a CAM weighs them all)
+and returns (B, 1, H, W) non-negative maps at the input's size, unscaled (rendering scales them).
 """
 
 from __future__ import annotations
@@ -19,24 +19,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from captum.attr import LayerGradCam
 from torch import Tensor, nn
 
-from cnnlab.core.errors import UserError
-from cnnlab.viz.layers import forward_until, recording, require_feature_maps, resolve
+from cnnlab.viz.layers import default_layer, forward_until, module_at, recording, require_feature_maps
+from cnnlab.viz.shape import Channels, Target, target_classes, unused
 
-__all__ = ["CAMS", "cam", "grad_cam", "grad_cam_pp", "layer_cam", "predicted", "score_cam"]
-
-Target = int | Tensor | None
-
-
-def predicted(model: nn.Module, x: Tensor, target: Target) -> Tensor:
-    """The target class of every image as a (B,) tensor: the given one, or the model's prediction."""
-    if target is None:
-        with torch.no_grad():
-            return model(x).argmax(1)
-    if isinstance(target, Tensor):
-        return target.to(x.device).long().expand(len(x)) if target.ndim == 0 else target.to(x.device).long()
-    return torch.full((len(x),), int(target), dtype=torch.long, device=x.device)
+__all__ = ["CAMS", "grad_cam", "grad_cam_pp", "layer_cam", "score_cam", "upsample"]
 
 
 def upsample(maps: Tensor, x: Tensor) -> Tensor:
@@ -44,35 +33,31 @@ def upsample(maps: Tensor, x: Tensor) -> Tensor:
     return F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def _spatial(acts: Tensor, layer: str) -> None:
-    require_feature_maps(acts, layer)
-
-
 def activations_and_gradients(model: nn.Module, x: Tensor, target: Tensor, layer: str) -> tuple[Tensor, Tensor]:
     """The layer's activations A (B, K, h, w) and ∂y_c/∂A for each image's target class c."""
     with torch.enable_grad(), recording(model, [layer], detach=False) as store:
         logits = model(x)
-        acts = store[layer]
-        _spatial(acts, layer)
+        acts = require_feature_maps(store[layer], layer)
         (grads,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), acts)
     return acts.detach(), grads
 
 
-def grad_cam(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x") -> Tensor:
+def grad_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+             channels: Channels = None) -> Tensor:
     """ReLU(Σ_k α_k A_k) with α_k the spatial mean of ∂y_c/∂A_k, upsampled bilinearly."""
-    from captum.attr import LayerGradCam
-
-    t = predicted(model, x, target)
-    module = resolve(model, layer)
+    unused("grad_cam", channels=channels)
+    layer = layer or default_layer(model, x)
+    t = target_classes(model, x, target)
     with torch.enable_grad():
-        maps = LayerGradCam(model, module).attribute(x, target=t, relu_attributions=True)
-    _spatial(maps, layer)
-    return upsample(maps.detach(), x)
+        maps = LayerGradCam(model, module_at(model, layer)).attribute(x, target=t, relu_attributions=True)
+    return upsample(require_feature_maps(maps, layer).detach(), x)
 
 
-def grad_cam_pp(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x") -> Tensor:
+def grad_cam_pp(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+                channels: Channels = None) -> Tensor:
     """Grad-CAM++: channel weights Σ_ij α_ij ReLU(g_ij) with the paper's closed-form α (Eq. 19)."""
-    acts, g = activations_and_gradients(model, x, predicted(model, x, target), layer)
+    unused("grad_cam_pp", channels=channels)
+    acts, g = activations_and_gradients(model, x, target_classes(model, x, target), layer or default_layer(model, x))
     g2, g3 = g.pow(2), g.pow(3)
     denominator = 2 * g2 + acts.sum((2, 3), keepdim=True) * g3
     alpha = torch.where(g != 0, g2 / torch.where(denominator != 0, denominator, torch.ones_like(denominator)),
@@ -81,32 +66,44 @@ def grad_cam_pp(model: nn.Module, x: Tensor, target: Target = None, layer: str =
     return upsample(F.relu((weights * acts).sum(1, keepdim=True)), x)
 
 
-def layer_cam(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x") -> Tensor:
+def layer_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+              channels: Channels = None) -> Tensor:
     """LayerCAM: ReLU(Σ_k ReLU(g_k) ⊙ A_k), a weight per location instead of per channel."""
-    acts, g = activations_and_gradients(model, x, predicted(model, x, target), layer)
+    unused("layer_cam", channels=channels)
+    acts, g = activations_and_gradients(model, x, target_classes(model, x, target), layer or default_layer(model, x))
     return upsample(F.relu((F.relu(g) * acts).sum(1, keepdim=True)), x)
 
 
 @torch.no_grad()
-def score_cam(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x",
-              batch_size: int = 64) -> Tensor:
-    """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the input; the softmax of the
-    target's scores over the masked inputs weighs the channels (no gradients)."""
-    t = predicted(model, x, target)
+def score_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+              channels: Channels = None, batch_size: int = 64) -> Tensor:
+    """Score-CAM: each channel, upsampled and scaled to [0, 1], masks the input; how much each masked
+    input raises the target's logit, softmax-normalised over the channels, weighs them (no gradients).
+
+    Wang et al. describe two readings. Algorithm 1 of the paper scores channel k by the increase of
+    the class's *logit*, S_k = f_c(X ∘ H_k) − f_c(X_b), and weighs it by softmax_k(S_k); the authors'
+    released code instead weighs by the class's *probability* on X ∘ H_k, with no softmax over
+    channels. This is Algorithm 1 (as pytorch-grad-cam's ScoreCAM): a logit is unbounded, so the
+    weights keep the full spread of what each channel shows for *this* class, and the softmax over
+    channels makes f_c(X_b) cancel, so no baseline image has to be chosen. (cnnlab once took the
+    softmax over classes and then again over channels: weights in [0, 1] before exp() differ by a
+    factor of at most e, so every class got nearly the same map.)
+    """
+    unused("score_cam", channels=channels)
+    layer = layer or default_layer(model, x)
+    t = target_classes(model, x, target)
     with recording(model, [layer], stop=True) as store:
         forward_until(model, x, store)
-    acts = store[layer]
-    _spatial(acts, layer)
+    acts = require_feature_maps(store[layer], layer)
     b, k = acts.shape[:2]
     masks = upsample(acts.flatten(0, 1)[:, None], x).view(b, k, *x.shape[-2:])
     lo = masks.amin((2, 3), keepdim=True)
-    masks = (masks - lo) / (masks.amax((2, 3), keepdim=True) - lo).clamp_min(1e-12)
-    scores = torch.empty(b, k, device=x.device)
+    masks = (masks - lo) / (masks.amax((2, 3), keepdim=True) - lo).clamp_min(torch.finfo(x.dtype).tiny)
+    scores = torch.empty(b, k, device=x.device, dtype=x.dtype)
     for i in range(b):
         for start in range(0, k, batch_size):
             m = masks[i, start:start + batch_size, None]
-            probs = model(x[i:i + 1] * m).softmax(1)
-            scores[i, start:start + batch_size] = probs[:, t[i]]
+            scores[i, start:start + batch_size] = model(x[i:i + 1] * m)[:, t[i]]
     weights = scores.softmax(1)[:, :, None, None]
     return upsample(F.relu((weights * acts).sum(1, keepdim=True)), x)
 
@@ -117,10 +114,3 @@ CAMS: dict[str, Callable[..., Tensor]] = {
     "score-cam": score_cam,
     "layer-cam": layer_cam,
 }
-
-
-def cam(model: nn.Module, x: Tensor, target: Target = None, layer: str = "conv5_x", kind: str = "grad-cam") -> Tensor:
-    """The CAM named ``kind`` (one of :data:`CAMS`)."""
-    if kind not in CAMS:
-        raise UserError(f"unknown CAM {kind!r}; choose one of: {', '.join(CAMS)}")
-    return CAMS[kind](model, x, target, layer)

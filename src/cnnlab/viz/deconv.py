@@ -5,8 +5,9 @@ M. D. Zeiler, R. Fergus, "Visualizing and Understanding Convolutional Networks",
 one are set to zero and the result is passed back down: unpooling with the max-pool switches,
 rectification, and the transposed filters. Back-propagation through the network does exactly that
 except at the ReLUs, where it masks by the forward input's sign; the deconvnet instead rectifies
-the signal coming down. So this is autograd with every ``nn.ReLU``'s backward replaced by that rule
-(batch norm, in eval mode an affine map, passes back through its scale).
+the signal coming down. So this is autograd with every ReLU's backward replaced by that rule, however
+the model applies its ReLUs (:mod:`cnnlab.viz.relu_rules`; batch norm, in eval mode an affine map, passes
+back through its scale).
 """
 
 from __future__ import annotations
@@ -15,36 +16,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlab.viz.layers import forward_until, recording, require_channel, require_feature_maps
+from cnnlab.viz.layers import default_layer, forward_until, recording, require_channel, require_feature_maps
+from cnnlab.viz.relu_rules import DECONV, relu_rule
+from cnnlab.viz.shape import Channels, Target, per_image, unused
 
 __all__ = ["deconv"]
 
 
-def _rectify_down(_module: nn.Module, _grad_input: tuple[Tensor, ...], grad_output: tuple[Tensor, ...]):
-    return (F.relu(grad_output[0]),)
-
-
-def deconv(model: nn.Module, x: Tensor, layer: str, channel: int, strongest_only: bool = True) -> Tensor:
-    """The projection (B, C, H, W) of ``channel`` at ``layer`` to the input, one per image.
+def deconv(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+           channels: Channels = None, strongest_only: bool = True) -> Tensor:
+    """The projection (B, C, H, W) of each image's channel at ``layer`` to the input (default: the
+    channel with the strongest activation on that image).
 
     ``strongest_only`` keeps only the channel's maximum activation, as in Zeiler & Fergus's figures;
     otherwise the whole feature map is projected.
     """
-    handles = [m.register_full_backward_hook(_rectify_down) for m in model.modules() if isinstance(m, nn.ReLU)]
-    try:
+    unused("deconv", target=target)
+    layer = layer or default_layer(model, x)
+    with relu_rule(DECONV):
         with torch.enable_grad(), recording(model, [layer], detach=False, stop=True) as store:
             inp = x.detach().clone().requires_grad_(True)
             forward_until(model, inp, store)
             acts = require_feature_maps(store[layer], layer)
-            require_channel(acts, layer, channel)
-            a = acts[:, channel].flatten(1)
+            if channels is None:
+                picks = acts.detach().flatten(2).amax(2).argmax(1)
+            else:
+                picks = per_image(channels, x, "channels")
+                require_channel(acts, layer, picks)
+            a = acts[torch.arange(len(x), device=acts.device), picks].flatten(1)
             if strongest_only:
                 keep = F.one_hot(a.argmax(1), a.shape[1]).to(a.dtype)
                 signal = (a * keep).detach()
             else:
                 signal = a.detach()
             (grad,) = torch.autograd.grad(a, inp, grad_outputs=signal)
-    finally:
-        for h in handles:
-            h.remove()
     return grad.detach()

@@ -2,30 +2,36 @@
 
 A. Mordvintsev, C. Olah, M. Tyka, "Inceptionism: Going Deeper into Neural Networks", Google
 Research blog, 2015, and their deepdream notebook: gradient ascent on ½‖A‖² of a layer's
-activations A, with random jitter between steps, steps normalised by the mean gradient magnitude,
-and octaves (start on a downscaled copy, then add the detail found to each larger scale).
+activations A (or of one channel's), with random jitter between steps, steps normalised by the
+mean gradient magnitude, and octaves (start on a downscaled copy, then add the detail found to
+each larger scale). The image is changed in pixel space [0, 1] (see :mod:`cnnlab.viz.shape` for
+``preprocess``).
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnlab.core.spec import Preprocess
-from cnnlab.viz.layers import forward_until, recording
+from cnnlab.viz.layers import default_layer, forward_until, recording, require_channel
+from cnnlab.viz.shape import Channels, Target, per_image, pixel_space, unused
 
 __all__ = ["dream"]
 
 
-def dream(model: nn.Module, x: Tensor, layer: str, mean: Sequence[float], std: Sequence[float], *,
-          steps: int = 20, step_size: float = 0.02, octaves: int = 3, octave_scale: float = 1.4,
-          jitter: int | None = None, seed: int = 0) -> Tensor:
-    """The batch ``x`` (network inputs) dreamed at ``layer``; returns network inputs of the same shape."""
-    m, s = Preprocess(1, x.shape[1], mean, std).stats(x.device)
-    base = (x * s + m).clamp(0, 1)
+def dream(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+          channels: Channels = None, preprocess: Preprocess | None = None, steps: int = 20,
+          step_size: float = 0.02, octaves: int = 3, octave_scale: float = 1.4, jitter: int | None = None,
+          seed: int = 0) -> Tensor:
+    """The batch ``x`` dreamed at ``layer`` (all its channels, or each image's one of ``channels``);
+    returns network inputs normalised as ``x``."""
+    unused("dream", target=target)
+    layer = layer or default_layer(model, x)
+    picks = None if channels is None else per_image(channels, x, "channels")
+    space = pixel_space(preprocess, x)
+    base = space.to_pixels(x)
     side = x.shape[-1]
     sizes = [max(8, round(side / octave_scale ** k)) for k in range(octaves - 1, -1, -1)]
     jitter = jitter if jitter is not None else max(1, side // 16)
@@ -39,10 +45,13 @@ def dream(model: nn.Module, x: Tensor, layer: str, mean: Sequence[float], std: S
             dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=g).tolist()
             shifted = u.roll((dy, dx), (2, 3)).requires_grad_(True)
             with torch.enable_grad(), recording(model, [layer], detach=False, stop=True) as store:
-                forward_until(model, (shifted - m) / s, store)
-                loss = store[layer].pow(2).sum() / 2
-                (grad,) = torch.autograd.grad(loss, shifted)
+                forward_until(model, space.to_input(shifted), store)
+                acts = store[layer]
+                if picks is not None:
+                    require_channel(acts, layer, picks)
+                    acts = acts[torch.arange(len(x), device=acts.device), picks]
+                (grad,) = torch.autograd.grad(acts.pow(2).sum() / 2, shifted)
             grad = grad.roll((-dy, -dx), (2, 3))
             u = (u + step_size * grad / grad.abs().mean((1, 2, 3), keepdim=True).clamp_min(1e-12)).clamp(0, 1)
         detail = u - octave_base
-    return ((u - m) / s).detach()
+    return space.to_input(u).detach()

@@ -6,15 +6,24 @@ fit 220 of the 512 conv5_x channels. Here every channel is kept and drawn in one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
+import torch
 from torch import Tensor, nn
 
-from cnnlab.viz.layers import capture
+from cnnlab.viz.layers import capture, default_layer, require_channel
+from cnnlab.viz.shape import Channels, Target, per_image, unused
 
 __all__ = ["feature_maps"]
 
 
-def feature_maps(model: nn.Module, x: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
-    """The output (B, C, H, W) of each named layer for the batch ``x`` (normalised network input)."""
-    return capture(model, x, layers)
+def feature_maps(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+                 channels: Channels = None) -> Tensor:
+    """The output (B, C, h, w) of ``layer`` for the batch ``x``; with ``channels``, each image's
+    channel alone, (B, 1, h, w)."""
+    unused("feature_maps", target=target)
+    layer = layer or default_layer(model, x)
+    maps = capture(model, x, [layer])[layer]
+    if channels is None:
+        return maps
+    picks = per_image(channels, x, "channels")
+    require_channel(maps, layer, picks)
+    return maps[torch.arange(len(x), device=maps.device), picks][:, None]

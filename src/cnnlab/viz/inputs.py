@@ -41,7 +41,7 @@ def from_test_set(images: Tensor, labels: Tensor, indices: Sequence[int], prepro
     n = len(labels)
     bad = [i for i in indices if not 0 <= i < n]
     if bad:
-        raise UserError(f"--index {bad[0]} is out of range; the run's test set has {n} images (0 … {n - 1})")
+        raise UserError(f"`index` {bad[0]} is out of range; the run's test set has {n} images (0 … {n - 1})")
     idx = torch.tensor(list(indices), dtype=torch.long)
     return Batch(preprocess.to_input(images[idx]), [f"test{i}" for i in indices], [int(labels[i]) for i in indices])
 
@@ -57,6 +57,6 @@ def parse_target(target: str | int | None, classes: Sequence[str]) -> int | None
         i = int(text)
         if 0 <= i < len(classes):
             return i
-        raise UserError(f"--target {i} is out of range; the model has {len(classes)} classes (0 … {len(classes) - 1})")
+        raise UserError(f"`target` {i} is out of range; the model has {len(classes)} classes (0 … {len(classes) - 1})")
     shown = ", ".join(classes[:20]) + (f" … ({len(classes)} in all)" if len(classes) > 20 else "")
     raise UserError(f"unknown class {text!r}; the model's classes are: {shown} (or give an index)")

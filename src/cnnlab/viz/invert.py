@@ -7,18 +7,20 @@ A. Mahendran, A. Vedaldi, "Understanding Deep Image Representations by Inverting
 
 from random noise, where Φ is the network up to a layer, the α-norm (α = 6) keeps pixels in range
 and the total-variation prior (β = 2) favours piecewise-smooth images. The image is optimised in
-pixel space [0, 1]; both priors are averaged per pixel so their weights do not depend on its size.
+pixel space [0, 1] (see :mod:`cnnlab.viz.shape` for ``preprocess``); m is the image the network
+sees as zero input, the mean colour of its training data, so the α-norm is taken of the
+mean-subtracted image as in the paper. Both priors are averaged per pixel so their weights do not
+depend on its size.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from cnnlab.core.spec import Preprocess
-from cnnlab.viz.layers import forward_until, recording
+from cnnlab.viz.layers import default_layer, forward_until, recording
+from cnnlab.viz.shape import Channels, Target, pixel_space, unused
 
 __all__ = ["feature_distance", "invert", "total_variation"]
 
@@ -36,37 +38,40 @@ def _represent(model: nn.Module, x: Tensor, layer: str) -> Tensor:
     return store[layer]
 
 
-def feature_distance(model: nn.Module, x: Tensor, x0: Tensor, layer: str) -> Tensor:
-    """‖Φ(x) − Φ(x₀)‖ / ‖Φ(x₀)‖ per image (B,), the paper's reconstruction error."""
+def feature_distance(model: nn.Module, x: Tensor, reference: Tensor, layer: str) -> Tensor:
+    """‖Φ(x) − Φ(x₀)‖ / ‖Φ(x₀)‖ per image (B,), x₀ the ``reference``: the paper's reconstruction error."""
     with torch.no_grad():
-        a, b = _represent(model, x, layer).flatten(1), _represent(model, x0, layer).flatten(1)
+        a, b = _represent(model, x, layer).flatten(1), _represent(model, reference, layer).flatten(1)
     return (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-12)
 
 
-def invert(model: nn.Module, x0: Tensor, layer: str, mean: Sequence[float], std: Sequence[float],
-           steps: int = 300, lr: float = 0.05, alpha: float = 6.0, alpha_weight: float = 1e-3,
-           tv_weight: float = 0.05, seed: int = 0) -> Tensor:
-    """Reconstruct the batch ``x0`` (network inputs) from its representation at ``layer``.
+def invert(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+           channels: Channels = None, preprocess: Preprocess | None = None, steps: int = 300, lr: float = 0.05,
+           alpha: float = 6.0, alpha_weight: float = 1e-3, tv_weight: float = 0.05, seed: int = 0) -> Tensor:
+    """Reconstruct the batch ``x`` from its representation at ``layer``.
 
-    Returns network inputs (same normalisation as ``x0``) whose representation matches ``x0``'s.
+    Returns network inputs (normalised as ``x``) whose representation matches ``x``'s.
     """
-    m, s = Preprocess(1, x0.shape[1], mean, std).stats(x0.device)
+    unused("invert", target=target, channels=channels)
+    layer = layer or default_layer(model, x)
+    space = pixel_space(preprocess, x)
+    m = space.to_pixels(torch.zeros_like(x[:1]))
     with torch.no_grad():
-        target = _represent(model, x0, layer).detach()
-    norm = target.flatten(1).pow(2).sum(1).clamp_min(1e-12)
+        goal = _represent(model, x, layer).detach()
+    norm = goal.flatten(1).pow(2).sum(1).clamp_min(1e-12)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    u = (m + 0.05 * torch.randn(x0.shape, generator=g).to(x0.device)).clamp(0, 1).requires_grad_(True)
+    u = (m + 0.05 * torch.randn(x.shape, generator=g).to(x)).clamp(0, 1).requires_grad_(True)
     opt = torch.optim.Adam([u], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=lr * 0.05)
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            rep = _represent(model, (u - m) / s, layer)
-            fit = ((rep - target).flatten(1).pow(2).sum(1) / norm).sum()
+            rep = _represent(model, space.to_input(u), layer)
+            fit = ((rep - goal).flatten(1).pow(2).sum(1) / norm).sum()
             prior = alpha_weight * (u - m).abs().pow(alpha).mean() + tv_weight * total_variation(u)
             (fit + len(u) * prior).backward()
             opt.step()
             sched.step()
             with torch.no_grad():
                 u.clamp_(0, 1)
-    return ((u - m) / s).detach()
+    return space.to_input(u).detach()

@@ -13,6 +13,9 @@ Distill 2017 (doi:10.23915/distill.00007), after Mordvintsev et al.'s lucid:
 
 The class objective is the log-probability of the class, so that the result is confidently that
 class, not merely a large logit shared with the others (Simonyan et al. 2014, arXiv:1312.6034).
+
+The optimisation starts from the images ``x`` (see :mod:`cnnlab.viz.shape` for ``preprocess``);
+lucid's start, faint Fourier noise, is :func:`fourier_noise`.
 """
 
 from __future__ import annotations
@@ -24,40 +27,59 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cnnlab.core.errors import UserError
 from cnnlab.core.spec import Preprocess
-from cnnlab.viz.layers import forward_until, recording, require_channel
+from cnnlab.viz.layers import default_layer, forward_until, recording, require_channel
+from cnnlab.viz.shape import Channels, Target, per_image, pixel_space, target_classes
 
-__all__ = ["FourierImage", "maximize", "objective", "random_transform"]
+__all__ = ["FourierImage", "fourier_noise", "maximize", "objective", "random_transform"]
 
 # Square root of ImageNet's RGB correlation (lucid's color_correlation_svd_sqrt).
 _COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 
 
 class FourierImage(nn.Module):
-    """A batch of images held as decorrelated Fourier coefficients; calling it gives pixels in [0, 1]."""
+    """A batch of images held as decorrelated Fourier coefficients, starting at ``pixels``
+    (B, C, H, W) in [0, 1]; calling it gives pixels in [0, 1]."""
 
-    def __init__(self, batch: int, channels: int, size: int, decay: float = 1.0, std: float = 0.01,
-                 seed: int = 0) -> None:
+    def __init__(self, pixels: Tensor, decay: float = 1.0) -> None:
         super().__init__()
-        fy = torch.fft.fftfreq(size)[:, None]
-        fx = torch.fft.rfftfreq(size)[None, :]
+        h, w = pixels.shape[-2:]
+        fy = torch.fft.fftfreq(h)[:, None]
+        fx = torch.fft.rfftfreq(w)[None, :]
         freqs = (fy.pow(2) + fx.pow(2)).sqrt()
         # 1/f scaling, capped at the lowest non-zero frequency (with the orthonormal inverse FFT this
         # is lucid's scaling exactly).
-        self.register_buffer("scale", 1.0 / freqs.clamp_min(1.0 / size).pow(decay))
-        g = torch.Generator().manual_seed(seed)
-        self.spectrum = nn.Parameter(std * torch.randn(batch, channels, size, size // 2 + 1, 2, generator=g))
-        self.size = size
+        self.register_buffer("scale", (1.0 / freqs.clamp_min(1.0 / max(h, w)).pow(decay)).to(pixels))
         color = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
-        self.register_buffer("color", color if channels == 3 else torch.eye(channels))
+        self.register_buffer("color", (color if pixels.shape[1] == 3 else torch.eye(pixels.shape[1])).to(pixels))
+        self.size = (h, w)
+        self.spectrum = nn.Parameter(self._spectrum_of(pixels.detach()))
+
+    def _spectrum_of(self, pixels: Tensor) -> Tensor:
+        # forward() undone; the sigmoid never reaches 0 or 1, so those are moved just inside.
+        image = torch.logit(pixels.clamp(1e-3, 1 - 1e-3)) * 4
+        image = torch.einsum("bdhw,cd->bchw", image, torch.linalg.inv(self.color))
+        spectrum = torch.fft.rfft2(image, s=self.size, norm="ortho") / self.scale
+        return torch.view_as_real(spectrum).contiguous()
 
     def forward(self) -> Tensor:
         spectrum = torch.view_as_complex(self.spectrum) * self.scale
-        image = torch.fft.irfft2(spectrum, s=(self.size, self.size), norm="ortho") / 4
+        image = torch.fft.irfft2(spectrum, s=self.size, norm="ortho") / 4
         # einsum hands back a channels-last layout; torch 2.14's CPU convolution backward corrupts
         # memory on such inputs at small widths, so the image is made contiguous before any conv.
         image = torch.einsum("bchw,dc->bdhw", image, self.color).contiguous()
         return torch.sigmoid(image)
+
+
+def fourier_noise(shape: Sequence[int], *, decay: float = 1.5, std: float = 0.01, seed: int = 0) -> Tensor:
+    """Pixels in [0, 1] of lucid's starting images: random Fourier coefficients of σ = ``std``,
+    after the same 1/frequency scaling as :class:`FourierImage`, so a faint coloured haze on grey."""
+    image = FourierImage(torch.full(tuple(shape), 0.5), decay=decay)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        image.spectrum.copy_(std * torch.randn(image.spectrum.shape, generator=g))
+        return image()
 
 
 def random_transform(u: Tensor, generator: torch.Generator, jitter: int, angle: float = 5.0,
@@ -79,49 +101,56 @@ def random_transform(u: Tensor, generator: torch.Generator, jitter: int, angle: 
     return u[..., top:top + h, left:left + w]
 
 
-def objective(model: nn.Module, x: Tensor, layer: str | None, channels: Tensor | None,
-               classes: Tensor | None) -> Tensor:
-    """Per-image objective: a channel's mean activation at ``layer``, or a class's log-probability."""
-    if classes is not None:
-        return model(x).log_softmax(1).gather(1, classes[:, None])[:, 0]
+def _one_objective(target: Target, layer: str | None, channels: Channels) -> None:
+    if channels is None and layer is not None:
+        raise UserError("`layer` goes with `channels`; a class (`target`) is maximised at the output")
+    if channels is not None and target is not None:
+        raise UserError("give `target` (a class) or `channels` (of a layer), not both")
+
+
+def objective(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+              channels: Channels = None) -> Tensor:
+    """Per-image objective: each image's channel's mean activation at ``layer`` when ``channels`` are
+    given, else the log-probability of its ``target`` class."""
+    _one_objective(target, layer, channels)
+    if channels is None:
+        return model(x).log_softmax(1).gather(1, target_classes(model, x, target)[:, None])[:, 0]
+    layer = layer or default_layer(model, x)
+    picks = per_image(channels, x, "channels")
     with recording(model, [layer], detach=False, stop=True) as store:
         forward_until(model, x, store)
     acts = store[layer]
-    require_channel(acts, layer, int(channels.max()))
-    picked = acts[torch.arange(len(x), device=acts.device), channels.to(acts.device)]
+    require_channel(acts, layer, picks)
+    picked = acts[torch.arange(len(x), device=acts.device), picks]
     return picked.flatten(1).mean(1) if picked.ndim > 1 else picked
 
 
-def maximize(model: nn.Module, image_size: int, mean: Sequence[float], std: Sequence[float], *,
-             layer: str | None = None, channels: Sequence[int] | None = None, classes: Sequence[int] | None = None,
-             steps: int = 256, lr: float = 0.1, in_channels: int = 3, transforms: bool = True,
-             polish: float = 0.25, decay: float = 1.5, seed: int = 0) -> Tensor:
-    """Images (network inputs, one per channel or class) that maximise the objective.
+def maximize(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+             channels: Channels = None, preprocess: Preprocess | None = None, steps: int = 256, lr: float = 0.1,
+             transforms: bool = True, polish: float = 0.25, decay: float = 1.5, seed: int = 0) -> Tensor:
+    """The images ``x`` changed to maximise, each, the :func:`objective`: its channel of ``layer``
+    when ``channels`` are given, else its ``target`` class (default: the class it is predicted as).
 
-    Give ``layer`` and ``channels`` for channel visualisation or ``classes`` for class models.
-    ``steps=0`` returns the random start, the reference against which the gain is measured.
+    Returns network inputs normalised as ``x``; ``steps=0`` returns ``x`` as the parameterisation holds it.
     The last ``polish`` fraction of the steps runs without the random transforms: by then the
     picture's structure is set, and these steps let it reach the objective at the one alignment it
     will be shown in (a small network at 32 px otherwise never gets confident about some classes).
     """
-    if (classes is None) == (channels is None):
-        raise ValueError("give either channels (with a layer) or classes")
-    device = next(model.parameters()).device
-    picks = torch.tensor(list(classes if classes is not None else channels), device=device)
-    param = FourierImage(len(picks), in_channels, image_size, decay=decay, seed=seed).to(device)
-    m, s = Preprocess(1, in_channels, mean, std).stats(device)
+    _one_objective(target, layer, channels)
+    if channels is None:
+        target = target_classes(model, x, target)  # the start's class, kept while the image changes
+    space = pixel_space(preprocess, x)
+    param = FourierImage(space.to_pixels(x), decay=decay)
     opt = torch.optim.Adam(param.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    jitter = max(1, image_size // 28)
+    jitter = max(1, x.shape[-1] // 28)
     with torch.enable_grad():
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
             u = param()
             if transforms and step < steps * (1 - polish):
                 u = random_transform(u, g, jitter)
-            value = objective(model, (u - m) / s, layer, None if classes is not None else picks,
-                              picks if classes is not None else None)
-            (-value.sum()).backward()
+            (-objective(model, space.to_input(u), target=target, layer=layer, channels=channels).sum()).backward()
             opt.step()
     with torch.no_grad():
-        return (param() - m) / s
+        return space.to_input(param())

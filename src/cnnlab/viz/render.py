@@ -1,27 +1,27 @@
-"""Figures for the visualisations: tile grids, heat-map overlays, colour maps, PNG and TensorBoard.
+"""Figures for the visualisations: tile grids, tables of panels with heat-map overlays, colour maps, PNG.
 
 Grids are composed as one pixel array and drawn with a single ``imshow``, so showing all 512
 channels of conv5_x costs one image, not 512 axes. Colour maps are perceptually uniform
 (viridis for activations, inferno for heat maps) or diverging and centred on zero (RdBu_r for
-signed attributions), as a paper figure wants.
+signed attributions), as a paper figure wants. Figures are plain ``matplotlib.figure.Figure``
+objects, not pyplot's: no global state, nothing to close, no backend to choose.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-__all__ = ["Panel", "colorize", "minmax", "mosaic", "overlay", "save_grid", "save_panels", "to_tensorboard"]
+__all__ = ["Panel", "colorize", "grid_figure", "image", "minmax", "mosaic", "panels_figure", "png", "text_size", "wrap"]
 
 HEAT = "inferno"
 ACTIVATION = "viridis"
@@ -42,12 +42,7 @@ def colorize(values: np.ndarray, cmap: str, vmin: float | None = None, vmax: flo
     lo = float(np.min(values)) if vmin is None else vmin
     hi = float(np.max(values)) if vmax is None else vmax
     scaled = (values - lo) / max(hi - lo, 1e-12)
-    return plt.get_cmap(cmap)(np.clip(scaled, 0, 1))[..., :3]
-
-
-def overlay(rgb: np.ndarray, heat: np.ndarray, cmap: str = HEAT, alpha: float = 0.5) -> np.ndarray:
-    """A heat map (H, W), scaled to its own [min, max], blended over an image (H, W, 3)."""
-    return (1 - alpha) * rgb + alpha * colorize(heat, cmap)
+    return matplotlib.colormaps[cmap](np.clip(scaled, 0, 1))[..., :3]
 
 
 def image(t: Tensor) -> np.ndarray:
@@ -69,48 +64,101 @@ def mosaic(tiles: np.ndarray, cols: int | None = None, pad: int = 1, fill: float
     return out, cols
 
 
-def save_grid(path: Path, tiles: np.ndarray, title: str, *, labels: Sequence[str] | None = None,
-              cmap: str | None = None, vmin: float | None = None, vmax: float | None = None,
-              side: np.ndarray | None = None, side_title: str = "", cols: int | None = None,
-              colorbar: str | None = None) -> Path:
+def text_size(text: str, fontsize: float) -> tuple[float, float]:
+    """Width and height in inches of ``text`` (lines and all) as matplotlib draws it at ``fontsize``
+    points, under the current rc settings."""
+    fig = Figure(dpi=72)
+    artist = fig.text(0, 0, text, fontsize=fontsize)
+    box = artist.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    return box.width / 72, box.height / 72
+
+
+def wrap(text: str, fontsize: float, width: float) -> str:
+    """``text`` with each line broken between words (inside a word if it must) to fit ``width`` inches."""
+    lines = []
+    for line in text.split("\n"):
+        current = ""
+        for word in line.split(" "):
+            trial = f"{current} {word}" if current else word
+            if not current or text_size(trial, fontsize)[0] <= width:
+                current = trial
+                continue
+            lines.append(current)
+            current = word
+        while len(current) > 1 and text_size(current, fontsize)[0] > width:  # one word wider than the width
+            cut = len(current) - 1
+            while cut > 1 and text_size(current[:cut], fontsize)[0] > width:
+                cut -= 1
+            lines.append(current[:cut])
+            current = current[cut:]
+        lines.append(current)
+    return "\n".join(lines)
+
+
+MARGIN = 0.08  # inches around every figure
+TITLE_SIZE, CAPTION_SIZE, SIDE_SIZE = 10, 7, 9  # points
+GAP = 0.06  # inches between a caption and what it captions
+
+
+def grid_figure(tiles: np.ndarray, title: str, *, labels: Sequence[str] | None = None,
+                cmap: str | None = None, vmin: float | None = None, vmax: float | None = None,
+                side: np.ndarray | None = None, side_title: str = "", cols: int | None = None,
+                colorbar: str | None = None) -> Figure:
     """Tiles as one labelled grid, with an optional image (``side``) to its left.
 
     Gray tiles (N, h, w) go through ``cmap`` with one shared range (``vmin``/``vmax``, default the
     tiles' own), so their brightness is comparable; RGB tiles (N, h, w, 3) are drawn as they are.
+    The figure is laid out in inches from the measured size of every caption, so that no text
+    overlaps a picture or another text, or leaves the figure.
     """
     n, h, w = tiles.shape[:3]
-    grid, cols = mosaic(tiles, cols, pad=max(1, h // 16), fill=np.nan if tiles.ndim == 3 else 1.0)
-    rows = math.ceil(n / cols)
-    inches = min(16.0, max(4.0, 0.45 * cols * max(1.0, w / 16)))
-    side_inches = inches * 0.45 if side is not None else 0
-    fig = plt.figure(figsize=(inches + side_inches + (0.8 if colorbar else 0), inches * rows / cols + 0.7), dpi=DPI)
+    pad = max(1, h // 16)
+    grid, cols = mosaic(tiles, cols, pad=pad, fill=np.nan if tiles.ndim == 3 else 1.0)
+    grid_w = min(16.0, max(4.0, 0.45 * cols * max(1.0, w / 16)))
+    grid_h = grid_w * grid.shape[0] / grid.shape[1]
+    side_w = grid_w * 0.45 if side is not None else 0.0
+    side_gap = 0.15 if side is not None else 0.0
+    bar_w = 0.95 if colorbar and tiles.ndim == 3 else 0.0  # the bar, its tick labels and its label
+    width = MARGIN + side_w + side_gap + grid_w + bar_w + MARGIN
+    title = wrap(title, TITLE_SIZE, grid_w + bar_w)
+    title_h = text_size(title, TITLE_SIZE)[1] + GAP
+    height = MARGIN + max(title_h + grid_h, 0) + MARGIN
     if side is not None:
-        frac = side_inches / (inches + side_inches)
-        ax_side = fig.add_axes((0.01, 0.1, frac - 0.02, 0.8))
+        side_title = wrap(side_title, SIDE_SIZE, side_w)
+        side_h = side_w * side.shape[0] / side.shape[1]
+        height = max(height, MARGIN + text_size(side_title, SIDE_SIZE)[1] + GAP + side_h + MARGIN)
+    fig = Figure(figsize=(width, height), dpi=DPI)
+
+    def box(left: float, top: float, w_in: float, h_in: float) -> tuple[float, float, float, float]:
+        """An axes rectangle in figure fractions from inches measured from the top-left corner."""
+        return left / width, 1 - (top + h_in) / height, w_in / width, h_in / height
+
+    if side is not None:
+        ax_side = fig.add_axes(box(MARGIN, height - MARGIN - side_h, side_w, side_h))
         ax_side.imshow(side, interpolation="nearest")
-        ax_side.set_title(side_title, fontsize=9)
+        ax_side.set_title(side_title, fontsize=SIDE_SIZE, pad=GAP * 72)
         ax_side.axis("off")
-        ax = fig.add_axes((frac, 0.02, (1 - frac) * (0.9 if colorbar else 0.98), 0.9))
-    else:
-        ax = fig.add_axes((0.01, 0.02, 0.9 if colorbar else 0.98, 0.9))
+    left = MARGIN + side_w + side_gap
+    ax = fig.add_axes(box(left, height - MARGIN - grid_h, grid_w, grid_h))
     if tiles.ndim == 3:
-        cm = plt.get_cmap(cmap or ACTIVATION).with_extremes(bad="white")
+        cm = matplotlib.colormaps[cmap or ACTIVATION].with_extremes(bad="white")
         im = ax.imshow(grid, cmap=cm, vmin=vmin, vmax=vmax, interpolation="nearest")
         if colorbar:
-            fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label=colorbar)
+            cax = fig.add_axes(box(left + grid_w + 0.1, height - MARGIN - grid_h + 0.1, 0.15, grid_h - 0.2))
+            fig.colorbar(im, cax=cax, label=colorbar)
     else:
         ax.imshow(grid, interpolation="nearest")
-    ax.set_title(title, fontsize=10)
+    fig.text((left + (grid_w + bar_w) / 2) / width, 1 - MARGIN / height, title, fontsize=TITLE_SIZE,
+             ha="center", va="top")
     ax.axis("off")
     if labels is not None:
-        step = grid.shape[1] / cols
-        size = max(3.0, min(8.0, 72 * inches / cols / 4.5))
+        size = max(3.0, min(8.0, 72 * grid_w / cols / 4.5))
         for i, label in enumerate(labels):
-            r, c = divmod(i, cols)
-            ax.text(c * step + step * 0.06, r * (grid.shape[0] / rows) + step * 0.06, label, fontsize=size,
+            r, c = divmod(i, cols)  # a tile's top-left pixel is at pad + index × (side + pad); its edge 0.5 before
+            ax.text(pad + c * (w + pad) - 0.5 + 0.06 * w, pad + r * (h + pad) - 0.5 + 0.06 * h, label, fontsize=size,
                     color="white", va="top", ha="left",
                     bbox=dict(boxstyle="square,pad=0.05", fc="black", ec="none", alpha=0.55))
-    return _save(fig, path)
+    return fig
 
 
 @dataclass
@@ -125,28 +173,39 @@ class Panel:
     box: tuple[int, int, int, int] | None = None  # (top, left, bottom, right) to outline
 
 
-def save_panels(path: Path, rows: Sequence[Sequence[Panel]], title: str = "", row_labels: Sequence[str] = ()) -> Path:
-    """A table of panels, one row per image and one column per method or layer."""
+PANEL, COLUMN = 1.7, 1.9  # inches: a picture's side, and the width of a column
+
+
+def panels_figure(rows: Sequence[Sequence[Panel]], title: str = "") -> Figure:
+    """A table of panels, one row per image and one column per method or layer.
+
+    Laid out in inches: each row is as tall as its longest caption plus a picture, captions are
+    wrapped to their column, and the title to the figure, so nothing overlaps however long a
+    caption or a class name is.
+    """
     nrows, ncols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols + 0.3, 2.15 * nrows + (0.5 if title else 0.1)),
-                             dpi=DPI, squeeze=False)
+    width = 2 * MARGIN + ncols * COLUMN
+    captions = [[wrap(p.title, CAPTION_SIZE, COLUMN - 0.1) if p.title else "" for p in row] for row in rows]
+    heads = [max((text_size(t, CAPTION_SIZE)[1] + GAP for t in row if t), default=0.0) for row in captions]
+    title = wrap(title, TITLE_SIZE, width - 2 * MARGIN) if title else ""
+    title_h = text_size(title, TITLE_SIZE)[1] + 2 * GAP if title else 0.0
+    row_gap = 0.1
+    height = 2 * MARGIN + title_h + sum(heads) + nrows * PANEL + (nrows - 1) * row_gap
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    top = MARGIN + title_h
     for r, row in enumerate(rows):
-        for c in range(ncols):
-            ax = axes[r][c]
+        top += heads[r]
+        for c, p in enumerate(row):
+            left = MARGIN + c * COLUMN + (COLUMN - PANEL) / 2
+            ax = fig.add_axes((left / width, 1 - (top + PANEL) / height, PANEL / width, PANEL / height))
             ax.axis("off")
-            if c >= len(row):
-                continue
-            p = row[c]
             _draw(ax, p)
-            if p.title:
-                ax.set_title(p.title, fontsize=7)
-        if r < len(row_labels):
-            axes[r][0].text(-0.06, 0.5, row_labels[r], transform=axes[r][0].transAxes, rotation=90,
-                            va="center", ha="right", fontsize=7)
+            if captions[r][c]:
+                ax.set_title(captions[r][c], fontsize=CAPTION_SIZE, pad=GAP * 72)
+        top += PANEL + row_gap
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(pad=0.3, h_pad=1.2)
-    return _save(fig, path)
+        fig.text(0.5, 1 - MARGIN / height, title, fontsize=TITLE_SIZE, ha="center", va="top")
+    return fig
 
 
 def _draw(ax, p: Panel) -> None:
@@ -164,28 +223,12 @@ def _draw(ax, p: Panel) -> None:
         ax.imshow(rgb, interpolation="bilinear" if p.under is not None else "nearest")
     if p.box is not None:
         top, left, bottom, right = p.box
-        ax.add_patch(plt.Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,
                                    ec="#00e5ff", lw=1.2))
 
 
-def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
-
-
-def to_tensorboard(log_dir: Path, pngs: Sequence[Path], prefix: str) -> None:
-    """The written PNGs as images in the run's TensorBoard, tagged ``viz/<method>/<file stem>``."""
-    from PIL import Image
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(log_dir))
-    try:
-        for png in pngs:
-            with Image.open(png) as img:
-                pixels = np.asarray(img.convert("RGB"))
-            writer.add_image(f"{prefix}/{Path(png).stem}", torch.from_numpy(pixels.copy()), dataformats="HWC")
-    finally:
-        writer.close()
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes, at the resolution of every visualisation."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()

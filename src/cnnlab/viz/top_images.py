@@ -4,18 +4,21 @@ Each image is scored by the channel's strongest activation. The excited region i
 receptive field of that strongest unit (Luo et al., "Understanding the Effective Receptive Field in
 Deep Convolutional Neural Networks", NeurIPS 2016): the pixels whose gradient on the unit is at
 least ``threshold`` of the largest, as a box.
+
+Not of the shape of :mod:`cnnlab.viz.shape`: it searches a whole image set, which is kept as uint8
+and prepared a batch at a time (10,000 test images as network input at 224 px would take 6 GB),
+for one channel, and it finds images and boxes rather than a map of each image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from cnnlab.core.transforms import to_input
-from cnnlab.viz.layers import forward_until, recording, require_channel, require_feature_maps
+from cnnlab.core.spec import Preprocess
+from cnnlab.viz.layers import default_layer, forward_until, recording, require_channel, require_feature_maps
 
 __all__ = ["TopImages", "channel_scores", "excited_regions", "top_images"]
 
@@ -29,24 +32,24 @@ class TopImages:
 
 
 def _channel(acts: Tensor, layer: str, channel: int) -> Tensor:
-    require_channel(require_feature_maps(acts, layer), layer, channel)
+    require_channel(require_feature_maps(acts, layer), layer, channel, param="channel")
     return acts[:, channel]
 
 
 @torch.no_grad()
-def channel_scores(model: nn.Module, images: Tensor, layer: str, channel: int, image_size: int,
-                   mean: Sequence[float], std: Sequence[float], batch_size: int = 256) -> Tensor:
+def channel_scores(model: nn.Module, images: Tensor, preprocess: Preprocess, *, layer: str, channel: int,
+                   batch_size: int = 256) -> Tensor:
     """The channel's maximum activation on every uint8 image (N,), in batches."""
     device = next(model.parameters()).device
     scores = []
     with recording(model, [layer], stop=True) as store:
         for start in range(0, len(images), batch_size):
-            forward_until(model, to_input(images[start:start + batch_size].to(device), image_size, mean, std), store)
+            forward_until(model, preprocess.to_input(images[start:start + batch_size].to(device)), store)
             scores.append(_channel(store[layer], layer, channel).flatten(1).amax(1).cpu())
     return torch.cat(scores)
 
 
-def excited_regions(model: nn.Module, x: Tensor, layer: str, channel: int,
+def excited_regions(model: nn.Module, x: Tensor, *, layer: str, channel: int,
                     threshold: float = 0.1) -> tuple[list[tuple[int, int, int, int]], Tensor]:
     """Box around the effective receptive field of the channel's strongest unit, and the channel's map."""
     inp = x.detach().clone().requires_grad_(True)
@@ -68,12 +71,13 @@ def excited_regions(model: nn.Module, x: Tensor, layer: str, channel: int,
     return boxes, maps.detach()
 
 
-def top_images(model: nn.Module, images: Tensor, layer: str, channel: int, image_size: int,
-               mean: Sequence[float], std: Sequence[float], count: int = 9) -> TopImages:
-    """The ``count`` uint8 ``images`` on which ``channel`` of ``layer`` fires hardest, best first."""
-    scores = channel_scores(model, images, layer, channel, image_size, mean, std)
+def top_images(model: nn.Module, images: Tensor, preprocess: Preprocess, *, layer: str | None = None,
+               channel: int = 0, count: int = 9) -> TopImages:
+    """The ``count`` uint8 ``images`` on which ``channel`` of ``layer`` (default: the last spatial feature
+    block) fires hardest, best first."""
+    layer = layer or default_layer(model, preprocess.to_input(images[:1].to(next(model.parameters()).device)))
+    scores = channel_scores(model, images, preprocess, layer=layer, channel=channel)
     best = scores.topk(min(count, len(scores))).indices
-    device = next(model.parameters()).device
-    x = to_input(images[best].to(device), image_size, mean, std)
-    boxes, maps = excited_regions(model, x, layer, channel)
+    x = preprocess.to_input(images[best].to(next(model.parameters()).device))
+    boxes, maps = excited_regions(model, x, layer=layer, channel=channel)
     return TopImages(best, scores[best], boxes, maps.cpu())

@@ -14,11 +14,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from cnnlab.evaluate import confusion_figure
 
 __all__ = ["confusion", "epoch_curves", "plain_text", "png_uri", "step_curves", "thumbnail"]
 
@@ -31,10 +32,9 @@ def png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _fig_uri(fig) -> str:
+def _fig_uri(fig: Figure) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
-    plt.close(fig)
     return png_uri(buffer.getvalue())
 
 
@@ -61,7 +61,8 @@ def step_curves(steps: Sequence[dict[str, Any]], epochs: Sequence[dict[str, Any]
     """Training loss, accuracy and learning rate at every step (raw, and a moving average)."""
     x = np.array([r["step"] for r in steps], dtype=float)
     window = max(1, len(x) // 40)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig = Figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, 3)
     panels = [("loss", 1.0, "cross-entropy loss", "training loss per step"),
               ("acc", 100.0, "accuracy (%)", "training accuracy per step (batch)"),
               ("lr", 1.0, "learning rate", "learning rate per step")]
@@ -90,7 +91,8 @@ def step_curves(steps: Sequence[dict[str, Any]], epochs: Sequence[dict[str, Any]
 def epoch_curves(epochs: Sequence[dict[str, Any]]) -> str:
     """Train, validation and test loss and accuracy after every epoch, with the assignment's result."""
     x = [r["epoch"] for r in epochs]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = Figure(figsize=(11, 3.8))
+    axes = fig.subplots(1, 2)
     series = [("train", "tab:blue"), ("val", "tab:orange"), ("test", "tab:red")]
     for ax, (suffix, scale, ylabel, title) in zip(axes, [
             ("loss", 1.0, "cross-entropy loss", "loss after each epoch"),
@@ -121,8 +123,6 @@ def epoch_curves(epochs: Sequence[dict[str, Any]]) -> str:
 
 def confusion(result: dict[str, Any], classes: list[str]) -> str:
     """The confusion matrix exactly as ``cnnlab evaluate`` draws it."""
-    from cnnlab.evaluate import confusion_figure
-
     buffer = io.BytesIO()
     confusion_figure(result, classes).savefig(buffer, format="png")
     return png_uri(buffer.getvalue())
@@ -130,8 +130,6 @@ def confusion(result: dict[str, Any], classes: list[str]) -> str:
 
 def thumbnail(pixels: torch.Tensor, most: int = 96) -> str:
     """A uint8 (C, H, W) image as a PNG ``data:`` URI, shrunk to at most ``most`` pixels a side."""
-    from PIL import Image
-
     a = pixels.detach().cpu().numpy()
     img = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
     if max(img.size) > most:

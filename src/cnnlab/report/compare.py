@@ -1,0 +1,254 @@
+"""``cnnlab compare RUN_DIR…``: several runs on one page, as He et al. 2015 compare nets in Fig. 4 and 6.
+
+The runs' training error (the running mean over each epoch, dashed) and test error (solid) per epoch,
+one colour per run, overlaid as in the paper's figures; then their final accuracies, parameters and
+multiply-accumulates (counted on the model, as ``cnnlab summary`` does) and training speed. Everything
+is read from the run folders (``config.json``, ``metrics.jsonl``); no model is loaded and no image
+scored. The page is the report's: one self-contained HTML file, no script, nothing fetched.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+import cnnlab
+from cnnlab.core.errors import UserError
+from cnnlab.core.files import atomic_write
+from cnnlab.models.summary import summarize
+from cnnlab.report.charts import _fig_uri, plain_text
+from cnnlab.report.page import CSP, CSS, e
+from cnnlab.report.sections import read_metrics
+
+__all__ = ["Compared", "compare", "format_table", "gather"]
+
+COLORS = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+          "tab:olive", "tab:cyan"]
+
+
+@dataclass
+class Compared:
+    """One run, as the comparison shows it."""
+
+    name: str  # the run folder's name (made unique on the page)
+    path: Path
+    config: dict[str, Any]
+    epochs: list[dict[str, Any]]
+    params: int | None
+    macs: int | None
+    note: str | None = None  # why params/MACs are missing
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.epochs[-1]
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Mean training speed over the epochs after the first (which pays for start-up), or the only one."""
+        speeds = [r["images_per_s"] for r in self.epochs if r.get("images_per_s")]
+        later = speeds[1:] or speeds
+        return float(np.mean(later)) if later else None
+
+    @property
+    def train_seconds(self) -> float:
+        return float(sum(r.get("seconds", 0.0) for r in self.epochs))
+
+    def row(self) -> dict[str, Any]:
+        last, cfg = self.last, self.config
+        return {
+            "run": self.name, "path": str(self.path), "model": cfg.get("model"), "width": cfg.get("width"),
+            "image_size": cfg.get("image_size"), "dataset": cfg.get("dataset"), "epochs": last.get("epoch"),
+            "train_error": None if last.get("train_acc") is None else 1 - last["train_acc"],
+            "train_acc": last.get("train_acc"), "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"),
+            "params": self.params, "macs": self.macs, "images_per_s": self.images_per_s,
+            "train_seconds": self.train_seconds,
+        }
+
+
+def _read(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is not a run folder (it does not exist or is a file); give folders that "
+                        "cnnlab train wrote")
+    _, epochs, _ = read_metrics(run_dir)
+    try:
+        info = json.loads((run_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run_dir} has no config.json, so it is not a cnnlab run folder") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {run_dir / 'config.json'}: {e}") from None
+    return info, epochs
+
+
+def gather(run_dirs: list[str | Path]) -> list[Compared]:
+    """The runs to compare, in the order given."""
+    if not run_dirs:
+        raise UserError("give at least one run folder to compare")
+    runs, seen = [], {}
+    for given in run_dirs:
+        path = Path(given)
+        info, epochs = _read(path)
+        cfg = info.get("config", {})
+        name = path.resolve().name
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name = f"{name} ({seen[name]})"
+        params = macs = None
+        note = None
+        try:
+            data = info.get("data", {})
+            s = summarize(cfg["model"], image_size=int(cfg["image_size"]), num_classes=len(data["classes"]),
+                          width=cfg.get("width"), in_channels=int((data.get("stored_size") or [3])[0]))
+            params, macs = s["params"], s["macs"]
+        except (KeyError, TypeError, ValueError) as e:  # UserError is a ValueError: an unknown or unbuildable model
+            note = f"parameters and MACs not counted: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        runs.append(Compared(name, path, cfg, epochs, params, macs, note))
+    return runs
+
+
+def _count(n: int | None, unit: str = "") -> str:
+    if n is None:
+        return "–"
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n}{unit}"
+
+
+COLUMNS = [("run", "run"), ("model", "model"), ("epochs", "epochs"), ("train_error", "train error"),
+           ("val_acc", "val acc"), ("test_acc", "test acc"), ("params", "params"), ("macs", "MACs"),
+           ("images_per_s", "images/s")]
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    def p(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.2f}%"
+
+    width = "" if row["width"] is None else f" w{row['width']}"
+    return [row["run"], f"{row['model']}{width}", str(row["epochs"]), p(row["train_error"]), p(row["val_acc"]),
+            p(row["test_acc"]), _count(row["params"]), _count(row["macs"]),
+            "–" if row["images_per_s"] is None else f"{row['images_per_s']:.0f}"]
+
+
+def format_table(runs: list[Compared]) -> str:
+    """The comparison as a fixed-width table for the terminal."""
+    header = [title for _, title in COLUMNS]
+    rows = [_cells(r.row()) for r in runs]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+
+
+def curves(runs: list[Compared]) -> str:
+    """Training error (dashed) and test error (solid) per epoch, one colour per run (He et al. 2015, Fig. 4, 6)."""
+    with plain_text():
+        fig = Figure(figsize=(11, 4.2))
+        ax_err, ax_loss = fig.subplots(1, 2)
+        for i, r in enumerate(runs):
+            color = COLORS[i % len(COLORS)]
+            x = [rec["epoch"] for rec in r.epochs]
+            for key, style, what in (("train", "--", "train"), ("test", "-", "test")):
+                acc = [rec.get(f"{key}_acc") for rec in r.epochs]
+                if any(v is not None for v in acc):
+                    ax_err.plot(x, [np.nan if v is None else 100 * (1 - v) for v in acc], ls=style, color=color,
+                                lw=2.0 if key == "test" else 1.3, marker="o" if len(x) <= 30 else None, ms=3,
+                                label=f"{r.name} ({what})")
+                loss = [rec.get(f"{key}_loss") for rec in r.epochs]
+                if any(v is not None for v in loss):
+                    ax_loss.plot(x, [np.nan if v is None else v for v in loss], ls=style, color=color,
+                                 lw=2.0 if key == "test" else 1.3)
+        ax_err.set_title("error per epoch: dashed training error, solid test error", fontsize=10)
+        ax_err.set_ylabel("error (%)")
+        ax_loss.set_title("loss per epoch: dashed training, solid test (log scale)", fontsize=10)
+        ax_loss.set_ylabel("cross-entropy loss")
+        ax_loss.set_yscale("log")  # one diverging epoch would otherwise flatten every other curve
+        for axis in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:g}"))  # plain numbers: the page draws text without TeX
+        for ax in (ax_err, ax_loss):
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        ax_err.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        return _fig_uri(fig)
+
+
+def page(runs: list[Compared]) -> str:
+    """The comparison page (styled as the report)."""
+    num = ' class="num"'
+    head = "".join(f"<th{num if i > 1 else ''}>{e(t)}</th>" for i, (_, t) in enumerate(COLUMNS))
+    body = ["<tr>" + "".join(f"<td{num if i > 1 else ''}>{e(c)}</td>" for i, c in enumerate(_cells(r.row())))
+            + "</tr>" for r in runs]
+    settings = []
+    for r in runs:
+        c = r.config
+        optimisation = f"lr {c.get('lr')}, {c.get('schedule')} schedule, batch {c.get('batch_size')}"
+        if c.get("weights"):
+            optimisation += f", from {c['weights']}"
+        settings.append(
+            f"<tr><td>{e(r.name)}</td><td>{e(c.get('dataset'))}</td><td>{e(c.get('image_size'))} px</td>"
+            f"<td>{e(c.get('recipe'))}</td><td>{e(optimisation)}</td><td>{e(c.get('seed'))}</td>"
+            f"<td{num}>{r.train_seconds:.0f} s</td><td>{e(r.path)}</td></tr>")
+    notes = "".join(f'<p class="note">{e(r.name)}: {e(r.note)}</p>' for r in runs if r.note)
+    names = ", ".join(r.name for r in runs)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>cnnlab compare: {e(names)}</title>
+<link rel="icon" href="data:,">
+<style>{CSS}</style>
+</head>
+<body>
+<header>
+<h1>cnnlab compare</h1>
+<p class="sub">{len(runs)} runs · written {datetime.now():%Y-%m-%d %H:%M}</p>
+</header>
+<main>
+<section id="curves"><h2>Training and test error</h2>
+<p>As He et al. (2015) draw their Fig. 4 and Fig. 6: per epoch, the training error (dashed; the running
+mean over the epoch's batches, augmented as in training) and the test error (solid), one colour per run.</p>
+<img class="plot" src="{curves(runs)}" alt="training and test error per epoch of {e(names)}">
+</section>
+<section id="table"><h2>Final figures</h2>
+<p>After each run's last epoch. Parameters and multiply-accumulates are counted on the model at the run's input
+size (as <code>cnnlab summary</code> counts them); images/s is the mean training speed after the first epoch.</p>
+<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes}
+</section>
+<section id="settings"><h2>Settings</h2>
+<table><thead><tr><th>run</th><th>dataset</th><th>input</th><th>recipe</th><th>optimisation</th><th>seed</th>
+<th class="num">training time</th><th>folder</th></tr></thead><tbody>{''.join(settings)}</tbody></table>
+</section>
+</main>
+<footer>Written by cnnlab {e(cnnlab.__version__)} with torch {e(torch.__version__)} on Python
+{e(platform.python_version())}.</footer>
+</body>
+</html>
+"""
+
+
+def compare(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[Path, list[Compared]]:
+    """Write the comparison page of ``run_dirs`` to ``out`` (default ``compare.html``); returns its path and the
+    runs (``Compared.row()`` gives each one's figures)."""
+    target = Path(out) if out else Path("compare.html")
+    if target.is_dir():
+        raise UserError(f"`out` {target} is a folder; give a file name such as {target / 'compare.html'}")
+    runs = gather(list(run_dirs))
+    try:
+        atomic_write(target, page(runs))
+    except OSError as err:
+        raise UserError(f"cannot write {target}: {err.strerror or err}") from None
+    return target, runs
