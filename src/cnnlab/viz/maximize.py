@@ -21,7 +21,7 @@ lucid's start, faint Fourier noise, is :func:`fourier_noise`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +127,8 @@ def objective(model: nn.Module, x: Tensor, *, target: Target = None, layer: str 
 
 def maximize(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
              channels: Channels = None, preprocess: Preprocess | None = None, steps: int = 256, lr: float = 0.1,
-             transforms: bool = True, polish: float = 0.25, decay: float = 1.5, seed: int = 0) -> Tensor:
+             transforms: bool = True, polish: float = 0.25, decay: float = 1.5, seed: int = 0,
+             progress: Callable[[float], None] | None = None) -> Tensor:
     """The images ``x`` changed to maximise, each, the :func:`objective`: its channel of ``layer``
     when ``channels`` are given, else its ``target`` class (default: the class it is predicted as).
 
@@ -135,6 +136,7 @@ def maximize(model: nn.Module, x: Tensor, *, target: Target = None, layer: str |
     The last ``polish`` fraction of the steps runs without the random transforms: by then the
     picture's structure is set, and these steps let it reach the objective at the one alignment it
     will be shown in (a small network at 32 px otherwise never gets confident about some classes).
+    ``progress`` is told the fraction of the steps done after each one.
     """
     _one_objective(target, layer, channels)
     if channels is None:
@@ -152,5 +154,7 @@ def maximize(model: nn.Module, x: Tensor, *, target: Target = None, layer: str |
                 u = random_transform(u, g, jitter)
             (-objective(model, space.to_input(u), target=target, layer=layer, channels=channels).sum()).backward()
             opt.step()
+            if progress is not None:
+                progress((step + 1) / steps)
     with torch.no_grad():
         return space.to_input(param())

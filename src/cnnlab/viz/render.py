@@ -21,7 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-__all__ = ["Panel", "colorize", "grid_figure", "image", "minmax", "mosaic", "panels_figure", "png", "text_size", "wrap"]
+__all__ = ["Panel", "colorize", "grid_figure", "image", "minmax", "mosaic", "panels_figure", "png", "rgb", "text_size",
+           "wrap"]
 
 HEAT = "inferno"
 ACTIVATION = "viridis"
@@ -208,19 +209,21 @@ def panels_figure(rows: Sequence[Sequence[Panel]], title: str = "") -> Figure:
     return fig
 
 
-def _draw(ax, p: Panel) -> None:
+def rgb(p: Panel) -> np.ndarray:
+    """The panel's picture as RGB (H, W, 3) in [0, 1]: values through its colour map, over its image if any."""
     if p.picture.ndim == 3:
-        ax.imshow(p.picture, interpolation="nearest")
+        return p.picture
+    values = p.picture
+    if p.symmetric:
+        lim = float(np.abs(values).max()) or 1.0
+        out = colorize(values, p.cmap or SIGNED, -lim, lim)
     else:
-        values = p.picture
-        if p.symmetric:
-            lim = float(np.abs(values).max()) or 1.0
-            rgb = colorize(values, p.cmap or SIGNED, -lim, lim)
-        else:
-            rgb = colorize(values, p.cmap or HEAT)
-        if p.under is not None:
-            rgb = 0.5 * p.under + 0.5 * rgb
-        ax.imshow(rgb, interpolation="bilinear" if p.under is not None else "nearest")
+        out = colorize(values, p.cmap or HEAT)
+    return 0.5 * p.under + 0.5 * out if p.under is not None else out
+
+
+def _draw(ax, p: Panel) -> None:
+    ax.imshow(rgb(p), interpolation="bilinear" if p.picture.ndim == 2 and p.under is not None else "nearest")
     if p.box is not None:
         top, left, bottom, right = p.box
         ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False,

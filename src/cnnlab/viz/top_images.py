@@ -12,6 +12,7 @@ for one channel, and it finds images and boxes rather than a map of each image.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,14 +39,17 @@ def _channel(acts: Tensor, layer: str, channel: int) -> Tensor:
 
 @torch.no_grad()
 def channel_scores(model: nn.Module, images: Tensor, preprocess: Preprocess, *, layer: str, channel: int,
-                   batch_size: int = 256) -> Tensor:
-    """The channel's maximum activation on every uint8 image (N,), in batches."""
+                   batch_size: int = 256, progress: Callable[[float], None] | None = None) -> Tensor:
+    """The channel's maximum activation on every uint8 image (N,), in batches; ``progress`` is told the
+    fraction of the images done after each batch."""
     device = next(model.parameters()).device
     scores = []
     with recording(model, [layer], stop=True) as store:
         for start in range(0, len(images), batch_size):
             forward_until(model, preprocess.to_input(images[start:start + batch_size].to(device)), store)
             scores.append(_channel(store[layer], layer, channel).flatten(1).amax(1).cpu())
+            if progress is not None:
+                progress(min(start + batch_size, len(images)) / len(images))
     return torch.cat(scores)
 
 
@@ -72,11 +76,11 @@ def excited_regions(model: nn.Module, x: Tensor, *, layer: str, channel: int,
 
 
 def top_images(model: nn.Module, images: Tensor, preprocess: Preprocess, *, layer: str | None = None,
-               channel: int = 0, count: int = 9) -> TopImages:
+               channel: int = 0, count: int = 9, progress: Callable[[float], None] | None = None) -> TopImages:
     """The ``count`` uint8 ``images`` on which ``channel`` of ``layer`` (default: the last spatial feature
-    block) fires hardest, best first."""
+    block) fires hardest, best first; ``progress`` as for :func:`channel_scores`."""
     layer = layer or default_layer(model, preprocess.to_input(images[:1].to(next(model.parameters()).device)))
-    scores = channel_scores(model, images, preprocess, layer=layer, channel=channel)
+    scores = channel_scores(model, images, preprocess, layer=layer, channel=channel, progress=progress)
     best = scores.topk(min(count, len(scores))).indices
     x = preprocess.to_input(images[best].to(next(model.parameters()).device))
     boxes, maps = excited_regions(model, x, layer=layer, channel=channel)
