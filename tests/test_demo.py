@@ -48,8 +48,10 @@ def test_demo_trains_evaluates_and_says_where(one_epoch, tmp_path, capsys):
     features = Image.open(out / "viz" / "features" / "conv5_x_test300.png")
     assert features.size[0] > features.size[1]
 
-    # The report, last: one self-contained page in the run folder.
-    assert printed.rstrip().splitlines()[-1].startswith(f"  report:          {out / 'report.html'}")
+    # The report: one self-contained page in the run folder; then, last, the command that explores the run.
+    lines = printed.rstrip().splitlines()
+    assert lines[-4].startswith(f"  report:          {out / 'report.html'}")
+    assert lines[-1] == f"  cnnlab serve {out}"
     page = (out / "report.html").read_text()
     assert 'id="misclassified"' in page and "data:image/png;base64," in page
     assert '<table id="sanity">' in page  # the explanations' checks

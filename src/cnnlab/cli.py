@@ -196,6 +196,16 @@ def build_parser() -> Parser:
     p.add_argument("paths", metavar="RUN_DIR", nargs="+")
     p.add_argument("--out", metavar="FILE.html", help="where to write the page (default compare.html)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON document")
+
+    p = sub.add_parser(
+        "serve", help="explore runs in the browser: predictions, CAMs, feature maps, channels, curves",
+        description="Start a local web app over the runs: upload or pick an image, see the top-5 and every CAM and "
+                    "attribution with its trust scores, click through the layers' feature maps and channels, and "
+                    "the training curves and confusion matrix. Offline; bound to 127.0.0.1 unless --host says "
+                    "otherwise.")
+    p.add_argument("paths", metavar="RUN_DIR", nargs="+")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     return parser
 
 
@@ -447,10 +457,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cnnlab.serve import serve
+
+    def ready(url: str) -> None:
+        runs = "a run" if len(args.paths) == 1 else f"{len(args.paths)} runs"
+        print(f"cnnlab serve: exploring {runs} at {url}  (Ctrl-C stops it)", flush=True)
+
+    serve(args.paths, host=args.host, port=args.port, ready=ready)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "models": cmd_models,
             "demo": cmd_demo,
             "predict": cmd_predict, "export": cmd_export,
-            "visualize": cmd_visualize, "report": cmd_report, "compare": cmd_compare}
+            "visualize": cmd_visualize, "report": cmd_report, "compare": cmd_compare, "serve": cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())

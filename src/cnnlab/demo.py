@@ -3,6 +3,7 @@
 A width-16 ResNet-18 (CIFAR stem, 32 px) trains on the CIFAR-10 sample bundled with the package,
 then is evaluated, a small gallery of what it learned is drawn (``cnnlab visualize``) and the HTML
 report is written (``cnnlab report``); the run folder it leaves is the same kind that a full run writes.
+It ends by printing the ``cnnlab serve`` command that explores the run in the browser.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def demo(out: str | Path | None = None) -> Path:
           "and conv5_x, Grad-CAM; more with: cnnlab visualize METHOD RUN_DIR)")
     page = report(result.run_dir, device="cpu")
     print(f"  report:          {page}  (one HTML page with all of the above; open it in a browser)")
+    print(f"\nexplore it in the browser (predict your own images, CAMs, feature maps, channels):\n"
+          f"  cnnlab serve {result.run_dir}")
     return result.run_dir
 
 

@@ -67,14 +67,22 @@ def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: 
                 entry["error"] = problem
             entries.append(entry)
         if batch:
-            with torch.no_grad():
-                probs = torch.softmax(logits(loaded.model, torch.cat(batch), tta), dim=1)
-            values, indices = probs.topk(k, dim=1)
             good = iter(e for e in entries if "error" not in e)
-            for entry, vals, idxs in zip(good, values.tolist(), indices.tolist()):
-                entry["top"] = [{"label": loaded.classes[i], "prob": v} for v, i in zip(vals, idxs)]
+            for entry, top in zip(good, ranked(loaded.model, loaded.classes, torch.cat(batch), k, tta)):
+                entry["top"] = [{"label": t["label"], "prob": t["prob"]} for t in top]
         results.extend(entries)
     return results
+
+
+def ranked(model: torch.nn.Module, classes: Sequence[str], x: torch.Tensor, top_k: int,
+           tta: bool) -> list[list[dict[str, Any]]]:
+    """The ``top_k`` most probable classes of each network input of ``x``, most probable first:
+    ``[{"label", "index", "prob"}, …]`` per image (what ``predict`` and ``cnnlab serve`` show)."""
+    with torch.no_grad():
+        probs = torch.softmax(logits(model, x, tta), dim=1)
+    values, indices = probs.topk(min(top_k, len(classes)), dim=1)
+    return [[{"label": classes[i], "index": i, "prob": v} for v, i in zip(vals, idxs)]
+            for vals, idxs in zip(values.tolist(), indices.tolist())]
 
 
 def expand(inputs: str | Path | Sequence[str | Path]) -> Iterator[tuple[Path, str | None]]:
