@@ -39,6 +39,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("CNNLAB_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
 LOAD_SECONDS = float(os.environ.get("CNNLAB_SERVE_LOAD_S", "30"))
 HOSTILE = "<img src=x onerror=alert(1)>.png"
+CLASSES = ["<img src=x onerror=alert(2)>", "a&b \"quoted\" 'single'"]  # class names that are markup
 
 
 class Server:
@@ -108,8 +109,30 @@ def runs(small_run, tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def server(runs, tmp_path_factory):
-    s = Server(runs, tmp_path_factory.mktemp("serve-log") / "serve.log")
+def hostile_run(tmp_path_factory) -> Path:
+    """A 1-epoch width-2 run on a two-class folder dataset whose class names are markup."""
+    from cnnlab.config import resolve
+    from cnnlab.train.engine import train
+
+    root = tmp_path_factory.mktemp("hostile") / "data"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 6)):
+        for k, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                pixels[..., k] = 255
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    cfg = resolve(overrides=dict(recipe="fast", dataset=f"folder:{root}", model="resnet18-cifar", width=2,
+                                 image_size=16, epochs=1, batch_size=8, lr=0.05, device="cpu",
+                                 out=str(root.parent / "<i>run&amp;")))
+    return train(cfg).run_dir
+
+
+@pytest.fixture(scope="module")
+def server(runs, hostile_run, tmp_path_factory):
+    s = Server([*runs, hostile_run], tmp_path_factory.mktemp("serve-log") / "serve.log")
     yield s
     s.stop()
 
@@ -152,7 +175,7 @@ def test_serve_mistakes_are_one_line(runs, tmp_path, capsys):
     "/static/../../../etc/passwd", "/static/%2e%2e/%2e%2e/%2e%2e/etc/passwd", "/static/..%2f..%2fetc%2fpasswd",
     "/static/%2e%2e%2f%2e%2e%2fconfig.json", "/run/0/../../config.json", "/../config.json", "//etc/passwd",
     "/etc/passwd", "/config.json", "/checkpoints/best.pt", "/metrics.jsonl", "/explore/scores.json",
-    "/run/2", "/api/2/predict?image=t0-1", "/api/9/curves", "/api/0/predict?image=t2-1",
+    "/run/3", "/api/3/predict?image=t0-1", "/api/9/curves", "/api/0/predict?image=t3-1",
     "/api/0/predict?image=../../config.json", "/api/0/predict?image=%2Fetc%2Fpasswd", "/static/app.py",
     "/static/%2Fetc%2Fpasswd",
 ])
@@ -346,6 +369,18 @@ def test_explorer_in_a_browser(server, runs, browser, tmp_path, capsys):
         assert page.locator("#other-top5 tbody").inner_text() == page.locator("#top5 tbody").inner_text()
         page.locator("#other-explanation").wait_for(state="visible")
         page.screenshot(path=str(ARTIFACTS / "serve.png"), full_page=True)
+
+        # Class and run names that are markup are shown as text, in the page and in what the script writes.
+        page.goto(server.url + "run/2", wait_until="load")
+        assert page.locator("h1 .run-name").inner_text() == "<i>run&amp;"
+        assert page.locator("#target option").all_inner_texts()[1:] == CLASSES
+        cells = page.locator("#confusion td")
+        cells.nth(3).wait_for(timeout=60_000)
+        assert page.locator("#confusion th").all_inner_texts()[1:3] == CLASSES
+        page.locator("#browse").select_option("class:0")
+        page.locator("#thumbs figure").nth(5).wait_for()
+        assert all(CLASSES[0] + " → " in c for c in page.locator("#thumbs figcaption").all_inner_texts())
+        assert page.locator('img[src="x"]').count() == 0 and page.locator("i").count() == 0 and dialogs == []
 
         # A hostile file name is shown as text.
         page.set_input_files("#file", files=[{"name": HOSTILE, "mimeType": "image/png", "buffer": png.read_bytes()}])

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from cnnlab import run
 from cnnlab.core.errors import UserError
+from cnnlab.core.files import remove_stale
 from cnnlab.core.metrics import confusion_matrix, score
 from cnnlab.models.summary import summarize
 from cnnlab.predict import ranked
@@ -184,7 +185,9 @@ class Served:
             layer_path(self.loaded.model, options["layer"])  # an unknown name is a UserError
         x = self._input(image)
         with self.model() as m:
-            t = torch.tensor([target]) if target is not None else m(x).argmax(1).cpu()
+            if target is None:  # the class the page shows first: the top-1, scored as the run scores
+                target = ranked(m, self.classes, x, 1, self.loaded.tta)[0][0]["index"]
+            t = torch.tensor([target])
             importance = explain(method, m, x, t.to(x.device), **options)
         panel = render.Panel(importance[0].float().cpu().numpy(), under=self._seen(x),
                              symmetric=EXPLAINERS[method].signed)
@@ -396,6 +399,9 @@ def open_run(index: int, path: str | Path, jobs: Jobs, images: ImageStore, taken
     if name in taken:
         name = f"{name} ({index + 1})"
     taken.add(name)
+    for folder in (path / "explore", path / "explore" / "top-images", path / "explore" / "maximize"):
+        if folder.is_dir():
+            remove_stale(folder)  # what a server stopped mid-write left behind
     served = Served(index, name, loaded, jobs, images, summary, feature_layers(loaded.model, probe),
                     default_layer(loaded.model, probe))
     for _ in range(POOL):
