@@ -32,6 +32,7 @@ from cnnlab.predict import predict, ranked
 from cnnlab.run import load
 from cnnlab.serve import load_runs
 from cnnlab.serve.app import CSP, MAX_UPLOAD
+from cnnlab.serve.store import Image as Uploaded
 from cnnlab.viz.filters import conv_filters
 from cnnlab.viz.top_images import top_images
 
@@ -218,16 +219,21 @@ def test_heavy_results_are_computed_once_and_cached_on_disk(runs):
     served = load_runs([runs[1]])[0]
     layer, channel = served.default_layer, 2
 
+    seen = []
+
     def finished(ask):
         deadline = time.monotonic() + 120
         while True:
             status = ask()
+            seen.append((status.state, status.progress))
             if status.state in ("done", "failed") or time.monotonic() > deadline:
                 return status
-            time.sleep(0.1)
+            time.sleep(0.02)
 
     status = finished(lambda: served.top_images(layer, channel))
     assert status.state == "done", status.error
+    # Asked first, it is queued: the answer is its state, at once, not the result.
+    assert seen[0] == ("queued", 0.0) and all(0.0 <= p <= 1.0 for _, p in seen)
     key = f"0:top-images:layer={layer}:channel={channel}"
     assert served.jobs.computed == {key: 1}
     cached = runs[1] / "explore" / "top-images" / f"{layer}-{channel}.json"
@@ -253,6 +259,28 @@ def test_heavy_results_are_computed_once_and_cached_on_disk(runs):
     # A retrained run (another checkpoint) does not take the old result.
     os.utime(served.loaded.path, ns=(time.time_ns(), time.time_ns()))
     assert load_runs([runs[1]])[0].top_images(layer, channel).state in ("queued", "running")
+
+
+def test_a_run_without_its_dataset_still_serves_uploads(hostile_run, caplog):
+    data = hostile_run.parent / "data"
+    moved = data.rename(data.with_name("moved"))
+    try:
+        with caplog.at_level("WARNING", logger="cnnlab.serve"):
+            served = load_runs([hostile_run])[0]
+    finally:
+        moved.rename(data)
+    assert "the run's test set cannot be read" in caplog.text
+    status = served.scores()
+    deadline = time.monotonic() + 30
+    while status.state in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = served.scores()
+    assert status.state == "failed" and status.error.startswith("the run's test set cannot be read")
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (250, 10, 10)).save(buffer, format="PNG")
+    got = served.predict(Uploaded("red.png", {served.index: served.decode(buffer.getvalue())}), None)
+    assert sorted(t["label"] for t in got["top"]) == sorted(CLASSES)
+    assert sum(t["prob"] for t in got["top"]) == pytest.approx(1.0, abs=1e-5)
 
 
 # --- the page, in a browser ---------------------------------------------------------------------------

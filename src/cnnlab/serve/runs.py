@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import queue
 import re
 import threading
@@ -50,6 +51,8 @@ from cnnlab.viz.sanity import EXPLAINERS, explain, sanity_checks
 from cnnlab.viz.top_images import top_images
 
 __all__ = ["METHODS", "Served", "open_run"]
+
+log = logging.getLogger(__name__)
 
 TOP_K = 5
 POOL = 2  # model copies for interactive requests, per run
@@ -96,6 +99,7 @@ class Served:
     _worker_model: nn.Module | None = field(default=None, repr=False)
     _test_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _curves: list[dict[str, str]] | None = field(default=None, repr=False)
+    _test_error: str | None = field(default=None, repr=False)  # why the test set cannot be read, if it cannot
 
     @property
     def run_dir(self) -> Path:
@@ -120,7 +124,10 @@ class Served:
             self._pool.put(m)
 
     def test_set(self) -> tuple[Tensor, Tensor]:
-        with self._test_lock:  # read once, whichever request asks first
+        """The test set, read by :func:`open_run` (a ``UserError`` saying why when it could not be)."""
+        if self._test_error is not None:
+            raise UserError(self._test_error)
+        with self._test_lock:
             return self.loaded.test_set()
 
     # --- images -------------------------------------------------------------------------------------
@@ -406,4 +413,11 @@ def open_run(index: int, path: str | Path, jobs: Jobs, images: ImageStore, taken
                     default_layer(loaded.model, probe))
     for _ in range(POOL):
         served._pool.put(copy.deepcopy(loaded.model))
+    # Read now, in the calling (main) thread: a dataset not yet in cnnlab's cache is decoded by forked
+    # processes, and a fork from one of the server's threads can deadlock on a lock another thread held.
+    try:
+        loaded.test_set()
+    except UserError as e:
+        served._test_error = f"the run's test set cannot be read: {e}"
+        log.warning("%s: %s; the panels that need it say so", name, served._test_error)
     return served
