@@ -386,7 +386,8 @@ def test_explorer_in_a_browser(server, runs, browser, tmp_path, capsys):
         page.locator("#thumbs figure").nth(0).wait_for()
         wrong = sum(matrix[t][p] for t in range(10) for p in range(10) if t != p)
         assert page.locator("#thumbs figure").count() == min(wrong, 60)
-        confidences = [int(re.search(r"\((\d+)%\)", c)[1]) for c in page.locator("#thumbs figcaption").all_inner_texts()]
+        captions = page.locator("#thumbs figcaption").all_inner_texts()
+        confidences = [int(re.search(r"\((\d+)%\)", c)[1]) for c in captions]
         assert confidences == sorted(confidences, reverse=True)
         page.locator("#thumbs figure").nth(0).click()
         page.wait_for_function("() => document.getElementById('input-caption').textContent.startsWith('test image')")

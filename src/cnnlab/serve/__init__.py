@@ -50,7 +50,8 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is in use; choose another with --port (0 picks a free one)") from None
+            raise UserError(f"port {port} on {host} is in use; choose another with --port "
+                            "(0 picks a free one)") from None
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.set_inheritable(True)
     return sock

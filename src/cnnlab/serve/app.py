@@ -24,7 +24,6 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnnlab.core.errors import UserError
-from cnnlab.report.charts import thumbnail
 from cnnlab.serve import pages
 from cnnlab.serve.runs import Served, choose, confusion, thumbnails
 from cnnlab.serve.store import Image
@@ -174,10 +173,7 @@ def create_app(runs: list[Served]) -> Starlette:
         out: dict[str, Any] = {"layer": layer, "channel": c, "filters": s.filters(layer, c),
                                "top": top.to_json(), "maximize": s.maximized(layer, c).to_json()}
         if top.result is not None:
-            images, labels = s.test_set()
-            out["top"]["result"] = {**top.result, "thumbs": [
-                {"thumb": thumbnail(images[i]), "label": s.classes[int(labels[i])], "ref": f"t{s.index}-{i}"}
-                for i in top.result["indices"]]}
+            out["top"]["result"] = {**top.result, "thumbs": s.test_thumbnails(top.result["indices"])}
         return out
 
     def trust(request: Request) -> Any:

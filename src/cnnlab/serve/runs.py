@@ -239,6 +239,12 @@ class Served:
             tiles = [png(render.colorize(c.numpy(), "gray", 0.0, 1.0)) for c in w[:64]]
         return {"conv": path, "shape": list(weight.shape[1:]), "tiles": tiles, "inputs": int(weight.shape[1])}
 
+    def test_thumbnails(self, indices: list[int]) -> list[dict[str, Any]]:
+        """Test images as thumbnails with their true class and the reference the page picks them by."""
+        images, labels = self.test_set()
+        return [{"thumb": charts.thumbnail(images[i]), "label": self.classes[int(labels[i])],
+                 "ref": f"t{self.index}-{i}"} for i in indices]
+
     def curves(self) -> list[dict[str, str]]:
         if self._curves is None:
             steps, epochs, _ = read_metrics(self.run_dir)
