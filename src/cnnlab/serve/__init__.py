@@ -10,6 +10,8 @@ results are computed by one background worker and cached next to each run
 from __future__ import annotations
 
 import errno
+import ipaddress
+import logging
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +22,8 @@ from cnnlab.core.errors import UserError
 from cnnlab.report.sections import SMALL_MODEL_MACS
 
 __all__ = ["bind", "load_runs", "serve"]
+
+log = logging.getLogger(__name__)
 
 
 def load_runs(run_dirs: Sequence[str | Path]):
@@ -69,8 +73,13 @@ def serve(run_dirs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8
 
     from cnnlab.serve.app import create_app
 
+    if not 0 <= port <= 65535:  # said before the runs are loaded
+        raise UserError(f"--port must be between 0 and 65535 (got {port})")
     runs = load_runs(run_dirs)
     sock = bind(host, port)
+    if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
+        log.warning("listening on %s: anyone who can reach this machine can use the explorer, upload images and "
+                    "see the runs' test images (the default, 127.0.0.1, is this machine only)", host)
     # Small models: each request on one thread. Their tensors are too small to split, and twenty
     # concurrent requests each spinning up every core's thread would only wait on each other.
     if all(r.summary["macs"] < SMALL_MODEL_MACS for r in runs):
