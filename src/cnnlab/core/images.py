@@ -6,9 +6,9 @@ dropped); 16-bit and float grayscale rescaled rather than clipped to white.
 
 Images stored in a dataset cache at a fixed size (``fit``) are decoded by PIL and resized by
 torch's antialiased bilinear kernel for uint8 pixels, which is vectorised where PIL's resize is
-not: on a 2-core AVX2 CPU, 256 px JPEGs became 224 px arrays at 500 images/s with PIL's resize and
-720/s with torch's. torchvision.io's decoder made 870/s, but it is deprecated since torchvision
-0.29 (BENCHMARKS.md).
+not: on a 2-core AVX2 CPU, 256 px JPEGs became 224 px arrays at 750 images/s a thread with PIL's
+resize and 1,055/s with torch's. torchvision.io's JPEG decoder made 1,395/s with pixels identical
+to PIL's, but torchvision deprecated its decoders in 0.29 (BENCHMARKS.md, "Data beyond the memory").
 """
 
 from __future__ import annotations
