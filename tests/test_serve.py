@@ -101,11 +101,12 @@ class Server:
 
 @pytest.fixture(scope="module")
 def runs(small_run, tmp_path_factory) -> list[Path]:
-    """Two copies of the session's small run (the explorer writes its cache into a run folder)."""
+    """Two copies of the session's small run (the explorer writes its cache into a run folder), without
+    what other tests wrote into it: a ``viz/sanity/sanity.json`` of two methods would be the trust table."""
     root = tmp_path_factory.mktemp("serve")
     copies = [root / "run-a", root / "run-b"]
     for copy in copies:
-        shutil.copytree(small_run, copy, ignore=shutil.ignore_patterns("explore", "tb"))
+        shutil.copytree(small_run, copy, ignore=shutil.ignore_patterns("explore", "tb", "viz"))
     return copies
 
 
