@@ -17,7 +17,7 @@ from cnnlab.core.errors import UserError
 from cnnlab.train.device import BF16_ENV, amp_choice, bf16_is_native, cpu_bf16, use_amp
 
 TINY = ["train", "--dataset", "sample", "--model", "resnet18-cifar", "--width", "4", "--image-size", "32",
-        "--epochs", "1", "--limit-train", "256", "--limit-test", "64", "--device", "cpu"]
+        "--epochs", "1", "--limit-train", "128", "--limit-test", "32", "--device", "cpu"]
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 NOTE = "note: --amp is ignored, training in fp32"
 

@@ -58,8 +58,14 @@ def test_demo_trains_evaluates_and_says_where(one_epoch, tmp_path, capsys):
 
 
 def test_demo_runs_twice_without_out(one_epoch, tmp_path, monkeypatch):
-    # `make demo` twice in a row must not trip over the first run's folder.
+    # `make demo` twice in a row must not trip over the first run's folder. The two runs are likely to
+    # start within one second; training, evaluation and checkpoints are what could collide, so the
+    # gallery and report (tested above) are left out and the runs are small.
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(demo.DEMO, "limit_train", 256)
+    monkeypatch.setitem(demo.DEMO, "limit_test", 64)
+    monkeypatch.setattr(demo, "gallery", lambda run_dir: [])
+    monkeypatch.setattr(demo, "report", lambda run_dir, device: run_dir / "report.html")
     first, second = demo.demo(), demo.demo()
     assert first != second
     assert (first / "checkpoints" / "last.pt").is_file() and (second / "checkpoints" / "last.pt").is_file()
