@@ -62,17 +62,17 @@ def test_tta_averages_each_images_logits_with_its_mirror_images():
     assert torch.equal(a.predictions, b.predictions) and a.loss == pytest.approx(b.loss, rel=1e-5)
 
 
-def test_cuda_graphs_need_cuda_and_imply_compiling(capsys):
+def test_cuda_graphs_need_cuda_and_imply_compiling(caplog):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compile_mode(False, False, cpu) is None
     assert compile_mode(True, False, cpu) == compile_mode(True, False, cuda) == "default"
     assert compile_mode(False, True, cuda) == compile_mode(True, True, cuda) == "reduce-overhead"
-    assert capsys.readouterr().err == ""
+    assert caplog.text == ""
     assert compile_mode(False, True, cpu) == "default"  # still compiled, without graphs
-    assert "--cuda-graphs is ignored" in capsys.readouterr().err
+    assert "--cuda-graphs is ignored" in caplog.text  # a library note, through logging
 
 
-def test_compiled_training_on_a_cpu_with_a_narrow_model(tmp_path, capsys):
+def test_compiled_training_on_a_cpu_with_a_narrow_model(tmp_path, caplog):
     # Inductor's channels-last convolutions corrupt the heap on CPUs for models this narrow with odd
     # batches (torch 2.14); the trainer compiles without that layout change. --cuda-graphs on a CPU
     # compiles without graphs, and says so.
@@ -83,5 +83,6 @@ def test_compiled_training_on_a_cpu_with_a_narrow_model(tmp_path, capsys):
                                           limit_train=256, limit_test=64, device="cpu", cuda_graphs=True,
                                           out=str(tmp_path / "run"))))
     assert result.step == 2 * 4  # 231 images: batches of 64, 64, 64 and 39
-    assert "--cuda-graphs is ignored" in capsys.readouterr().err
+    # The library says so through logging (the CLI prints it); caplog sees it however logging is set up.
+    assert "--cuda-graphs is ignored" in caplog.text
     assert 0 <= result.last["test_acc"] <= 1
