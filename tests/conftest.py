@@ -1,4 +1,5 @@
-"""Shared test set-up: a private cache per test session, and the shared CIFAR-10 archive if present."""
+"""Shared test set-up: a private cache per test session, the shared CIFAR-10 archive if present, a small
+trained run, and headless Chromium for the pages."""
 
 import os
 from pathlib import Path
@@ -50,3 +51,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium (``.ci/run`` installs it) driven by Playwright (the ``test`` extra); nothing is
+    downloaded. Skips, saying why, where either is missing."""
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium package (.ci/run does) to test pages "
+                    "in a browser")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is not installed: pip install -e '.[test]'")
+    with sync_api.sync_playwright() as p:
+        # CI runs as root, where Chromium's sandbox cannot start.
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield b
+        b.close()

@@ -12,7 +12,7 @@ from cnnlab.config import resolve
 from cnnlab.models.summary import summarize
 from cnnlab.report.compare import compare, gather
 from cnnlab.train.engine import train
-from test_report import ARTIFACTS, HOSTILE, Opened, browser  # noqa: F401 - the browser fixture, shared with the report test
+from test_report import ARTIFACTS, HOSTILE, Opened
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def two_runs(small_run, tmp_path_factory) -> list[Path]:
     return [small_run, train(cfg).run_dir]
 
 
-def test_compare_page_in_a_browser(two_runs, browser, tmp_path, capsys):  # noqa: F811 - the fixture
+def test_compare_page_in_a_browser(two_runs, browser, tmp_path, capsys):
     page_path = tmp_path / "compare.html"
     assert cli.main(["compare", *map(str, two_runs), "--out", str(page_path)]) == 0
     printed = capsys.readouterr().out

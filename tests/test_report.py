@@ -17,24 +17,9 @@ from cnnlab.report import report
 from cnnlab.report.page import SECTIONS
 from cnnlab.viz.sanity import EXPLAINERS
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("CNNLAB_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
 HOSTILE = "<img src=x onerror=alert(1)>"
 DOLLARS = "cost $5 & $6"  # matplotlib would read $…$ as TeX; & must be escaped in HTML
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium package (.ci/run does) to test the report "
-                    "in a browser")
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="playwright is not installed: pip install -e '.[test]'")
-    with sync_api.sync_playwright() as p:
-        # CI runs as root, where Chromium's sandbox cannot start.
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 class Opened:

@@ -36,7 +36,6 @@ from cnnlab.serve.store import Image as Uploaded
 from cnnlab.viz.filters import conv_filters
 from cnnlab.viz.top_images import top_images
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("CNNLAB_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
 LOAD_SECONDS = float(os.environ.get("CNNLAB_SERVE_LOAD_S", "30"))
 HOSTILE = "<img src=x onerror=alert(1)>.png"
@@ -285,19 +284,6 @@ def test_a_run_without_its_dataset_still_serves_uploads(hostile_run, caplog):
 
 
 # --- the page, in a browser ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium package (.ci/run does) to test the explorer "
-                    "in a browser")
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="playwright is not installed: pip install -e '.[test]'")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])  # CI runs as root
-        yield b
-        b.close()
 
 
 def test_explorer_in_a_browser(server, runs, browser, tmp_path, capsys):
