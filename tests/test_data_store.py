@@ -304,3 +304,35 @@ def test_a_hugging_face_dataset_without_the_library_says_what_to_install(tmp_pat
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if it were not installed
     with pytest.raises(UserError, match=r"cnnlab\[hf\]"):
         load_dataset(f"folder:{tmp_path / 'hf'}")
+
+
+def test_a_build_started_off_the_main_thread_decodes_in_process_and_gives_the_same_pixels(tmp_path, monkeypatch):
+    # A fork from a thread other than the main one can copy a lock another thread holds, and the child
+    # then hangs (a server thread opening a dataset did): such a build decodes without a pool.
+    import threading
+
+    from cnnlab.data import sources
+
+    monkeypatch.setattr(sources, "POOL_MIN_IMAGES", 1)  # a pool for any set, where one is allowed
+    monkeypatch.setattr(sources, "_worker_count", lambda: 2)
+    with sources._executor(10, 0) as (pool, _):
+        assert pool is not None  # the main thread forks as before
+
+    seen: dict[str, object] = {}
+
+    def off_main() -> None:
+        with sources._executor(10, 0) as (pool, _):
+            seen["pool"] = pool
+        monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache-thread"))
+        seen["data"] = load_dataset(f"folder:{root}")
+
+    root = _jpeg_tree(tmp_path / "folder", {"train": 12, "test": 4}, (40, 30))
+    worker = threading.Thread(target=off_main)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the build off the main thread did not finish"
+    assert seen["pool"] is None
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache-main"))
+    main = load_dataset(f"folder:{root}")  # decoded by the pool
+    assert torch.equal(seen["data"].train_x, main.train_x) and torch.equal(seen["data"].test_x, main.test_x)
+    assert torch.equal(seen["data"].train_y, main.train_y)

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import statistics
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -656,10 +657,15 @@ def _worker_init() -> None:
 
 @contextmanager
 def _executor(total: int, total_bytes: int) -> Iterator[tuple[Executor | None, int]]:
-    """A process pool, and how many chunks may be in flight, for big sets where fork is available."""
+    """A process pool, and how many chunks may be in flight, for big sets where fork is available.
+
+    Only from the main thread: a fork from any other thread copies locks that other threads (torch's,
+    the server's) may hold at that moment, and the child can hang on them forever. Elsewhere the
+    images are decoded in this process."""
     workers = _worker_count()
     big = total >= POOL_MIN_IMAGES or total_bytes >= POOL_MIN_BYTES
-    if not big or workers < 2 or sys.platform != "linux":
+    main = threading.current_thread() is threading.main_thread()
+    if not big or workers < 2 or sys.platform != "linux" or not main:
         yield None, 1
         return
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init)
