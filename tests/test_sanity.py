@@ -264,6 +264,7 @@ def test_the_command_prints_the_table_and_writes_the_figure(small_run, capsys):
     (["--steps", "3"], ["sanity does not use --steps"]),
     (["--count", "0"], ["--count must be at least 1"]),
     (["--random-labels", "MISSING"], ["does not exist"]),
+    (["--random-labels", "-1"], ["--random-labels -1 is not a number of epochs", "run trained on permuted"]),
 ])
 def test_sanity_mistakes_are_one_line_and_exit_2(small_run, tmp_path, capsys, argv, words):
     argv = [str(tmp_path / "nothing") if a == "MISSING" else a for a in argv]

@@ -134,6 +134,9 @@ def _random_labels_model(loaded: runs.LoadedRun, random_labels: str | int | None
     if random_labels in (None, "none", 0, "0"):
         return None, "not run (give `random_labels`: a run trained on permuted labels, or epochs to train one)"
     text = str(random_labels)
+    if text.startswith("-") and text[1:].isdigit():  # argparse hands "-1" over as a value, not a flag
+        raise UserError(f"`random_labels` {text} is not a number of epochs: give 1 or more epochs, a run trained "
+                        "on permuted labels, auto or none")
     if text != "auto" and not text.isdigit():
         other = runs.load(text, device=loaded.device)
         if other.spec != loaded.spec:
