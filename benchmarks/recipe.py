@@ -42,6 +42,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "EMA 0.995": {"ema": 0.995},
     "no EMA": {"ema": 0.0},
     "no nesterov": {"nesterov": False},
+    "batch 256, lr 0.2": {"batch_size": 256, "lr": 0.2},
+    # Not a cnnlab setting: the benchmark splits the optimizer's groups itself (see _decay_weights_only).
+    "no weight decay on BN and biases": {"decay_weights_only": True},
 }
 DEFAULT = ("fast recipe", "label smoothing 0", "label smoothing 0.2", "EMA 0.98", "EMA 0.995")  # others: --variants
 
@@ -54,9 +57,12 @@ def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: 
     from cnnlab.run import load
     from cnnlab.train.engine import train
 
-    out = runs / name.replace(" ", "-")
+    out = runs / name.replace(" ", "-").replace(",", "")
     shutil.rmtree(out, ignore_errors=True)
-    cfg = resolve("fast", overrides={**base, **changes, "out": str(out), "tta": False})
+    settings = dict(changes)
+    if settings.pop("decay_weights_only", False):
+        _decay_weights_only()
+    cfg = resolve("fast", overrides={**base, **settings, "out": str(out), "tta": False})
     start = time.perf_counter()
     train(cfg)
     seconds = time.perf_counter() - start
@@ -73,6 +79,24 @@ def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: 
             row[f"{split_name}{'_tta' if tta else ''}"] = 100 * s.top1
     row["n_val"], row["n_test"] = len(data.val_y), len(data.test_y)
     return row
+
+
+def _decay_weights_only() -> None:
+    """Weight decay on conv and linear weights alone, none on BatchNorm's scales and shifts or on biases
+    (a common variant, e.g. timm's ``param_groups_weight_decay``); for this process only."""
+    from cnnlab.models import transfer
+
+    grouped = transfer.param_groups
+
+    def param_groups(model: torch.nn.Module, lr: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+        groups = []
+        for group in grouped(model, lr, backbone_lr_scale):
+            matrices = [p for p in group["params"] if p.ndim > 1]
+            vectors = [p for p in group["params"] if p.ndim <= 1]
+            groups += [{**group, "params": matrices}, {**group, "params": vectors, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    transfer.param_groups = param_groups
 
 
 def _gpu_peak(device: torch.device) -> dict[str, float]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks package lives at the root
 
-from benchmarks import assignment, cpu, pipeline, recipe  # noqa: E402
+from benchmarks import assignment, cpu, pipeline, recipe, run_record  # noqa: E402
 from cnnlab.core.transforms import to_input  # noqa: E402
 
 TINY = cpu.Settings(dataset="synthetic", width=4, image_size=64, batch_size=8, pipeline_warmup=1,
@@ -74,6 +74,40 @@ def test_recipe_ablation_document(tmp_path, monkeypatch):
             assert abs(row[key] * n / 100 - round(row[key] * n / 100)) < 1e-6
     scored = json.loads((tmp_path / "runs" / "EMA-0.98" / "metrics.jsonl").read_text().splitlines()[-1])
     assert scored["test_acc"] * 100 == pytest.approx(averaged["test"])  # the run's own score, without TTA
+
+
+def test_decay_weights_only_leaves_batchnorm_and_biases_undecayed(monkeypatch):
+    from cnnlab.models import build, transfer
+
+    monkeypatch.setattr(transfer, "param_groups", transfer.param_groups)  # restored after the test
+    recipe._decay_weights_only()
+    model = build("resnet18-cifar", num_classes=10, width=4)
+    groups = transfer.param_groups(model, 0.4)
+    decayed, undecayed = groups
+    assert "weight_decay" not in decayed and undecayed["weight_decay"] == 0.0  # the optimizer's default, and none
+    assert all(p.ndim == 4 or p.ndim == 2 for p in decayed["params"])
+    norms = [p for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()]
+    assert {id(p) for p in undecayed["params"]} == {id(p) for p in norms} | {id(model.fc.bias)}
+    optimizer = torch.optim.SGD(groups, lr=0.4, weight_decay=5e-4)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 0.0]
+
+
+def test_run_record_counts_a_resumed_epoch_once(small_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("viz", "eval*", "explore"))
+    [epoch] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["kind"] == "epoch"]
+    with (run / "metrics.jsonl").open("a") as f:  # as a run resumed before its epoch's end writes it again
+        f.write(json.dumps({**epoch, "seconds": 2.5}) + "\n")
+    assert run_record.main([str(run), "record.json", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "record.json").read_text())
+    assert document["epochs_done"] == 1 and document["train_seconds"] == 2.5
+    # The run scored itself with flip TTA (the fast recipe): the same weights score the same again.
+    assert document["test_acc_tta"] == pytest.approx(epoch["test_acc"], abs=1e-12)
+    assert 0 <= document["test_acc_plain"] <= 1 and document["data"]["test"] == 200
+    assert document["config"]["width"] == 8 and document["curve"][0]["epoch"] == 1
 
 
 def test_schedule_alternates_rounds():

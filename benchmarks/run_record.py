@@ -1,0 +1,72 @@
+"""A finished run's headline figures as one JSON file: its per-epoch curve, training time, and the
+final weights' test accuracy with and without flip TTA.
+
+    python -m benchmarks.run_record RUN_DIR NAME.json [--device cpu]
+
+For long runs trained outside a benchmark script (the `fast` recipe at CPU scale, a GPU run made by
+hand): the curve is read from ``metrics.jsonl`` (the last record of each epoch wins, so a run resumed
+after a crash counts each epoch once), the scores come from ``cnnlab evaluate`` on
+``checkpoints/last.pt``. Prints the curve as a table and writes ``benchmarks/results/NAME.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+
+
+def record(run_dir: Path, device: str = "auto") -> dict[str, Any]:
+    from cnnlab.evaluate import evaluate
+    from cnnlab.report.sections import read_metrics
+
+    _, epochs, _ = read_metrics(run_dir)
+    info = json.loads((run_dir / "config.json").read_text())
+    last = run_dir / "checkpoints" / "last.pt"
+    scores = {}
+    for tta in (True, False):
+        start = time.perf_counter()
+        result = evaluate(last, device=device, tta=tta, out=run_dir / ("eval-tta" if tta else "eval-plain"))
+        scores["tta" if tta else "plain"] = {"top1": result["top1"], "loss": result.get("loss"),
+                                             "seconds": round(time.perf_counter() - start, 1)}
+    curve = [{key: row.get(key) for key in ("epoch", "lr", "train_loss", "train_acc", "val_acc", "test_acc",
+                                            "seconds", "images_per_s")} for row in epochs]
+    return {
+        "machine": report.machine_info(),
+        "command": report.command_line(),
+        "run_dir": str(run_dir),
+        "config": info["config"],
+        "amp": info.get("amp"),
+        "data": {key: info.get("data", {}).get(key) for key in ("hash", "train", "val", "test")},
+        "epochs_done": len(curve),
+        "train_seconds": round(sum(row["seconds"] or 0.0 for row in curve), 1),
+        "test_acc_tta": scores["tta"]["top1"],
+        "test_acc_plain": scores["plain"]["top1"],
+        "scores": scores,
+        "curve": curve,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("name", help="file name under benchmarks/results/")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, help="folder for the JSON (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    document = record(args.run_dir, args.device)
+    print(report.format_table(document["curve"], [
+        ("epoch", "epoch"), ("lr", "lr at end"), ("train_loss", "train loss"), ("train_acc", "train acc"),
+        ("val_acc", "val acc"), ("test_acc", "test acc"), ("seconds", "epoch s"), ("images_per_s", "img/s")]))
+    print(f"test accuracy of the final weights: {document['test_acc_tta']:.4f} with flip TTA, "
+          f"{document['test_acc_plain']:.4f} without; {document['train_seconds']:.0f} s of training epochs")
+    print(f"wrote {report.write_json(document, args.name, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
