@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no EMA": {"ema": 0.0},
     "no nesterov": {"nesterov": False},
     "batch 256, lr 0.2": {"batch_size": 256, "lr": 0.2},
+    "cosine schedule": {"schedule": "cosine"},
     # Not a cnnlab setting: the benchmark splits the optimizer's groups itself (see _decay_weights_only).
     "no weight decay on BN and biases": {"decay_weights_only": True},
 }
