@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import isolate, report, training
+from benchmarks import isolate, report, run_record, training
 from benchmarks.training import Variant
 
 BUDGET_S = 540  # the whole script must fit in 9 minutes on one H100/H200
@@ -180,13 +180,8 @@ def decode_row(plan: Plan) -> dict[str, Any]:
 
 def tta_row(plan: Plan, run_dir: str) -> dict[str, Any]:
     """Test accuracy of a finished run's final weights without horizontal-flip averaging, and with."""
-    from cnnlab.evaluate import evaluate
-
-    device = torch.device(plan.device)
-    last = Path(run_dir) / "checkpoints" / "last.pt"
-    flipped = evaluate(last, device=plan.device, tta=True, out=Path(run_dir) / "eval-tta")
-    plain = evaluate(last, device=plan.device, tta=False, out=Path(run_dir) / "eval-plain")
-    return {"value": plain["top1"], "tta_acc": flipped["top1"], **gpu_peak(device)}
+    scores = run_record.final_scores(Path(run_dir), plan.device)
+    return {"value": scores["plain"]["top1"], "tta_acc": scores["tta"]["top1"], **gpu_peak(torch.device(plan.device))}
 
 
 def child_rows() -> dict:

@@ -20,19 +20,26 @@ from typing import Any
 from benchmarks import report
 
 
-def record(run_dir: Path, device: str = "auto") -> dict[str, Any]:
+def final_scores(run_dir: Path, device: str = "auto") -> dict[str, dict[str, float]]:
+    """The test scores of a run's final weights with flip TTA ("tta") and without ("plain"); each
+    ``cnnlab evaluate`` output goes to RUN_DIR/eval-tta and RUN_DIR/eval-plain."""
     from cnnlab.evaluate import evaluate
+
+    scores = {}
+    for name, tta in (("tta", True), ("plain", False)):
+        start = time.perf_counter()
+        result = evaluate(run_dir / "checkpoints" / "last.pt", device=device, tta=tta, out=run_dir / f"eval-{name}")
+        scores[name] = {"top1": result["top1"], "loss": result["loss"],
+                        "seconds": round(time.perf_counter() - start, 1)}
+    return scores
+
+
+def record(run_dir: Path, device: str = "auto") -> dict[str, Any]:
     from cnnlab.report.sections import read_metrics
 
     _, epochs, _ = read_metrics(run_dir)
     info = json.loads((run_dir / "config.json").read_text())
-    last = run_dir / "checkpoints" / "last.pt"
-    scores = {}
-    for tta in (True, False):
-        start = time.perf_counter()
-        result = evaluate(last, device=device, tta=tta, out=run_dir / ("eval-tta" if tta else "eval-plain"))
-        scores["tta" if tta else "plain"] = {"top1": result["top1"], "loss": result.get("loss"),
-                                             "seconds": round(time.perf_counter() - start, 1)}
+    scores = final_scores(run_dir, device)
     curve = [{key: row.get(key) for key in ("epoch", "lr", "train_loss", "train_acc", "val_acc", "test_acc",
                                             "seconds", "images_per_s")} for row in epochs]
     return {
