@@ -74,7 +74,8 @@ def _jpeg(seed: int, side: int) -> bytes:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
+    img = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+        (side, side), Image.Resampling.BICUBIC)
     noisy = np.asarray(img).astype(np.int16) + rng.integers(-12, 13, (side, side, 3))  # texture, as in photos
     buf = io.BytesIO()
     Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
@@ -213,7 +214,8 @@ def row_speed(job: dict[str, Any]) -> dict[str, Any]:
     cpu = torch.device("cpu")
     preprocess = Preprocess(cfg.image_size, 3, cfg.mean, cfg.std)
     sources = {"memory": place(data, cpu, on_device=True), "cache": place(data, cpu, on_device=False)}
-    assert isinstance(sources["memory"].train_x, torch.Tensor) and not isinstance(sources["cache"].train_x, torch.Tensor)
+    assert isinstance(sources["memory"].train_x, torch.Tensor)
+    assert not isinstance(sources["cache"].train_x, torch.Tensor)
     batches = {k: TrainBatches(d.train_x, d.train_y, cfg.batch_size, preprocess, cfg.augment, cfg.seed)
                for k, d in sources.items()}
     model = build(cfg.model, num_classes=10, width=cfg.width)
@@ -445,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.row:
         isolate.child_main(args.row, ROWS)
         return
-    settings = Settings(images=args.images, cap_gib=args.cap_gib, speed_epochs=args.epochs, work=args.work, capped_images=args.capped_images,
+    settings = Settings(images=args.images, cap_gib=args.cap_gib, speed_epochs=args.epochs, work=args.work,
+                        capped_images=args.capped_images,
                         parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
                         speed_limit_train=args.speed_limit_train)
     document = run(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))

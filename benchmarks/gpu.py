@@ -215,7 +215,8 @@ def train_row(name: str, args: list[str], timeout_s: float) -> dict[str, Any]:
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"exit status {done.returncode}: {tail}", "command": _shown(args)}
-    epochs = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == "epoch"]
+    epochs = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+              if r.get("kind") == "epoch"]
     config = json.loads((run_dir / "config.json").read_text())
     last = epochs[-1]
     return {"value": last["test_acc"], "wall_s": wall, "train_acc": last["train_acc"], "epochs": last["epoch"],
@@ -306,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                                           f"the bundled sample in a dry run)")
     parser.add_argument("--dry-run", action="store_true", default=os.environ.get("CNNLAB_BENCH_DRY") == "1",
                         help="every row on the CPU at tiny sizes (also: CNNLAB_BENCH_DRY=1)")
-    parser.add_argument("--fast-long-epochs", type=int, default=int(os.environ.get("CNNLAB_BENCH_FAST_LONG_EPOCHS", 40)),
+    parser.add_argument("--fast-long-epochs", type=int,
+                        default=int(os.environ.get("CNNLAB_BENCH_FAST_LONG_EPOCHS", 40)),
                         help="epochs of the longer fast row (aimed at ≥ 95%% in ≤ 60 s)")
     parser.add_argument("--out", type=Path, help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: one row in this process

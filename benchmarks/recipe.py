@@ -52,9 +52,9 @@ DEFAULT = ("fast recipe", "label smoothing 0", "label smoothing 0.2", "EMA 0.98"
 
 def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: Path) -> dict[str, Any]:
     from cnnlab.config import resolve
+    from cnnlab.core.metrics import score
     from cnnlab.data import load_dataset
     from cnnlab.data.splits import split
-    from cnnlab.core.metrics import score
     from cnnlab.run import load
     from cnnlab.train.engine import train
 

@@ -59,8 +59,10 @@ def deterministic_tar_gz(files: dict[str, bytes]) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path, help="the full CIFAR-10 JPEG archive (train/<class>/*.jpg, test/<class>/*.jpg)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where to write the sample (default: {DEFAULT_OUT})")
+    parser.add_argument("source", type=Path,
+                        help="the full CIFAR-10 JPEG archive (train/<class>/*.jpg, test/<class>/*.jpg)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"where to write the sample (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
 
     chosen = select(read_archive(args.source, keep=lambda rel: rel.lower().endswith(".jpg")).files)

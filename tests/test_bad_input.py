@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from cnnlab import cli
-from cnnlab.data import archives, load_dataset
-from cnnlab.core.errors import UserError
 from cnnlab.core import checkpoint
+from cnnlab.core.errors import UserError
+from cnnlab.data import archives, load_dataset
 
 
 def one_error_line(capsys, argv):
@@ -95,7 +95,8 @@ def test_a_checkpoint_for_another_model_or_class_count_is_explained(tmp_path, ca
     err = one_error_line(capsys, ["evaluate", str(other)])
     assert "does not match model resnet18-cifar" in err and "7 classes" in err
     # Right model, but evaluated on data with other classes.
-    err = one_error_line(capsys, ["evaluate", str(small_checkpoint), "--dataset", f"folder:{image_tree(tmp_path / 'd')}"])
+    err = one_error_line(capsys, ["evaluate", str(small_checkpoint),
+                                  "--dataset", f"folder:{image_tree(tmp_path / 'd')}"])
     assert "trained on airplane, automobile" in err and "cat, dog" in err
 
 

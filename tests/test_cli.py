@@ -6,10 +6,10 @@ import sys
 
 import pytest
 from PIL import Image
+from test_train import read_metrics, tiny
 
 from cnnlab.cli import main
 from cnnlab.train import engine
-from test_train import read_metrics, tiny
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def test_evaluate_json_matches_the_run(run_dir, capsys):
     epochs = [r for r in read_metrics(run_dir) if r["kind"] == "epoch"]
     best = max(epochs, key=lambda r: r["val_acc"])
     assert doc["top1"] == pytest.approx(best["test_acc"], abs=1e-9)
-    for i, (name, acc) in enumerate(doc["per_class"].items()):
+    for i, (_name, acc) in enumerate(doc["per_class"].items()):
         row = doc["confusion"][i]
         assert acc == pytest.approx(row[i] / sum(row))
     png = Image.open(run_dir / "eval" / "confusion.png")

@@ -106,7 +106,8 @@ def toml_literal(value):
 
 
 @fuzz(150)
-@given(table=st.dictionaries(st.one_of(st.sampled_from(sorted(FIELDS)), st.from_regex(r"[a-z_\-]{1,10}", fullmatch=True)),
+@given(table=st.dictionaries(st.one_of(st.sampled_from(sorted(FIELDS)),
+                                       st.from_regex(r"[a-z_\-]{1,10}", fullmatch=True)),
                              toml_values, max_size=5),
        junk=st.one_of(st.none(), st.text(max_size=30)))
 def test_toml_configs_end_in_0_or_2(tmp_path_factory, table, junk):
@@ -123,7 +124,8 @@ def test_toml_configs_end_in_0_or_2(tmp_path_factory, table, junk):
     st.tuples(st.just("summary"), st.sampled_from(["resnet18-cifar", "resnet18", "vgg16", ""]),
               st.sampled_from(["--width", "--image-size", "--num-classes"]), numbers).map(
         lambda t: [t[0], t[1], "--width=2", f"{t[2]}={t[3]}"]),
-    st.tuples(st.sampled_from(["evaluate", "train --resume", "visualize features", "predict"]), st.text(max_size=20)).map(
+    st.tuples(st.sampled_from(["evaluate", "train --resume", "visualize features", "predict"]),
+              st.text(max_size=20)).map(
         lambda t: [*t[0].split(), t[1] or "x"]),
     st.lists(st.text(max_size=10), max_size=3),
 ))

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_report import ARTIFACTS, HOSTILE, Opened
 
 from cnnlab import cli
 from cnnlab.config import resolve
 from cnnlab.models.summary import summarize
 from cnnlab.report.compare import compare, gather
 from cnnlab.train.engine import train
-from test_report import ARTIFACTS, HOSTILE, Opened
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from cnnlab import cli
-from cnnlab.core.errors import UserError
 from cnnlab.core import checkpoint
+from cnnlab.core.errors import UserError
 
 # A tiny model and frequent checkpoints: every step is a moment at which a kill can land.
 KILL_RUN = ["--recipe", "fast", "--dataset", "sample", "--model", "resnet18-cifar", "--width", "4",

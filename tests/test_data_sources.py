@@ -17,9 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab.data import DATASET_CHOICES, Dataset, load_dataset, open_dataset
-from cnnlab.data import sources
 from cnnlab.core.errors import UserError
+from cnnlab.data import DATASET_CHOICES, Dataset, load_dataset, open_dataset, sources
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -90,7 +89,8 @@ def _fake_cifar(root: Path, per_batch: int = 4) -> tuple[np.ndarray, list[int], 
         data, labels = _pixels(i, (per_batch, 3072)), [(i + j) % 10 for j in range(per_batch)]
         train_x.append(data)
         train_y += labels
-        batch = {b"batch_label": b"training batch", b"data": data, b"labels": labels, b"filenames": [b"x.png"] * per_batch}
+        batch = {b"batch_label": b"training batch", b"data": data, b"labels": labels,
+                 b"filenames": [b"x.png"] * per_batch}
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
     test_x, test_y = _pixels(99, (3, 3072)), [9, 0, 5]
     (folder / "test_batch").write_bytes(pickle.dumps({b"data": test_x, b"labels": test_y}, protocol=4))
@@ -367,7 +367,8 @@ def test_sample() -> None:
 
 def test_make_sample_is_reproducible(cifar10_jpeg: Path, tmp_path: Path) -> None:
     out = tmp_path / "sample.tar.gz"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_sample.py"), str(cifar10_jpeg), "--out", str(out)], check=True)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_sample.py"), str(cifar10_jpeg), "--out", str(out)],
+                   check=True)
     bundled = sources.SAMPLE_ARCHIVE.read_bytes()
     assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(bundled).hexdigest()
 

@@ -64,8 +64,11 @@ def test_reading_batches_from_the_cache_trains_exactly_as_holding_the_data(tmp_p
     assert json.loads((held / "config.json").read_text())["data"]["on_device"] is True
     a, b = _state(held), _state(streamed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    lines = lambda d: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
-                       for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+    def lines(d):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
+                for line in (d / "metrics.jsonl").read_text().splitlines()]
+
     assert lines(held) == lines(streamed)
 
 
@@ -247,7 +250,7 @@ def test_a_csv_list_of_paths_and_labels(tmp_path: Path) -> None:
     written = _csv_tree(tmp_path)
     rows = [("img/0.png", "cat", "train"), ("img/1.png", "dog", "train"), ("img/2.png", "cat", "train"),
             ("img/3.png", "dog", "test"), ("img/4.png", "cat", "test")]
-    (tmp_path / "all.csv").write_text("path,label,split\n" + "".join(f"{p},{l},{s}\n" for p, l, s in rows))
+    (tmp_path / "all.csv").write_text("path,label,split\n" + "".join(f"{p},{label},{s}\n" for p, label, s in rows))
     ds = load_dataset(f"folder:{tmp_path / 'all.csv'}")
     assert ds.classes == ["cat", "dog"] and ds.train_y.tolist() == [0, 1, 0] and ds.test_y.tolist() == [1, 0]
     assert np.array_equal(ds.train_x[1].numpy(), written["img/1.png"])
@@ -285,7 +288,8 @@ def _hf_saved(root: Path) -> tuple[Path, dict[str, list[np.ndarray]]]:
     for split, n in (("train", 5), ("test", 3)):
         pixels[split] = [rng.integers(0, 256, (6, 8, 3), dtype=np.uint8) for _ in range(n)]
         splits[split] = datasets.Dataset.from_dict(
-            {"image": [Image.fromarray(a) for a in pixels[split]], "label": [i % 2 for i in range(n)]}, features=features)
+            {"image": [Image.fromarray(a) for a in pixels[split]], "label": [i % 2 for i in range(n)]},
+            features=features)
     datasets.DatasetDict(splits).save_to_disk(str(root))
     return root, pixels
 
@@ -295,7 +299,8 @@ def test_a_saved_hugging_face_dataset(tmp_path: Path) -> None:
     ds = load_dataset(f"folder:{root}")
     assert ds.classes == ["cat", "dog"] and ds.train_y.tolist() == [0, 1, 0, 1, 0] and ds.test_y.tolist() == [0, 1, 0]
     for split, x in (("train", ds.train_x), ("test", ds.test_x)):
-        assert all(np.array_equal(x[i].numpy(), a.transpose(2, 0, 1)) for i, a in enumerate(pixels[split]))  # PNG: lossless
+        # PNG: lossless
+        assert all(np.array_equal(x[i].numpy(), a.transpose(2, 0, 1)) for i, a in enumerate(pixels[split]))
 
 
 def test_a_hugging_face_dataset_without_the_library_says_what_to_install(tmp_path: Path, monkeypatch) -> None:

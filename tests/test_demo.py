@@ -33,7 +33,7 @@ def test_demo_trains_evaluates_and_says_where(one_epoch, tmp_path, capsys):
     assert run.spec.to_dict() == {"name": "resnet18-cifar", "num_classes": 10, "width": 16, "in_channels": 3}
     assert run.preprocess.size == 32
     assert run.classes[:3] == ["airplane", "automobile", "bird"]
-    epochs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1]
 
     # The gallery: conv1 filters, feature maps of one test image, Grad-CAM of four.

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab.evaluate import evaluate
 from cnnlab.core import checkpoint
+from cnnlab.evaluate import evaluate
 
 # No augmentation: then 2 ranks × 32 and 1 process × 64 see the very same global batches. A small,
 # constant learning rate: float rounding differs between one batch of 64 and two of 32 (in the

@@ -182,7 +182,8 @@ def test_weights_that_turn_nan_behind_a_finite_loss_are_never_saved(data, tmp_pa
     assert "diverged: the weights became NaN or infinite at step 2" in err and "last good checkpoint (step 1)" in err
     last = checkpoint.read(out / "checkpoints" / "last.pt")  # read() refuses non-finite weights
     assert last.step == 1
-    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "step"]
     assert steps == [1]
 
 
@@ -259,7 +260,7 @@ def test_a_last_batch_of_one_image_joins_the_one_before(data, tmp_path, capsys):
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     assert err.count("joins the batch before it") == 1
-    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "step"] == [1]
 
 
@@ -279,7 +280,8 @@ MALFORMED = {
     "model a list": (lambda s: s.update(model=list(s["model"].values())), "model is list, not a table"),
     "width 10^6": (lambda s: s["model_spec"].update(width=10**6), "model_spec.width is 1000000, outside 1…256"),
     "image size 10^6": (lambda s: s["preprocess"].update(size=10**6), "preprocess.size is 1000000"),
-    "unknown model": (lambda s: s["model_spec"].update(name="vgg19"), "for model 'vgg19', which this cnnlab cannot build"),
+    "unknown model": (lambda s: s["model_spec"].update(name="vgg19"),
+                      "for model 'vgg19', which this cnnlab cannot build"),
     "config a string": (lambda s: s.update(config="x"), "config is str, not a table"),
     "bad config value": (lambda s: s["config"].update(limit_test=-5), "invalid training configuration: --limit-test"),
 }
@@ -428,7 +430,7 @@ def test_class_names_are_escaped_in_evaluate_and_predict(stopped_run, data, caps
     for argv in (["evaluate", str(stopped_run)], ["predict", str(stopped_run), str(image)]):
         assert cli.main(argv) == 0
         out = capsys.readouterr().out
-        assert "\x1b" not in out and "forged line" not in [l.strip() for l in out.splitlines()]
+        assert "\x1b" not in out and "forged line" not in [line.strip() for line in out.splitlines()]
         assert "a\\x1b[31mred" in out and "b\\nforged line" in out
 
 

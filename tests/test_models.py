@@ -14,8 +14,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from cnnlab.core.errors import UserError
-from cnnlab.models import (MODELS, NATIVE_IMAGE_SIZE, TABLE1_LAYERS, ResNet, build, feature_blocks, head_path,
-                           stage_paths)
+from cnnlab.models import (
+    MODELS,
+    NATIVE_IMAGE_SIZE,
+    TABLE1_LAYERS,
+    ResNet,
+    build,
+    feature_blocks,
+    head_path,
+    stage_paths,
+)
 from cnnlab.models.summary import format_table, summarize
 
 NAMES = ["resnet18", "resnet18-seed", "resnet18-cifar"]
@@ -256,7 +264,8 @@ def test_plain_nets_have_no_shortcuts():
     assert n_params(build("plain18", num_classes=1000)) == \
         n_params(build("resnet18", num_classes=1000)) - sum(
             n_params(b.shortcut) for s in (build("resnet18").layer2, build("resnet18").layer3,
-                                           build("resnet18").layer4) for b in s if isinstance(b.shortcut, nn.Sequential))
+                                           build("resnet18").layer4)
+            for b in s if isinstance(b.shortcut, nn.Sequential))
 
 
 # The last spatial feature block (the default layer of the CAMs), found from each model.

@@ -64,7 +64,8 @@ def _svhn(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     for name, n in (("train", N_TRAIN), ("test", N_TEST)):
         x, y = _images(n, 3, 32), _labels(n, 10)
         # MATLAB layout: X is (H, W, C, N) and the digit 0 is labelled 10.
-        savemat(root / "svhn" / f"{name}_32x32.mat", {"X": x.transpose(2, 3, 1, 0), "y": np.where(y == 0, 10, y)[:, None]})
+        savemat(root / "svhn" / f"{name}_32x32.mat",
+                {"X": x.transpose(2, 3, 1, 0), "y": np.where(y == 0, 10, y)[:, None]})
         parts += [x, y]
     return tuple(parts)
 
@@ -112,8 +113,8 @@ def test_a_named_dataset_trains_from_its_official_files(name: str, tmp_path: Pat
 
     held_out = 0 if name == "cifar100" else 4  # a validation split must leave one image per class (100)
     cfg = resolve(overrides=dict(recipe="fast", dataset=name, data_dir=str(tmp_path / "data"), model="resnet18-cifar",
-                                 width=4, image_size=16, epochs=1, batch_size=8, lr=0.05, val_split=held_out, device="cpu",
-                                 out=str(tmp_path / "run")))
+                                 width=4, image_size=16, epochs=1, batch_size=8, lr=0.05, val_split=held_out,
+                                 device="cpu", out=str(tmp_path / "run")))
     result = engine.train(cfg)
     data = json.loads((result.run_dir / "config.json").read_text())["data"]
     assert data["train"] == N_TRAIN - held_out and data["test"] == N_TEST and data["stored_size"] == list(shape)

@@ -9,9 +9,9 @@ from PIL import Image
 
 from cnnlab import run
 from cnnlab.cli import main
+from cnnlab.core.metrics import score
 from cnnlab.data import load_dataset
 from cnnlab.data.splits import reported_test_set
-from cnnlab.core.metrics import score
 from cnnlab.predict import predict
 
 PICKS = list(range(0, 200, 20))  # ten reported test images, one of every class of the sample

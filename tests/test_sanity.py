@@ -11,8 +11,19 @@ from torch import nn
 from cnnlab.cli import main
 from cnnlab.models import build
 from cnnlab.viz import sanity as checks
-from cnnlab.viz.sanity import (BASELINE, EXPLAINERS, Explainer, deletion_insertion, gaussian_blur, impute, randomised,
-                               road, sanity_checks, spearman, train_on_permuted_labels)
+from cnnlab.viz.sanity import (
+    BASELINE,
+    EXPLAINERS,
+    Explainer,
+    deletion_insertion,
+    gaussian_blur,
+    impute,
+    randomised,
+    road,
+    sanity_checks,
+    spearman,
+    train_on_permuted_labels,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cnnlab.core.transforms import to_input
 from cnnlab.core.metrics import score
 from cnnlab.core.spec import Preprocess
+from cnnlab.core.transforms import to_input
 from cnnlab.train.device import compile_mode
 from cnnlab.train.ema import WeightAverage
 

@@ -7,9 +7,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cnnlab.config import resolve
+from cnnlab.core.checkpoint import load as load_checkpoint
 from cnnlab.evaluate import evaluate
 from cnnlab.train import engine
-from cnnlab.core.checkpoint import load as load_checkpoint
 
 TINY = dict(recipe="fast", dataset="sample", model="resnet18-cifar", width=8, image_size=32, epochs=2,
             batch_size=64, lr=0.1, limit_train=640, limit_test=200, val_split=64, device="cpu", seed=3)
@@ -117,14 +117,20 @@ def test_resume_ends_with_the_same_weights(tmp_path, monkeypatch, stop_step, cha
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
     timing = ("seconds", "images_per_s")
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in timing} for r in rs]
+
     assert strip(read_metrics(whole)) == strip(read_metrics(tmp_path / "resumed"))
 
 
 def test_same_seed_same_metrics_and_another_seed_differs(tiny_run, tmp_path):
     again = engine.train(tiny(tmp_path / "again")).run_dir
     other = engine.train(tiny(tmp_path / "other", seed=4, epochs=1)).run_dir
-    losses = lambda d: [r["loss"] for r in read_metrics(d) if r["kind"] == "step"]
+
+    def losses(d):
+        return [r["loss"] for r in read_metrics(d) if r["kind"] == "step"]
+
     assert losses(again) == losses(tiny_run)
     assert losses(other) != losses(tiny_run)[:STEPS_PER_EPOCH]
 

@@ -176,7 +176,8 @@ def test_timm_weights_through_the_hub_cache(tmp_path, monkeypatch):
     ours = model.state_dict()
     assert ours["fc.weight"].shape[0] == 5
     assert all(torch.equal(v, theirs[k]) for k, v in ours.items() if not k.startswith("fc."))
-    with pytest.raises(UserError, match="timm has no weights 'nope' for test_resnet; choose DEFAULT or one of: r160_in1k"):
+    with pytest.raises(UserError,
+                       match="timm has no weights 'nope' for test_resnet; choose DEFAULT or one of: r160_in1k"):
         pretrained.describe("timm:test_resnet", "nope")
 
 

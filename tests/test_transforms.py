@@ -56,7 +56,8 @@ def test_resize_equals_torch_bilinear_interpolation(shape, size):
 
 def _batches(n=10, batch=4, augment="flip-crop", seed=0):
     images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 8, 8).contiguous()
-    return TrainBatches(images, torch.arange(n), batch, Preprocess(8, images.shape[1], (0.0,), (1 / 255,)), augment, seed)
+    return TrainBatches(images, torch.arange(n), batch, Preprocess(8, images.shape[1], (0.0,), (1 / 255,)),
+                        augment, seed)
 
 
 def test_each_epoch_is_a_permutation_with_nothing_dropped():
@@ -82,8 +83,11 @@ def test_batches_depend_only_on_seed_and_epoch_so_resume_is_exact():
 
 def test_ranks_split_each_batch_and_together_see_what_one_process_sees():
     images = torch.arange(11, dtype=torch.uint8).view(11, 1, 1, 1).expand(11, 3, 8, 8).contiguous()
-    make = lambda rank, world: TrainBatches(images, torch.arange(11), 4, Preprocess(8, images.shape[1], (0.0,), (1 / 255,)), "flip-crop", 2,
-                                            rank=rank, world=world)
+
+    def make(rank, world):
+        return TrainBatches(images, torch.arange(11), 4, Preprocess(8, images.shape[1], (0.0,), (1 / 255,)),
+                            "flip-crop", 2, rank=rank, world=world)
+
     one = list(make(0, 1).epoch(5))
     two = [list(make(r, 2).epoch(5)) for r in range(2)]
     assert len(one) == len(two[0]) == len(two[1]) == 3

@@ -6,7 +6,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cnnlab.cli import main
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -9,8 +9,14 @@ from cnnlab import run
 from cnnlab.data import load_dataset
 from cnnlab.data.splits import reported_test_set
 from cnnlab.models import build
-from cnnlab.viz.attribute import (guided_backprop, guided_grad_cam, integrated_gradients, occlusion, path_integral,
-                                  smoothgrad)
+from cnnlab.viz.attribute import (
+    guided_backprop,
+    guided_grad_cam,
+    integrated_gradients,
+    occlusion,
+    path_integral,
+    smoothgrad,
+)
 from cnnlab.viz.cam import grad_cam, grad_cam_pp, layer_cam, score_cam
 from cnnlab.viz.deconv import deconv
 from cnnlab.viz.features import feature_maps
@@ -19,7 +25,6 @@ from cnnlab.viz.inputs import from_test_set
 from cnnlab.viz.invert import feature_distance, invert
 from cnnlab.viz.maximize import fourier_noise, maximize, objective
 from cnnlab.viz.render import minmax, mosaic
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -265,7 +270,8 @@ def test_inversion_matches_the_conv2_x_representation(loaded, x):
     print(f"inversion at conv2_x: relative feature distance {start.tolist()} -> {distance.tolist()}")
     assert (distance < 0.2).all() and (start > 0.5).all()
     # The reconstruction is an image in range, not the original copied.
-    pixels = recon * torch.tensor(loaded.preprocess.std).view(1, 3, 1, 1) + torch.tensor(loaded.preprocess.mean).view(1, 3, 1, 1)
+    pixels = (recon * torch.tensor(loaded.preprocess.std).view(1, 3, 1, 1)
+              + torch.tensor(loaded.preprocess.mean).view(1, 3, 1, 1))
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
     assert (recon - x0).abs().mean() > 1e-3
 
@@ -335,9 +341,9 @@ def test_grad_cam_pp_is_equation_19_with_the_derivatives_of_exp_score():
         y = lambda acts, c=int(target[i]): tail(acts)[0, c].exp()  # noqa: E731
         basis = torch.eye(a.numel(), dtype=a.dtype).view(-1, *a.shape)
         d1 = grad(y)(a)
-        second = lambda v, at=a: jvp(grad(y), (at,), (v,))[1]  # noqa: E731 - H v
+        second = lambda v, at=a, y=y: jvp(grad(y), (at,), (v,))[1]  # noqa: E731 - H v
         d2 = vmap(second)(basis).flatten(1).diagonal().view(a.shape)
-        d3 = vmap(lambda v: jvp(lambda at: jvp(grad(y), (at,), (v,))[1], (a,), (v,))[1])(basis)
+        d3 = vmap(lambda v, a=a, y=y: jvp(lambda at: jvp(grad(y), (at,), (v,))[1], (a,), (v,))[1])(basis)
         d3 = d3.flatten(1).diagonal().view(a.shape)
         denominator = 2 * d2 + a.sum((2, 3), keepdim=True) * d3
         alpha = torch.where(d2 != 0, d2 / torch.where(denominator != 0, denominator, 1.0), 0.0)

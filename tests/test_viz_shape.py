@@ -11,8 +11,7 @@ from torch import nn
 
 from cnnlab.core.spec import Preprocess
 from cnnlab.models import build
-from cnnlab.viz.attribute import (guided_backprop, guided_grad_cam, integrated_gradients, occlusion, saliency,
-                                  smoothgrad)
+from cnnlab.viz.attribute import guided_backprop, guided_grad_cam, integrated_gradients, occlusion, saliency, smoothgrad
 from cnnlab.viz.cam import grad_cam, grad_cam_pp, layer_cam, score_cam
 from cnnlab.viz.deconv import deconv
 from cnnlab.viz.dream import dream

@@ -314,7 +314,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     flip = ", with flip TTA" if result["tta"] else ""
     # Class names and paths come from files: escaped, so that they cannot move the cursor or forge lines.
-    print(one_line(f"top-1 accuracy {100 * result['top1']:.2f}% on {result['n']} test images ({result['dataset']}{flip})"))
+    print(one_line(f"top-1 accuracy {100 * result['top1']:.2f}% on {result['n']} test images "
+                   f"({result['dataset']}{flip})"))
     for name, acc in result["per_class"].items():
         print(one_line(f"  {name:>20}  {'-' if acc is None else f'{100 * acc:.1f}%'}"))
     print(one_line("wrote " + ", ".join(result["outputs"])))
@@ -322,9 +323,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from cnnlab.models.summary import format_table, summarize
-
     from cnnlab.config import MAX_IMAGE_SIZE, MAX_WIDTH
+    from cnnlab.models.summary import format_table, summarize
 
     limits = {"image_size": MAX_IMAGE_SIZE, "num_classes": 100_000, "width": MAX_WIDTH}
     for name, most in limits.items():
@@ -352,7 +352,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     print(f"cnnlab's own models ({args.num_classes} classes, each at its own input size and width):\n")
     print(format_catalog(entries))
-    print(f"\ntorchvision:NAME  any of torchvision's {len(tv)} classification models, e.g. torchvision:mobilenet_v3_small, "
+    print(f"\ntorchvision:NAME  any of torchvision's {len(tv)} classification models, "
+          "e.g. torchvision:mobilenet_v3_small, "
           "torchvision:resnet50 (--weights DEFAULT: its published ImageNet weights)")
     if timm_available():
         print(f"timm:NAME         any of timm's {len(tm)} models, e.g. timm:resnet18, timm:efficientnet_b0 "

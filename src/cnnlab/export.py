@@ -90,7 +90,6 @@ def _onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -> 
         import onnxscript  # noqa: F401 - the torch.export-based exporter is built on it
     except ImportError as e:
         raise UserError(f"ONNX export needs the {e.name} package: pip install 'cnnlab[export]'") from None
-    import onnx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter about opset versions and deprecations

@@ -3,7 +3,8 @@
 Each file is decoded by the one image decoder (:mod:`cnnlab.core.images`) the way training data is
 (RGB, or 8-bit grayscale for one-channel models), cropped to a centred square, and then resized and
 normalised by the run's :class:`~cnnlab.core.spec.Preprocess` — the same bilinear resize and
-normalisation the trainer, ``evaluate`` and ``visualize`` apply. A 32×32 CIFAR image therefore gets exactly the prediction ``evaluate`` gives it.
+normalisation the trainer, ``evaluate`` and ``visualize`` apply. A 32×32 CIFAR image therefore gets
+exactly the prediction ``evaluate`` gives it.
 
 A file that cannot be read as an image does not stop the others: its entry carries an ``error``
 instead of ``top``.

@@ -260,7 +260,8 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         # torch explains at length; the line naming the refused object is the one that matters.
-        why = next((l.strip() for l in str(e).splitlines() if "GLOBAL" in l or "Unsupported global" in l), None)
+        why = next((line.strip() for line in str(e).splitlines()
+                    if "GLOBAL" in line or "Unsupported global" in line), None)
         if why is None:  # not a refused object but bytes that are no pickle at all
             raise UserError(f"cannot read checkpoint {path}: the file is truncated or corrupt") from None
         raise UserError(f"refusing to load {path}: it holds more than tensors and plain values, "

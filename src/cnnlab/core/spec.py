@@ -7,12 +7,11 @@ gets a :class:`ModelSpec` and a :class:`Preprocess` instead of loose dictionarie
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import math
 
 import torch
 from torch import Tensor, nn

@@ -132,7 +132,8 @@ def _check_link(archive: Path, member: str, clean: str, target: str, hard: bool)
                 escapes = True
                 break
     if escapes:
-        raise UserError(f"archive {archive} has a link {member!r} -> {target!r} that points outside it; refusing to read it")
+        raise UserError(f"archive {archive} has a link {member!r} -> {target!r} that points outside it; "
+                        "refusing to read it")
 
 
 def _add_parents(contents: ArchiveContents, clean: str) -> None:
@@ -158,7 +159,8 @@ class _Budget:
         self.members += 1
         self.total += max(size, 0)
         if self.members > MAX_MEMBERS:
-            raise UserError(f"archive {self.archive} has more than {MAX_MEMBERS:,} members (at {member!r}); use a smaller subset")
+            raise UserError(f"archive {self.archive} has more than {MAX_MEMBERS:,} members (at {member!r}); "
+                            "use a smaller subset")
         if size > self.member_limit:
             raise UserError(
                 f"archive {self.archive} member {member!r} unpacks to {_size(size)}, more than any image cnnlab "
@@ -195,7 +197,8 @@ def _read_member(archive: Path, member: str, handle: BinaryIO, size: int) -> byt
             plausible = width * height * MAX_BYTES_PER_PIXEL + HEADER_SLACK
             if size > plausible:
                 raise UserError(
-                    f"archive {archive} member {member!r} is {_size(size)}, but its header describes a {width}×{height} "
+                    f"archive {archive} member {member!r} is {_size(size)}, "
+                    f"but its header describes a {width}×{height} "
                     f"image, whose file is never larger than {_size(plausible)}; refusing to read it")
     buffer = bytearray(size)
     view = memoryview(buffer)
@@ -226,7 +229,8 @@ def _read_tar(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
                 _check_link(path, info.name, clean, info.linkname, hard=info.islnk())
                 continue
             if info.ischr() or info.isblk() or info.isfifo() or not (info.isfile() or info.isdir()):
-                raise UserError(f"archive {path} has a special (device or fifo) member {info.name!r}; refusing to read it")
+                raise UserError(f"archive {path} has a special (device or fifo) member {info.name!r}; "
+                                "refusing to read it")
             if not clean:
                 continue
             if info.isdir():
@@ -280,7 +284,8 @@ def _read_zip(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
                 _check_link(path, info.filename, clean, archive.read(info).decode("utf-8", "replace"), hard=False)
                 continue
             if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-                raise UserError(f"archive {path} has a special (device or fifo) member {info.filename!r}; refusing to read it")
+                raise UserError(f"archive {path} has a special (device or fifo) member {info.filename!r}; "
+                                "refusing to read it")
             if not clean:
                 continue
             if info.is_dir():

@@ -351,7 +351,8 @@ def _tree_layout(tree: _Tree, source: Path) -> _Layout:
     classes = sorted(per_split["train"])
     extra = sorted(set(per_split["test"]) - set(classes))
     if extra:
-        raise UserError(f"{source}: test classes {', '.join(extra)} have no train/ folder; add them to train/ or remove them from test/")
+        raise UserError(f"{source}: test classes {', '.join(extra)} have no train/ folder; "
+                        "add them to train/ or remove them from test/")
     index = {cls: i for i, cls in enumerate(classes)}
     items = {split: [(rel, tree.files[rel], index[cls])
                      for rel, cls in sorted((rel, cls) for cls, files in folders.items() for rel in files)]
@@ -428,7 +429,8 @@ def _hf_layout(path: Path) -> _Layout:
     try:
         import datasets
     except ImportError:
-        raise UserError(f"{path} is a Hugging Face dataset; reading it needs the datasets package: {HF_EXTRA}") from None
+        raise UserError(f"{path} is a Hugging Face dataset; "
+                        f"reading it needs the datasets package: {HF_EXTRA}") from None
     try:
         saved = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - the library raises many kinds for a damaged folder

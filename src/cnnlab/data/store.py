@@ -206,7 +206,8 @@ def cached(key: str, build: Callable[[EntryBuilder], dict[str, Any]]) -> Entry:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the dataset cache {root}: {e.strerror}; set CNNLAB_CACHE to a writable folder") from None
+        raise UserError(f"cannot create the dataset cache {root}: {e.strerror}; "
+                        "set CNNLAB_CACHE to a writable folder") from None
     with _locked(root / f".{key}.lock"):
         entry, problem = _open_entry(final)  # another process may have built it while we waited
         if entry is not None:
@@ -257,7 +258,7 @@ def _open_entry(folder: Path) -> tuple[Entry | None, str | None]:
         index = json.loads(index_path.read_text())
         if index.get("format") != FORMAT:
             return None, f"written by another version of cnnlab (format {index.get('format')})"
-        for split, info in index["splits"].items():
+        for _split, info in index["splits"].items():
             n, c, h, w = info["shape"]
             for kind, expected in (("pixels", n * c * h * w), ("labels", 8 * n)):
                 record = info[kind]

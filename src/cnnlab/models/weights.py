@@ -141,7 +141,8 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        why = next((l.strip() for l in str(e).splitlines() if "GLOBAL" in l or "Unsupported global" in l), None)
+        why = next((line.strip() for line in str(e).splitlines()
+                    if "GLOBAL" in line or "Unsupported global" in line), None)
         if why is None:  # not a refused object but bytes that are no pickle at all
             raise UserError(f"cannot read weights file {path}: the file is truncated or corrupt") from None
         raise UserError(f"refusing to load {path}: it holds more than tensors and plain values, and loading it "
@@ -246,7 +247,8 @@ def merge(model: nn.Module, state: dict[str, Tensor], where: str) -> None:
     missing = [k for k in own if k not in merged and k not in head_keys and not k.endswith("num_batches_tracked")]
     if not merged or missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise UserError(f"the weights in {where} are not for this model: {'none of its weights are there' if not merged else 'missing ' + shown}")
+        raise UserError(f"the weights in {where} are not for this model: "
+                        f"{'none of its weights are there' if not merged else 'missing ' + shown}")
     ignored = [k for k in state if k not in own]
     if ignored:
         log.info(f"weights: {len(ignored)} tensor(s) of {where} that this model does not have were left out "

@@ -67,7 +67,8 @@ figure.thumb img { width: 96px; height: 96px; object-fit: contain; image-renderi
 figure.thumb .true { color: var(--good); } figure.thumb .pred { color: var(--bad); }
 .columns { display: flex; flex-wrap: wrap; gap: 1.5rem; } .columns > div { flex: 1 1 380px; min-width: 0; }
 .good { color: var(--good); } .bad { color: var(--bad); }
-footer { margin-top: 3rem; font-size: 0.8rem; color: var(--muted); border-top: 1px solid var(--line); padding-top: 0.6rem; }
+footer { margin-top: 3rem; font-size: 0.8rem; color: var(--muted); border-top: 1px solid var(--line);
+         padding-top: 0.6rem; }
 """
 
 # No script may run, whatever ends up in the page; images are inline; nothing is fetched.

@@ -341,7 +341,8 @@ def _pictures(contents: Contents, loaded: LoadedRun) -> None:
             figure = sanity_figure(result, render.image(loaded.preprocess.to_pixels(x[:1])[0]),
                                    f"test image {shown[0]}\npred {loaded.classes[int(c)]} ({float(p):.2f})")
             contents.cascade.append(Picture(charts.png_uri(render.png(figure)),
-                                            "each method's map as the network's layers are re-initialised from the top"))
+                                            "each method's map as the network's layers are "
+                                            "re-initialised from the top"))
 
         _timed(contents, "explanations", explanations)
     # Class models: a few optimisation steps suffice at CIFAR size; larger inputs get fewer.

@@ -90,7 +90,8 @@ def page(runs: list[Served], index: int) -> str:
 <div id="thumbs" class="thumbs"></div>
 <div class="current">
 <div class="column" id="this-run">
-<figure><img id="input" alt="the network's input" hidden><figcaption id="input-caption">no image yet</figcaption></figure>
+<figure><img id="input" alt="the network's input" hidden>\
+<figcaption id="input-caption">no image yet</figcaption></figure>
 <label><input type="checkbox" id="tta"{" checked" if s.loaded.tta else ""}> flip test-time augmentation (TTA)</label>
 <table id="top5" class="top"><caption>top-5 (click a row to explain that class)</caption>
 <thead><tr><th>class</th><th>probability</th></tr></thead><tbody></tbody></table>
@@ -99,7 +100,8 @@ def page(runs: list[Served], index: int) -> str:
 <h3 id="other-name"></h3>
 <figure><img id="other-input" alt="the other run's input"><figcaption id="other-caption"></figcaption></figure>
 <table id="other-top5" class="top"><thead><tr><th>class</th><th>probability</th></tr></thead><tbody></tbody></table>
-<figure><img id="other-explanation" alt="the other run's explanation"><figcaption id="other-explanation-caption"></figcaption></figure>
+<figure><img id="other-explanation" alt="the other run's explanation">\
+<figcaption id="other-explanation-caption"></figcaption></figure>
 </div>
 </div>
 </section>
@@ -110,7 +112,8 @@ def page(runs: list[Served], index: int) -> str:
 <label>class <select id="target">{targets}</select></label>
 <label>layer <select id="layer">{layers}</select></label>
 </div>
-<figure><img id="explanation" alt="the explanation" hidden><figcaption id="explanation-caption">upload or pick an image</figcaption></figure>
+<figure><img id="explanation" alt="the explanation" hidden>\
+<figcaption id="explanation-caption">upload or pick an image</figcaption></figure>
 <table id="trust"><caption>How far to trust each method <span id="trust-source"></span>
 <progress id="trust-progress" max="1" hidden></progress></caption>
 <thead><tr><th>method</th><th>verdict</th><th>rand. ρ ↓</th><th>insertion AUC ↑</th><th>ROAD ↑</th></tr></thead>
@@ -124,8 +127,10 @@ def page(runs: list[Served], index: int) -> str:
 <div id="channel" hidden>
 <h3 id="channel-title"></h3>
 <div class="channel-parts">
-<div><h4>Top test images</h4><progress id="top-progress" max="1" hidden></progress><div id="top-images" class="thumbs"></div></div>
-<div><h4>Activation maximisation</h4><progress id="max-progress" max="1" hidden></progress><img id="maximized" alt="the image that excites this channel most" hidden></div>
+<div><h4>Top test images</h4><progress id="top-progress" max="1" hidden></progress>\
+<div id="top-images" class="thumbs"></div></div>
+<div><h4>Activation maximisation</h4><progress id="max-progress" max="1" hidden></progress>\
+<img id="maximized" alt="the image that excites this channel most" hidden></div>
 <div><h4>Filter weights</h4><p id="filters-caption"></p><div id="filters" class="tiles small"></div></div>
 </div>
 </div>

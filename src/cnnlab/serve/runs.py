@@ -37,8 +37,13 @@ from cnnlab.core.metrics import confusion_matrix, score
 from cnnlab.models.summary import summarize
 from cnnlab.predict import ranked
 from cnnlab.report import charts
-from cnnlab.report.sections import (SANITY_DELETION_STEPS, SANITY_IMAGES, SANITY_ROAD_FRACTIONS, SANITY_STEPS,
-                                    read_metrics)
+from cnnlab.report.sections import (
+    SANITY_DELETION_STEPS,
+    SANITY_IMAGES,
+    SANITY_ROAD_FRACTIONS,
+    SANITY_STEPS,
+    read_metrics,
+)
 from cnnlab.serve.jobs import Job, Jobs, Progress, Status
 from cnnlab.serve.store import Image, ImageStore
 from cnnlab.viz import render

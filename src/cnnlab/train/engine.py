@@ -35,8 +35,7 @@ from cnnlab.core.spec import ModelSpec, Preprocess
 from cnnlab.data import open_dataset
 from cnnlab.data.loader import TrainBatches, place
 from cnnlab.data.splits import Splits, split
-from cnnlab.models import build, default_width
-from cnnlab.models import transfer
+from cnnlab.models import build, default_width, transfer
 from cnnlab.models import weights as pretrained
 from cnnlab.train import distributed
 from cnnlab.train.device import amp_choice, compiled, keep_freed_memory, use_amp, use_channels_last
@@ -194,7 +193,8 @@ def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: b
                             "statistics one image cannot give (got 1)")
         if len(data.train_y) < 2:
             raise UserError(f"training {cfg.model} needs at least 2 images (it has {len(data.train_y)}): it "
-                            "normalises with BatchNorm, which one image cannot give batch statistics; raise --limit-train")
+                            "normalises with BatchNorm, which one image cannot give batch statistics; "
+                            "raise --limit-train")
         if group.world > 1 and not cfg.sync_bn and cfg.batch_size // group.world < 2:
             raise UserError(f"--batch-size {cfg.batch_size} over {group.world} ranks gives some ranks one image a "
                             f"step, which BatchNorm cannot normalise; use --batch-size {2 * group.world} or more, "
@@ -468,7 +468,7 @@ def _flush(log: RunLog | None, epoch: int, p: Progress, pending: list[StepStats]
                         torch.tensor([float(s.size) for s in pending], dtype=torch.float64, device=device),
                         torch.stack([s.finite for s in pending]).double()])
     loss_sums, correct, sizes, finite = distributed.all_sum(sums, t.setup.group).tolist()
-    losses = [l / n for l, n in zip(loss_sums, sizes)]
+    losses = [loss_sum / n for loss_sum, n in zip(loss_sums, sizes)]
     first = p.step - len(pending) + 1
     bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), len(losses))
     # A step whose loss was finite but whose update left a weight NaN or infinite diverged too: it and
@@ -478,7 +478,7 @@ def _flush(log: RunLog | None, epoch: int, p: Progress, pending: list[StepStats]
     bad = min(bad, broken)
     good = slice(0, bad)
     if bad:
-        p.sums.loss_sum += sum(l * n for l, n in zip(losses[good], sizes[good]))
+        p.sums.loss_sum += sum(loss * n for loss, n in zip(losses[good], sizes[good]))
         p.sums.correct += int(sum(correct[good]))
         p.sums.seen += int(sum(sizes[good]))
         p.sums.seconds += seconds * bad / len(pending)
@@ -606,7 +606,8 @@ def _resume_checkpoint(given: Path) -> tuple[Path, Path]:
     in ``RUN_DIR/checkpoints`` (best.pt, when last.pt was lost)."""
     if given.is_file():
         if given.parent.name != "checkpoints":
-            raise UserError(f"--resume {given}: give a run folder, or a checkpoint in one (RUN_DIR/checkpoints/best.pt)")
+            raise UserError(f"--resume {given}: give a run folder, "
+                            "or a checkpoint in one (RUN_DIR/checkpoints/best.pt)")
         return given.parent.parent, given
     if not given.is_dir():
         raise UserError(f"--resume {given}: no such run folder")

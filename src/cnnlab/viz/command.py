@@ -54,7 +54,8 @@ def visualize(method: str, path: str | Path, *, image: str | Sequence[str] | Non
     refused, and so are values of a multi-valued one that it cannot use.
     """
     if method == "sanity":
-        unused = [name for name, value in dict(target=target, channel=channel, steps=steps).items() if value is not None]
+        unused = [name for name, value in dict(target=target, channel=channel, steps=steps).items()
+                  if value is not None]
         if unused:
             raise UserError(f"sanity does not use `{unused[0]}`; it uses `image`, `index`, `count`, `layer`, `kind`")
         return sanity(path, image=image, index=index, count=count, layer=layer, kind=kind, out=out, device=device,

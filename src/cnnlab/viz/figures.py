@@ -23,10 +23,12 @@ from cnnlab.viz.dream import dream as run_dream
 from cnnlab.viz.features import feature_maps
 from cnnlab.viz.filters import conv_filters
 from cnnlab.viz.inputs import Batch
-from cnnlab.viz.invert import feature_distance, invert as reconstruct
+from cnnlab.viz.invert import feature_distance
+from cnnlab.viz.invert import invert as reconstruct
 from cnnlab.viz.job import Job
 from cnnlab.viz.layers import default_layer, feature_layers, first_layer, require_feature_maps
-from cnnlab.viz.maximize import fourier_noise, maximize as run_max, objective
+from cnnlab.viz.maximize import fourier_noise, objective
+from cnnlab.viz.maximize import maximize as run_max
 from cnnlab.viz.render import ACTIVATION, HEAT, SIGNED, Panel, grid_figure, image, minmax, panels_figure
 from cnnlab.viz.sanity import EXPLAINERS, Sanity
 from cnnlab.viz.shape import target_classes
@@ -245,7 +247,7 @@ def invert(job: Job) -> Figures:
                         steps=300 if job.steps is None else job.steps)
         columns[layer] = (_pixels(job, x), feature_distance(job.model, x, batch.x, layer).tolist())
     table = [[Panel(pixels[i], f"{name} (original)")] +
-             [Panel(columns[l][0][i], f"from {l}\nrel. dist {columns[l][1][i]:.2f}") for l in layers]
+             [Panel(columns[layer][0][i], f"from {layer}\nrel. dist {columns[layer][1][i]:.2f}") for layer in layers]
              for i, name in enumerate(batch.names)]
     return {_tag(batch): panels_figure(table, title="inverted representations (Mahendran & Vedaldi 2015)")}
 

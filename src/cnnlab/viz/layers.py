@@ -81,7 +81,8 @@ def _blocks(model: nn.Module, x: Tensor | None):
                 known[key] = e
     found = known[key]
     if isinstance(found, Exception):
-        raise UserError(f"cannot find the model's feature maps ({str(found).splitlines()[0] if str(found) else found!r});"
+        raise UserError("cannot find the model's feature maps "
+                        f"({str(found).splitlines()[0] if str(found) else found!r});"
                         " give `layer` as a module path")
     return found
 

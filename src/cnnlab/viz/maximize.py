@@ -6,8 +6,8 @@ Distill 2017 (doi:10.23915/distill.00007), after Mordvintsev et al.'s lucid:
 
 - the image is parameterised in a decorrelated space: a Fourier spectrum scaled by 1/frequency^d
   (so every frequency is about equally easy to change; d = 1.5 rather than lucid's 1, because a
-  32 px image has so few frequencies that d = 1 still leaves pixel-scale noise) and a colour space whitened by the square root of
-  ImageNet's colour correlation, squashed into [0, 1] by a sigmoid;
+  32 px image has so few frequencies that d = 1 still leaves pixel-scale noise) and a colour space
+  whitened by the square root of ImageNet's colour correlation, squashed into [0, 1] by a sigmoid;
 - before each step the image is randomly padded and jittered, scaled and rotated (transformation
   robustness), so the picture must work everywhere, not in one pixel alignment.
 
