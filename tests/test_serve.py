@@ -14,7 +14,6 @@ import json
 import os
 import re
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -96,17 +95,6 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self._log_file.close()
-
-
-@pytest.fixture(scope="module")
-def runs(small_run, tmp_path_factory) -> list[Path]:
-    """Two copies of the session's small run (the explorer writes its cache into a run folder), without
-    what other tests wrote into it: a ``viz/sanity/sanity.json`` of two methods would be the trust table."""
-    root = tmp_path_factory.mktemp("serve")
-    copies = [root / "run-a", root / "run-b"]
-    for copy in copies:
-        shutil.copytree(small_run, copy, ignore=shutil.ignore_patterns("explore", "tb", "viz"))
-    return copies
 
 
 @pytest.fixture(scope="module")
