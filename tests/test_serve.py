@@ -175,6 +175,20 @@ def test_paths_outside_the_app_get_404(server, runs, path):
     assert headers["content-security-policy"] == CSP and headers["x-content-type-options"] == "nosniff"
 
 
+def test_the_server_answers_only_its_own_names_and_page(server, runs, tmp_path):
+    status, _, body = server.request("GET", "/api/0/predict?image=t0-7", headers={"Host": "evil.example"})
+    assert status == 400 and b"label" not in body
+    assert json.loads(body)["error"].startswith(f"this server answers to 127.0.0.1:{server.port}, "
+                                                f"localhost:{server.port}, [::1]:{server.port}, not to the host")
+    assert server.request("GET", "/api/0/curves", headers={"Host": f"127.0.0.1:{server.port + 1}"})[0] == 400
+    assert server.request("GET", "/api/0/curves", headers={"Host": f"localhost:{server.port}"})[0] == 200
+    png = _png(tmp_path / "seven.png", runs).read_bytes()
+    status, _, body = server.request("POST", "/api/0/upload", png, {"Origin": "http://evil.example",
+                                                                    "Content-Type": "text/plain"})
+    assert status == 403 and json.loads(body)["error"].startswith("refused: a POST must come from this app's own")
+    assert server.request("POST", "/api/0/upload", png, {"Origin": server.url.rstrip("/")})[0] == 200
+
+
 def test_uploads_are_checked_and_never_written(server, runs, tmp_path):
     before = [_files(r) for r in runs]
     cwd_before = set(os.listdir("."))

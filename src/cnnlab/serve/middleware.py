@@ -47,14 +47,18 @@ def allowed_hosts(host: str, extra: Iterable[str] = ()) -> tuple[str, ...]:
     """The host names the explorer answers to: this machine's loopback names, the address ``host`` it
     listens on unless that means every interface (``0.0.0.0``), and ``extra`` (a ``UserError`` for one
     that is not a host name)."""
-    names = list(LOOPBACK)
-    for name in ([] if host in WILDCARDS else [host]) + list(extra):
-        m = NAME.fullmatch(name)
-        if not m:
+    extra = list(extra)
+    for name in extra:
+        if not NAME.fullmatch(name):
             raise UserError(f"`allow_hosts`: {name!r} is not a host name or address; give one such as "
                             "myhost.local or 192.168.1.20, without a scheme or port")
-        if m["name"].lower() not in names:
-            names.append(m["name"].lower())
+    # A `host` that is no name is left out here: listening on it fails, saying so.
+    given = [] if host in WILDCARDS or not NAME.fullmatch(host) else [host]
+    names = list(LOOPBACK)
+    for name in given + extra:
+        bare = NAME.fullmatch(name)["name"].lower()
+        if bare not in names:
+            names.append(bare)
     return tuple(names)
 
 
