@@ -24,7 +24,7 @@ from cnnlab.core.metrics import confusion_matrix, score
 from cnnlab.predict import predict
 from cnnlab.report.page import document_head
 from cnnlab.run import load
-from cnnlab.serve import load_runs
+from cnnlab.serve import load_runs, serve
 from cnnlab.serve.app import CSP, FORGOTTEN, MAX_UPLOAD, create_app, whole_number
 from cnnlab.serve.jobs import Busy, Jobs, Task
 from cnnlab.serve.middleware import LOOPBACK, allowed_hosts
@@ -337,6 +337,21 @@ def test_a_bad_allow_host_is_one_line_naming_the_flag(capsys, tmp_path):
     err = capsys.readouterr().err
     assert err.startswith("cnnlab serve: error: --allow-host: 'http://a.example' is not a host name")
     assert err.count("\n") == 1
+
+
+def test_listening_beyond_this_machine_says_which_names_it_answers_to(runs, one_thread, caplog):
+    # one_thread: serve() sets one torch thread for small models; the fixture restores the count after the module
+    class Listening(Exception):
+        pass
+
+    def ready(url: str) -> None:  # stop before serving: the note is said by then
+        raise Listening(url)
+
+    with caplog.at_level(logging.WARNING, logger="cnnlab.serve"), pytest.raises(Listening, match=r"http://0\.0\.0\.0:"):
+        serve([runs[0]], host="0.0.0.0", port=0, ready=ready, allow_hosts=["box.lan"])
+    (note,) = [cli.as_flags(r.getMessage()) for r in caplog.records if r.name == "cnnlab.serve"]
+    assert note.startswith("listening on 0.0.0.0: anyone who can reach this machine can use the explorer")
+    assert note.endswith("it answers to the names 127.0.0.1, localhost, ::1, box.lan (--allow-host adds one)")
 
 
 def test_cross_site_posts_are_refused(client, served, picture):
