@@ -1,7 +1,8 @@
 """``cnnlab serve``: explore trained runs in the browser, on this machine, offline.
 
 Starlette routes (:mod:`cnnlab.serve.app`) render one page per run (:mod:`cnnlab.serve.pages`) and
-answer its script's requests with JSON; uvicorn serves them. The runs are loaded once
+answer its script's requests with JSON, behind the checks of :mod:`cnnlab.serve.middleware` (only the
+server's own host names, POSTs only from its own page); uvicorn serves them. The runs are loaded once
 (:mod:`cnnlab.serve.runs`), uploads are held in memory (:mod:`cnnlab.serve.store`) and heavy
 results are computed by one background worker and cached next to each run
 (:mod:`cnnlab.serve.jobs`).
