@@ -55,7 +55,7 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 # Library errors name Python parameters in backquotes (`index`); on the command line they are flags.
 FLAGS = {"image": "--image", "index": "--index", "count": "--count", "layer": "--layer", "target": "--target",
          "channel": "--channel", "channels": "--channel", "kind": "--kind", "steps": "--steps", "out": "--out",
-         "random_labels": "--random-labels"}
+         "random_labels": "--random-labels", "port": "--port", "host": "--host", "allow_hosts": "--allow-host"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -206,6 +206,10 @@ def build_parser() -> Parser:
     p.add_argument("paths", metavar="RUN_DIR", nargs="+")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests that name the server NAME (a host name or address others reach it "
+                        "by, e.g. with --host 0.0.0.0); repeatable. Answered without it: 127.0.0.1, localhost, ::1 "
+                        "and --host")
     return parser
 
 
@@ -465,7 +469,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runs = "a run" if len(args.paths) == 1 else f"{len(args.paths)} runs"
         print(f"cnnlab serve: exploring {runs} at {url}  (Ctrl-C stops it)", flush=True)
 
-    serve(args.paths, host=args.host, port=args.port, ready=ready)
+    serve(args.paths, host=args.host, port=args.port, ready=ready, allow_hosts=args.allow_host)
     return 0
 
 

@@ -26,7 +26,7 @@ from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write
 from cnnlab.models.summary import summarize
 from cnnlab.report.charts import _fig_uri, plain_text
-from cnnlab.report.page import CSP, CSS, e
+from cnnlab.report.page import CSP, CSS, document_head, e
 from cnnlab.report.sections import read_metrics
 
 __all__ = ["Compared", "compare", "format_table", "gather"]
@@ -202,17 +202,7 @@ def page(runs: list[Compared]) -> str:
             f"<td{num}>{r.train_seconds:.0f} s</td><td>{e(r.path)}</td></tr>")
     notes = "".join(f'<p class="note">{e(r.name)}: {e(r.note)}</p>' for r in runs if r.note)
     names = ", ".join(r.name for r in runs)
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>cnnlab compare: {e(names)}</title>
-<link rel="icon" href="data:,">
-<style>{CSS}</style>
-</head>
-<body>
+    return document_head(f"cnnlab compare: {names}", f"<style>{CSS}</style>", CSP) + f"""<body>
 <header>
 <h1>cnnlab compare</h1>
 <p class="sub">{len(runs)} runs · written {datetime.now():%Y-%m-%d %H:%M}</p>

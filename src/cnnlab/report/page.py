@@ -20,7 +20,7 @@ from cnnlab.report.charts import ASSIGNMENT_TEST, ASSIGNMENT_TRAIN
 from cnnlab.report.sections import Contents, Example, Picture
 from cnnlab.viz.sanity import MAX_RANDOMISED_RHO
 
-__all__ = ["SECTIONS", "render"]
+__all__ = ["SECTIONS", "document_head", "e", "render"]
 
 # id → heading, in page order
 SECTIONS: dict[str, str] = {
@@ -76,7 +76,18 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'n
 
 
 def e(value: Any) -> str:
+    """``value`` as text for HTML, attributes included."""
     return html.escape(str(value), quote=True)
+
+
+def document_head(title: str, links: str, csp: str | None = None) -> str:
+    """The start of every cnnlab page up to its ``<body>``: ``title`` (escaped here), an empty icon (so that no
+    browser asks for ``favicon.ico``), then ``links``, the page's style or the tags that fetch it. A page
+    read from disk carries its Content-Security-Policy ``csp`` in a meta tag; a served one gets it as a header."""
+    policy = f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n' if csp else ""
+    return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n' + policy
+            + '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f'<title>{e(title)}</title>\n<link rel="icon" href="data:,">\n{links}\n</head>\n')
 
 
 def pct(value: float | None, digits: int = 2) -> str:
@@ -328,17 +339,7 @@ def render(c: Contents) -> str:
                        for sid, title in SECTIONS.items())
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in c.seconds.items())
     name = c.run_dir.resolve().name
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>cnnlab report: {e(name)}</title>
-<link rel="icon" href="data:,">
-<style>{CSS}</style>
-</head>
-<body>
+    return document_head(f"cnnlab report: {name}", f"<style>{CSS}</style>", CSP) + f"""<body>
 <header>
 <h1>cnnlab report: {e(name)}</h1>
 <p class="sub">{e(c.config.get('model', '?'))} on {e(c.config.get('dataset', '?'))} ·
