@@ -41,7 +41,7 @@ def load_runs(run_dirs: Sequence[str | Path]):
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host``:``port`` (0: a free port), or a ``UserError`` saying why not."""
     if not 0 <= port <= 65535:
-        raise UserError(f"--port must be between 0 and 65535 (got {port})")
+        raise UserError(f"`port` must be between 0 and 65535 (got {port})")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
@@ -54,7 +54,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} on {host} is in use; choose another with --port "
+            raise UserError(f"port {port} on {host} is in use; choose another with `port` "
                             "(0 picks a free one)") from None
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.set_inheritable(True)
@@ -74,7 +74,7 @@ def serve(run_dirs: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8
     from cnnlab.serve.app import create_app
 
     if not 0 <= port <= 65535:  # said before the runs are loaded
-        raise UserError(f"--port must be between 0 and 65535 (got {port})")
+        raise UserError(f"`port` must be between 0 and 65535 (got {port})")
     runs = load_runs(run_dirs)
     sock = bind(host, port)
     if not ipaddress.ip_address(sock.getsockname()[0]).is_loopback:
