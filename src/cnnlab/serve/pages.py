@@ -39,33 +39,43 @@ def _architecture(s: Served) -> str:
 
 
 def page(runs: list[Served], index: int) -> str:
+    """The page of run ``index``: four panels whose contents the script fills in from the API."""
     s = runs[index]
+    tta = "1" if s.loaded.tta else "0"
+    head = document_head(f"cnnlab serve: {s.name}",
+                         '<link rel="stylesheet" href="/static/app.css">\n<script src="/static/app.js" defer></script>')
+    return head + f"""<body data-run="{index}" data-tta="{tta}" data-layered="{e(' '.join(sorted(LAYERED)))}">
+{_header(runs, index)}
+<main>
+{_image_in(s)}
+{_why(s)}
+{_inside(s)}
+{RUN_PANEL}
+</main>
+</body>
+</html>
+"""
+
+
+def _header(runs: list[Served], index: int) -> str:
     current = ' aria-current="page"'
     nav = "".join(f'<a href="/run/{r.index}"{current if r.index == index else ""}>{e(r.name)}</a>' for r in runs)
     others = [(str(r.index), r.name) for r in runs if r.index != index]
     compare = (f'<label>side by side with <select id="compare"><option value="">—</option>{_options(others)}'
                "</select></label>") if others else ""
-    classes = list(enumerate(s.classes))
-    browse = _options([("", "choose a list…"), ("wrong", "misclassified"),
-                       ("confident-wrong", "most confident wrong")])
-    browse += '<optgroup label="by class">' + _options([(f"class:{i}", c) for i, c in classes]) + "</optgroup>"
-    cams = [(m, m) for m in METHODS if m in CAMS]
-    attributions = [(m, m) for m in METHODS if m not in CAMS]
-    methods = (f'<optgroup label="class activation maps">{_options(cams, "grad-cam")}</optgroup>'
-               f'<optgroup label="attributions">{_options(attributions)}</optgroup>')
-    layers = _options([(name, name) for name in s.layers], s.default_layer)
-    targets = _options([("", "the predicted class")] + [(str(i), c) for i, c in classes])
-    tta = "1" if s.loaded.tta else "0"
-    head = document_head(f"cnnlab serve: {s.name}",
-                         '<link rel="stylesheet" href="/static/app.css">\n<script src="/static/app.js" defer></script>')
-    return head + f"""<body data-run="{index}" data-tta="{tta}" data-layered="{e(' '.join(sorted(LAYERED)))}">
-<header>
-<h1>cnnlab <span class="run-name">{e(s.name)}</span></h1>
+    return f"""<header>
+<h1>cnnlab <span class="run-name">{e(runs[index].name)}</span></h1>
 <nav aria-label="runs">{nav}</nav>
 {compare}
-</header>
-<main>
-<section id="image-in">
+</header>"""
+
+
+def _image_in(s: Served) -> str:
+    browse = _options([("", "choose a list…"), ("wrong", "misclassified"),
+                       ("confident-wrong", "most confident wrong")])
+    browse += ('<optgroup label="by class">' + _options([(f"class:{i}", c) for i, c in enumerate(s.classes)])
+               + "</optgroup>")
+    return f"""<section id="image-in">
 <h2>Image in</h2>
 <div id="drop" class="drop" tabindex="0">
 <p>Drop an image here, or <label class="button">choose a file<input type="file" id="file" accept="image/*"></label></p>
@@ -90,8 +100,17 @@ def page(runs: list[Served], index: int) -> str:
 <figcaption id="other-explanation-caption"></figcaption></figure>
 </div>
 </div>
-</section>
-<section id="why">
+</section>"""
+
+
+def _why(s: Served) -> str:
+    cams = [(m, m) for m in METHODS if m in CAMS]
+    attributions = [(m, m) for m in METHODS if m not in CAMS]
+    methods = (f'<optgroup label="class activation maps">{_options(cams, "grad-cam")}</optgroup>'
+               f'<optgroup label="attributions">{_options(attributions)}</optgroup>')
+    layers = _options([(name, name) for name in s.layers], s.default_layer)
+    targets = _options([("", "the predicted class")] + [(str(i), c) for i, c in enumerate(s.classes)])
+    return f"""<section id="why">
 <h2>Why</h2>
 <div class="controls">
 <label>method <select id="method">{methods}</select></label>
@@ -104,8 +123,11 @@ def page(runs: list[Served], index: int) -> str:
 <progress id="trust-progress" max="1" hidden></progress></caption>
 <thead><tr><th>method</th><th>verdict</th><th>rand. ρ ↓</th><th>insertion AUC ↑</th><th>ROAD ↑</th></tr></thead>
 <tbody></tbody></table>
-</section>
-<section id="inside">
+</section>"""
+
+
+def _inside(s: Served) -> str:
+    return f"""<section id="inside">
 <h2>Inside</h2>
 {_architecture(s)}
 <h3 id="maps-title">Feature maps: click a layer</h3>
@@ -120,16 +142,15 @@ def page(runs: list[Served], index: int) -> str:
 <div><h4>Filter weights</h4><p id="filters-caption"></p><div id="filters" class="tiles small"></div></div>
 </div>
 </div>
-</section>
-<section id="run">
+</section>"""
+
+
+# The same for every run: the script fills it in.
+RUN_PANEL = """<section id="run">
 <h2>Run</h2>
 <div id="curves"></div>
 <h3>Confusion matrix of the test set <progress id="confusion-progress" max="1" hidden></progress></h3>
 <p id="confusion-caption"></p>
 <table id="confusion"></table>
 <div id="cell-images" class="thumbs"></div>
-</section>
-</main>
-</body>
-</html>
-"""
+</section>"""
