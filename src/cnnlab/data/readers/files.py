@@ -50,18 +50,15 @@ def check_image_file(path: Path, limit: int, name: str | None = None) -> None:
 
 
 def open_regular(path: Path) -> BinaryIO:
-    """``path`` opened for reading, refused first if it is not a regular file.
+    """``path`` opened for reading, refused if it is not a regular file.
 
-    Checked twice: by name before opening (opening some devices does something), and on the open
-    file, which cannot block on a FIFO that appeared in between (``O_NONBLOCK``)."""
-    info = path.stat()
-    if not stat.S_ISREG(info.st_mode):
-        raise not_regular(path, info.st_mode)
+    Readers check every name before it gets here (:func:`check_image_file`, or ``is_file``); this
+    checks the open file, for one replaced since, and cannot block on a FIFO (``O_NONBLOCK``)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise not_regular(path, info.st_mode)
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_regular(path, mode)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)

@@ -67,8 +67,9 @@ def list_directory(root: Path) -> Tree:
         for name in files:
             rel = prefix + name
             if is_candidate(rel, extensions):
-                check_image_file(Path(folder, name), limit)
-                tree.files[rel] = Path(folder, name)
+                path = Path(folder, name)
+                check_image_file(path, limit)
+                tree.files[rel] = path
     return tree
 
 
