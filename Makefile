@@ -9,6 +9,7 @@ demo: $(VENV)/.installed
 	$(BIN)/cnnlab demo
 
 test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 

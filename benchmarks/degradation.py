@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     page, compared = compare(run_dirs, out=directory / f"{stem}.html")
     for run in compared:
         row = run.row()
-        name = run.config["model"]
+        name = run.config.model
         rows[name].update(train_error=100 * row["train_error"], test_error=100 * (1 - row["test_acc"]),
                           val_error=None if row["val_acc"] is None else 100 * (1 - row["val_acc"]),
                           params=row["params"], macs=row["macs"], images_per_s=row["images_per_s"],

@@ -1,7 +1,8 @@
 """Shared test set-up: a private cache per test session, the shared CIFAR-10 archive if present, a small
-trained run, and headless Chromium for the pages."""
+trained run (and copies of it to serve), and headless Chromium for the pages."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,18 @@ def small_run(tmp_path_factory) -> Path:
                                  epochs=1, batch_size=128, lr=0.2, limit_train=1000, limit_test=200, device="cpu",
                                  out=str(tmp_path_factory.mktemp("small") / "run")))
     return train(cfg).run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(small_run, tmp_path_factory) -> list[Path]:
+    """Two copies of the session's small run for a module that serves it (the explorer writes its cache into
+    a run folder), without what other tests wrote into it: a ``viz/sanity/sanity.json`` of two methods
+    would be the trust table."""
+    root = tmp_path_factory.mktemp("serve")
+    copies = [root / "run-a", root / "run-b"]
+    for copy in copies:
+        shutil.copytree(small_run, copy, ignore=shutil.ignore_patterns("explore", "tb", "viz"))
+    return copies
 
 
 @pytest.fixture(scope="module")

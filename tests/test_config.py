@@ -2,7 +2,8 @@
 
 import pytest
 
-from cnnlab.config import RECIPES, resolve
+from cnnlab.cli import build_parser, main
+from cnnlab.config import FIELDS, RECIPES, TrainConfig, choices, coerce, kinds, resolve, validate
 from cnnlab.core.errors import UserError
 
 
@@ -22,13 +23,77 @@ def test_precedence_recipe_then_toml_then_flags(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, words", [
-    ({"batch_size": 0}, "--batch-size"), ({"lr": -0.1}, "--lr"), ({"epochs": 0}, "--epochs"),
-    ({"lr": float("nan")}, "--lr"), ({"model": "vgg"}, "resnet18-cifar"), ({"recipe": "x"}, "paper"),
-    ({"dataset": "imagenet"}, "folder:PATH"), ({"schedule": "step"}, "onecycle"), ({"width": 0}, "--width"),
+    ({"batch_size": 0}, "`batch_size`"), ({"lr": -0.1}, "`lr`"), ({"epochs": 0}, "`epochs`"),
+    ({"lr": float("nan")}, "`lr`"), ({"model": "vgg"}, "resnet18-cifar"), ({"recipe": "x"}, "paper"),
+    ({"dataset": "imagenet"}, "folder:PATH"), ({"schedule": "step"}, "onecycle"), ({"width": 0}, "`width`"),
 ])
-def test_invalid_values_name_the_flag_and_valid_choices(overrides, words):
+def test_invalid_values_name_the_parameter_and_valid_choices(overrides, words):
     with pytest.raises(UserError, match=words):
         resolve(overrides=overrides)
+
+
+def _outside(name):
+    """A value just outside setting ``name``'s declared range, or None when it has none."""
+    m = FIELDS[name].metadata
+    step = 1 if int in kinds(name) else 1e-3
+    if m["least"] is not None:
+        return m["least"] - step
+    if m["above"] is not None:
+        return m["above"]
+    if m["below"] is not None:
+        return m["below"]
+    return None
+
+
+BOUNDED = [name for name in FIELDS if _outside(name) is not None]
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_each_declared_range_is_checked_by_the_library_and_named_as_a_flag_by_the_cli(name, capsys):
+    value = _outside(name)
+    with pytest.raises(UserError, match=f"`{name}` must be"):
+        resolve("fast", overrides={name: value})
+    flag = "--" + name.replace("_", "-")
+    assert main(["train", "--recipe", "fast", flag, str(value), "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} must be" in err and "`" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_setting_is_a_flag_and_a_toml_key_of_its_own_type(tmp_path):
+    """The flags and the TOML keys are derived from the declarations: each setting is declared once."""
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]  # argparse keeps sub-parsers here
+    flags = {o for a in train._actions for o in a.option_strings}
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        assert (flag in flags) == f.metadata["flag"], name
+        if bool in kinds(name):
+            assert f.metadata["flag"] is False or "--no-" + flag[2:] in flags
+    toml = tmp_path / "c.toml"
+    toml.write_text("tta = true\nbatch-size = 32\nschedule = \"cosine\"\nlimit-test = 7\n")
+    cfg = resolve("fast", toml_path=toml)
+    assert (cfg.tta, cfg.batch_size, cfg.schedule, cfg.limit_test) == (True, 32, "cosine", 7)
+    assert choices("schedule") == ("constant", "cosine", "onecycle") and choices("amp") == ("force",)
+
+
+def test_types_come_from_the_annotations():
+    assert coerce("lr", 1) == 1.0 and isinstance(coerce("lr", 1), float)
+    assert coerce("mean", [0, 1, 0.5]) == (0.0, 1.0, 0.5)
+    assert coerce("amp", "force") == "force" and coerce("amp", None) is None and coerce("amp", False) is False
+    for name, value, words in [("epochs", 2.5, "whole number"), ("tta", 1, "true or false"),
+                               ("amp", "yes", 'true, false or "force"'), ("width", None, None),
+                               ("epochs", None, "must be set"), ("mean", ["a"], "list of numbers"),
+                               ("augment", "flip", "choose one of: none, flip-crop")]:
+        if words is None:
+            assert coerce(name, value) is None
+            continue
+        with pytest.raises(UserError, match=words):
+            coerce(name, value)
+
+
+def test_a_config_built_in_python_is_checked_too():
+    with pytest.raises(UserError, match="`epochs` must be a whole number"):
+        validate(TrainConfig(epochs="3"))
 
 
 def test_toml_errors_are_user_errors(tmp_path):

@@ -19,7 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 def reference(small_run):
     """64 real test images as the exported models take them (float in [0, 1]) and PyTorch's logits for them."""
     loaded = run.load(small_run)
-    images, _ = reported_test_set(load_dataset("sample"), loaded.config["limit_test"])
+    images, _ = reported_test_set(load_dataset("sample"), loaded.config.limit_test)
     images = images[::3][:64]
     with torch.no_grad():
         logits = loaded.model(loaded.preprocess.to_input(images))
@@ -31,7 +31,7 @@ def check_metadata(meta, loaded):
     assert meta["image_size"] == 32 and meta["in_channels"] == 3
     assert meta["mean"] == pytest.approx(loaded.preprocess.mean) and meta["std"] == pytest.approx(loaded.preprocess.std)
     assert "[0, 1]" in meta["input"]
-    assert meta["flip_tta"] is loaded.config["tta"]
+    assert meta["flip_tta"] is loaded.config.tta
 
 
 def test_onnx_matches_pytorch_on_real_images(small_run, reference, tmp_path, capsys):

@@ -21,8 +21,8 @@ PICKS = list(range(0, 200, 20))  # ten reported test images, one of every class 
 def reference(small_run):
     """The reported test images and what ``evaluate`` scores them as: predictions and probabilities."""
     loaded = run.load(small_run)
-    images, labels = reported_test_set(load_dataset("sample"), loaded.config["limit_test"])
-    assert loaded.config["tta"]  # the fast recipe scores with flip TTA: predict must too
+    images, labels = reported_test_set(load_dataset("sample"), loaded.config.limit_test)
+    assert loaded.config.tta  # the fast recipe scores with flip TTA: predict must too
     scores = score(loaded.model, images, labels, loaded.preprocess, tta=True)
     with torch.no_grad():
         x = loaded.preprocess.to_input(images)

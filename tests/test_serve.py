@@ -14,7 +14,6 @@ import json
 import os
 import re
 import select
-import shutil
 import socket
 import subprocess
 import sys
@@ -99,17 +98,6 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def runs(small_run, tmp_path_factory) -> list[Path]:
-    """Two copies of the session's small run (the explorer writes its cache into a run folder), without
-    what other tests wrote into it: a ``viz/sanity/sanity.json`` of two methods would be the trust table."""
-    root = tmp_path_factory.mktemp("serve")
-    copies = [root / "run-a", root / "run-b"]
-    for copy in copies:
-        shutil.copytree(small_run, copy, ignore=shutil.ignore_patterns("explore", "tb", "viz"))
-    return copies
-
-
-@pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory) -> Path:
     """A 1-epoch width-2 run on a two-class folder dataset whose class names are markup."""
     from cnnlab.config import resolve
@@ -185,6 +173,20 @@ def test_paths_outside_the_app_get_404(server, runs, path):
     assert status == 404, (path, status, body[:200])
     assert b"root:" not in body and b"checkpoint" not in body
     assert headers["content-security-policy"] == CSP and headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_server_answers_only_its_own_names_and_page(server, runs, tmp_path):
+    status, _, body = server.request("GET", "/api/0/predict?image=t0-7", headers={"Host": "evil.example"})
+    assert status == 400 and b"label" not in body
+    assert json.loads(body)["error"].startswith(f"this server answers to 127.0.0.1:{server.port}, "
+                                                f"localhost:{server.port}, [::1]:{server.port}, not to the host")
+    assert server.request("GET", "/api/0/curves", headers={"Host": f"127.0.0.1:{server.port + 1}"})[0] == 400
+    assert server.request("GET", "/api/0/curves", headers={"Host": f"localhost:{server.port}"})[0] == 200
+    png = _png(tmp_path / "seven.png", runs).read_bytes()
+    status, _, body = server.request("POST", "/api/0/upload", png, {"Origin": "http://evil.example",
+                                                                    "Content-Type": "text/plain"})
+    assert status == 403 and json.loads(body)["error"].startswith("refused: a POST must come from this app's own")
+    assert server.request("POST", "/api/0/upload", png, {"Origin": server.url.rstrip("/")})[0] == 200
 
 
 def test_uploads_are_checked_and_never_written(server, runs, tmp_path):

@@ -69,7 +69,7 @@ def test_cuda_graphs_need_cuda_and_imply_compiling(caplog):
     assert compile_mode(False, True, cuda) == compile_mode(True, True, cuda) == "reduce-overhead"
     assert caplog.text == ""
     assert compile_mode(False, True, cpu) == "default"  # still compiled, without graphs
-    assert "--cuda-graphs is ignored" in caplog.text  # a library note, through logging
+    assert "`cuda_graphs` is ignored" in caplog.text  # a library note, through logging
 
 
 def test_compiled_training_on_a_cpu_with_a_narrow_model(tmp_path, caplog):
@@ -84,5 +84,5 @@ def test_compiled_training_on_a_cpu_with_a_narrow_model(tmp_path, caplog):
                                           out=str(tmp_path / "run"))))
     assert result.step == 2 * 4  # 231 images: batches of 64, 64, 64 and 39
     # The library says so through logging (the CLI prints it); caplog sees it however logging is set up.
-    assert "--cuda-graphs is ignored" in caplog.text
+    assert "`cuda_graphs` is ignored" in caplog.text
     assert 0 <= result.last["test_acc"] <= 1

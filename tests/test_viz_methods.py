@@ -36,7 +36,7 @@ def loaded(small_run):
 
 @pytest.fixture(scope="module")
 def test_images(loaded):
-    images, labels = reported_test_set(load_dataset("sample"), loaded.config["limit_test"])
+    images, labels = reported_test_set(load_dataset("sample"), loaded.config.limit_test)
     return images, labels
 
 

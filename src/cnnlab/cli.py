@@ -20,90 +20,66 @@ from collections.abc import Sequence
 from cnnlab import __version__
 from cnnlab.core.errors import Interrupted, UserError, one_line
 
-TRAIN_FLAGS = {  # flag → (type, help); each overrides the recipe when given
-    "dataset": (str, "cifar10, cifar100, mnist, fashion-mnist, svhn, stl10, sample or folder:PATH (a folder or "
-                     ".tar/.tar.gz/.zip of train/<class>/ and test/<class>/, or a CSV of path,label,split)"),
-    "data-dir": (str, "where named datasets are looked for and downloaded (default ~/.cache/cnnlab/data)"),
-    "store-size": (int, "side in pixels at which folder images are cached (default: as they are, or the "
-                        "--image-size when larger or of mixed sizes)"),
-    "model": (str, "a model of `cnnlab models` (resnet18 … resnet152, plain18/34, resnet20 … resnet110, plain20 … "
-                   "plain56, alexnet, vgg11, vgg16, their -cifar forms), torchvision:NAME or timm:NAME"),
-    "width": (int, "base channels of cnnlab's own models (default: the paper's, 64 or 16 for the CIFAR nets; "
-                   "smaller trains quickly on a CPU)"),
-    "weights": (str, "start from DEFAULT or a named set of torchvision's or timm's published weights, or a file "
-                     "(a cnnlab checkpoint or a state dict); their preprocessing becomes the run's"),
-    "freeze": (str, "backbone (train only the classifier) or a layer (stage name or module path): freeze it and "
-                    "everything before it"),
-    "backbone-lr-scale": (float, "learning rate of everything but the classifier, as a fraction of --lr (e.g. 0.1)"),
-    "image-size": (int, "side of the square network input in pixels"),
-    "epochs": (int, None), "batch-size": (int, None), "lr": (float, "learning rate (peak for onecycle)"),
-    "momentum": (float, None), "weight-decay": (float, None),
-    "schedule": (str, "constant, cosine or onecycle"),
-    "label-smoothing": (float, None), "augment": (str, "none or flip-crop"),
-    "ema": (float, "decay of a moving average of the weights, scored and saved in their place (0: off; e.g. 0.999)"),
-    "limit-train": (int, "train on a random subset of N images"),
-    "limit-test": (int, "report on a random subset of N test images"),
-    "val-split": (int, "images held out of the training set to pick best.pt (default 10%%; 0 for none)"),
-    "device": (str, "auto, cpu or cuda"),
-    "seed": (int, None), "checkpoint-every": (int, "also write last.pt every N steps"),
-    "out": (str, "the run folder (default runs/RECIPE-MODEL-TIME)"),
-}
-
-
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
-# Library errors name Python parameters in backquotes (`index`); on the command line they are flags.
-FLAGS = {"image": "--image", "index": "--index", "count": "--count", "layer": "--layer", "target": "--target",
-         "channel": "--channel", "channels": "--channel", "kind": "--kind", "steps": "--steps", "out": "--out",
-         "random_labels": "--random-labels", "skip_bad_images": "--skip-bad-images", "dataset": "--dataset"}
+# Library errors name Python parameters in backquotes (`index`); on the command line they are the flags
+# that set them: `limit_test` is --limit-test, except where a flag is named otherwise.
+FLAG_NAMES = {"channels": "--channel", "allow_hosts": "--allow-host"}
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line, not a usage block."""
+    """argparse, but a usage mistake is one line, not a usage block; and it records every flag of every
+    command, so that :func:`as_flags` spells a parameter as a flag only where one exists."""
+
+    flags: set[str] = set()
+
+    def add_argument(self, *names: str, **options: object) -> argparse.Action:  # type: ignore[override]
+        Parser.flags.update(n for n in names if n.startswith("--"))
+        return super().add_argument(*names, **options)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-def build_parser() -> Parser:
-    parser = Parser(prog="cnnlab", description="Train a CNN for image recognition, then see what it learned.")
-    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    """A flag for every training setting, from its declaration in :class:`cnnlab.config.TrainConfig`:
+    a switch pair (--tta/--no-tta) for a yes-or-no setting, a value otherwise; ``amp`` takes an optional
+    value (--amp, --amp force) beside --no-amp. Any other value is refused by the configuration's check."""
+    from cnnlab import config
 
+    for name, f in config.FIELDS.items():
+        if not f.metadata["flag"]:
+            continue
+        flag, help, kinds = "--" + name.replace("_", "-"), f.metadata["help"], config.kinds(name)
+        options = config.choices(name)
+        if options and help is None:
+            help = " or ".join([", ".join(options[:-1]), options[-1]] if len(options) > 1 else options)
+        if bool in kinds and options:
+            p.add_argument(flag, nargs="?", const=True, metavar="|".join(options), help=help)
+            p.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=False, help="off")
+        elif bool in kinds:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+        else:
+            kind = next((k for k in kinds if k in (int, float)), str)
+            p.add_argument(flag, type=kind, help=help)
+
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a small model on the bundled sample and evaluate it (CPU, about a minute)")
     p.add_argument("--out", help="the run folder (default runs/demo-TIME)")
 
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model", argument_default=argparse.SUPPRESS)
-    p.add_argument("--recipe", help="seed (the assignment), paper, fast or finetune (published weights, lower "
-                                    "backbone learning rate)")
     p.add_argument("--config", metavar="FILE.toml", help="settings to apply over the recipe")
-    for flag, (kind, text) in TRAIN_FLAGS.items():
-        p.add_argument(f"--{flag}", type=kind, help=text)
-    p.add_argument("--download", action="store_true", help="download a named dataset if it is not in --data-dir")
-    p.add_argument("--data-on-device", action=argparse.BooleanOptionalAction,
-                   help="hold the whole dataset on the training device (--no-data-on-device: read each batch from "
-                        "the memory-mapped cache; default: on the device when it fits)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave out images that cannot be decoded (they are counted and listed) instead of stopping")
-    # A value only for "force"; any other value is refused by the configuration's check, in one line.
-    p.add_argument("--amp", nargs="?", const=True, metavar="force",
-                   help="bf16 autocast where bf16 is native: CUDA, or a CPU with bf16 instructions (elsewhere a "
-                        "note, and fp32); --amp force: bf16 even on a CPU without (default: on CUDA)")
-    p.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="fp32")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on CUDA")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction,
-                   help="replay each compiled step as a CUDA graph (implies --compile; CUDA only)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
-                   help="score validation and test images with test-time flip augmentation")
-    p.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
-    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
-                   help="with torchrun: normalise with the statistics of the whole global batch")
+    _add_settings(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
                                                        "(or give RUN_DIR/checkpoints/best.pt to continue from that)")
     p.add_argument("--stop-after", type=int, metavar="STEPS",
                    help="stop after this many steps with a checkpoint; continue later with --resume")
 
+
+def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="top-1, per-class accuracy and confusion matrix of a run")
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument("--dataset", help="default: the run's dataset")
@@ -116,6 +92,8 @@ def build_parser() -> Parser:
                         "(default: as the run was scored while training)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
+
+def _summary_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summary", help="the layers of a model as in Table 1, with counted params and MACs")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--image-size", type=int, help="default: the model's own (224, or 32 for the CIFAR nets)")
@@ -123,11 +101,15 @@ def build_parser() -> Parser:
     p.add_argument("--width", type=int, help="default: the paper's (64, or 16 for the CIFAR nets)")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
+
+def _models_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="the models --model knows, with counted params and MACs")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--all", action="store_true", help="also list every torchvision and timm model by name")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
+
+def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="top-k labels with probabilities for image files and folders",
         description="Predict image files of any size, format and mode, and every file in folders (recursively), "
@@ -143,6 +125,8 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true",
                    help='print one JSON document on stdout: [{"image", "top": [{"label", "prob"}, ...]}, ...]')
 
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export", help="write the model as ONNX or TorchScript, with its classes and preprocessing as metadata",
         description="The exported model takes float32 pixels in [0, 1], shape (N, C, S, S) with S the run's "
@@ -152,6 +136,8 @@ def build_parser() -> Parser:
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
     p.add_argument("--out", required=True, metavar="FILE")
 
+
+def _visualize_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("visualize", help="look inside a trained network: filters, feature maps, CAMs, attributions …")
     p.add_argument("method", metavar="METHOD", help="filters, features, top-images, deconv, invert, maximize, dream, "
                                                      "cam, attribute, or sanity (how far to trust each CAM and "
@@ -179,6 +165,8 @@ def build_parser() -> Parser:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", help="where the run's dataset is, for --index and top-images")
 
+
+def _report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "report", help="one self-contained HTML page about a run: accuracy, curves, mistakes, what it learned",
         description="Write one HTML file that opens from disk with no server or network: what was trained, final "
@@ -188,6 +176,8 @@ def build_parser() -> Parser:
     p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html)")
     p.add_argument("--device", default="auto")
 
+
+def _compare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare", help="several runs on one HTML page: error curves overlaid, final accuracies, params, MACs, speed",
         description="Overlay the runs' training error (dashed) and test error (solid) per epoch, as He et al. 2015 "
@@ -197,6 +187,8 @@ def build_parser() -> Parser:
     p.add_argument("--out", metavar="FILE.html", help="where to write the page (default compare.html)")
     p.add_argument("--json", action="store_true", help="print the table as one JSON document")
 
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="explore runs in the browser: predictions, CAMs, feature maps, channels, curves",
         description="Start a local web app over the runs: upload or pick an image, see the top-5 and every CAM and "
@@ -206,6 +198,19 @@ def build_parser() -> Parser:
     p.add_argument("paths", metavar="RUN_DIR", nargs="+")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests that name the server NAME (a host name or address others reach it "
+                        "by, e.g. with --host 0.0.0.0); repeatable. Answered without it: 127.0.0.1, localhost, ::1 "
+                        "and --host")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="cnnlab", description="Train a CNN for image recognition, then see what it learned.")
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    for add in (_demo_parser, _train_parser, _evaluate_parser, _summary_parser, _models_parser, _predict_parser,
+                _export_parser, _visualize_parser, _report_parser, _compare_parser, _serve_parser):
+        add(sub)
     return parser
 
 
@@ -228,8 +233,16 @@ def _show_notes() -> None:
 
 
 def as_flags(message: str) -> str:
-    """A library message with the parameters it names spelled as the flags that set them."""
-    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m[1], m[0]), message)
+    """A library message with the parameters it names (`limit_test`) spelled as the flags that set them
+    (--limit-test); a parameter no command has a flag for (`mean`, a TOML key) loses its quotes only."""
+    if not Parser.flags:
+        build_parser()
+
+    def flag(m: re.Match[str]) -> str:
+        name = FLAG_NAMES.get(m[1], "--" + m[1].replace("_", "-"))
+        return name if name in Parser.flags else m[1]
+
+    return re.sub(r"`(\w+)`", flag, message)
 
 
 def _terminated(signum: int, frame: object) -> None:
@@ -323,26 +336,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from cnnlab.config import MAX_IMAGE_SIZE, MAX_WIDTH
+    from cnnlab.core.limits import MAX_CLASSES, MAX_IMAGE_SIZE, MAX_WIDTH
     from cnnlab.models.summary import format_table, summarize
 
-    limits = {"image_size": MAX_IMAGE_SIZE, "num_classes": 100_000, "width": MAX_WIDTH}
+    limits = {"image_size": MAX_IMAGE_SIZE, "num_classes": MAX_CLASSES, "width": MAX_WIDTH}
     for name, most in limits.items():
         value = getattr(args, name)
         if value is not None and not 1 <= value <= most:
-            raise UserError(f"--{name.replace('_', '-')} must be between 1 and {most} (got {value})")
+            raise UserError(f"`{name}` must be between 1 and {most} (got {value})")
     result = summarize(args.model, image_size=args.image_size, num_classes=args.num_classes, width=args.width)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from cnnlab.core.limits import MAX_CLASSES
     from cnnlab.models import FAMILIES
     from cnnlab.models.external import timm_available, timm_names, torchvision_names
     from cnnlab.models.summary import catalog, format_catalog
 
-    if not 1 <= args.num_classes <= 100_000:
-        raise UserError(f"--num-classes must be between 1 and 100000 (got {args.num_classes})")
+    if not 1 <= args.num_classes <= MAX_CLASSES:
+        raise UserError(f"`num_classes` must be between 1 and {MAX_CLASSES} (got {args.num_classes})")
     entries = catalog(num_classes=args.num_classes)
     tv = list(torchvision_names())
     tm = list(timm_names()) if timm_available() else []
@@ -465,7 +479,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runs = "a run" if len(args.paths) == 1 else f"{len(args.paths)} runs"
         print(f"cnnlab serve: exploring {runs} at {url}  (Ctrl-C stops it)", flush=True)
 
-    serve(args.paths, host=args.host, port=args.port, ready=ready)
+    serve(args.paths, host=args.host, port=args.port, ready=ready, allow_hosts=args.allow_host)
     return 0
 
 

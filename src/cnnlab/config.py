@@ -1,4 +1,9 @@
-"""Training configuration: one dataclass, three named recipes, TOML overrides and validation.
+"""Training configuration: one dataclass, four named recipes, TOML overrides and validation.
+
+Each setting is declared once, as a field of :class:`TrainConfig` whose type says what values it
+takes (``Literal`` for a choice) and whose metadata (:func:`setting`) holds its help text and range.
+The command line's flags (:func:`cnnlab.cli.build_parser`), the TOML keys and :func:`validate` are
+derived from those declarations.
 
 Precedence, lowest first: the dataclass defaults, the recipe, a TOML file, command-line flags.
 Every value ends up in ``RUN_DIR/config.json`` so a run says exactly what it did.
@@ -9,74 +14,101 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cnnlab.core.errors import UserError
-from cnnlab.core.spec import MAX_IMAGE_SIZE, MAX_WIDTH
-from cnnlab.data import DATASET_CHOICES, NAMED_DATASETS
-from cnnlab.models import check_name, default_width, is_external
-from cnnlab.models import weights as pretrained
+from cnnlab.core.limits import MAX_IMAGE_SIZE, MAX_WIDTH
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
-SCHEDULES = ("constant", "cosine", "onecycle")
-AUGMENTS = ("none", "flip-crop")
-DEVICES = ("auto", "cpu", "cuda")
-# MAX_WIDTH and MAX_IMAGE_SIZE (from cnnlab.core.spec, which checks checkpoints against them too):
-# beyond them a model no longer fits in memory or a tensor side overflows; say so before trying.
+# The command line builds its flags from this module, so that `cnnlab --help` answers at once it imports
+# nothing that imports torch at its top: the data and model registries are imported where they are used.
 MAX_SEED = 2**63 - 1
+
+
+def setting(default: Any, help: str | None = None, *, least: float | None = None, most: float | None = None,
+            above: float | None = None, below: float | None = None, unit: str = "", flag: bool = True) -> Any:
+    """A field of :class:`TrainConfig` with what the command line and :func:`validate` need to know.
+
+    ``least``/``most``: inclusive bounds; ``above``/``below``: exclusive ones; ``unit`` words the bound
+    ("images"); ``flag``: whether the command line offers it (else only TOML and Python set it).
+    """
+    return dataclasses.field(default=default, metadata=dict(help=help, least=least, most=most, above=above,
+                                                            below=below, unit=unit, flag=flag))
 
 
 @dataclass
 class TrainConfig:
-    recipe: str = "seed"
+    recipe: str = setting("seed", "seed (the assignment), paper, fast or finetune (published weights, lower "
+                                  "backbone learning rate)")
     # data
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    download: bool = False
-    skip_bad_images: bool = False
-    limit_train: int | None = None
-    limit_test: int | None = None
-    val_split: int | None = None  # images held out of train for model selection; None: 10 %
-    store_size: int | None = None  # side at which folder images are cached; None: at most image_size
-    data_on_device: bool | None = None  # the whole dataset on the device; False: read from the cache; None: if it fits
+    dataset: str = setting("cifar10", "cifar10, cifar100, mnist, fashion-mnist, svhn, stl10, sample or folder:PATH "
+                                      "(a folder or .tar/.tar.gz/.zip of train/<class>/ and test/<class>/, or a CSV "
+                                      "of path,label,split)")
+    data_dir: str | None = setting(None, "where named datasets are looked for and downloaded (default "
+                                         "~/.cache/cnnlab/data)")
+    download: bool = setting(False, "download a named dataset if it is not in --data-dir")
+    skip_bad_images: bool = setting(False, "leave out images that cannot be decoded (they are counted and listed) "
+                                           "instead of stopping")
+    limit_train: int | None = setting(None, "train on a random subset of N images", least=1)
+    limit_test: int | None = setting(None, "report on a random subset of N test images", least=1)
+    val_split: int | None = setting(None, "images held out of the training set to pick best.pt (default 10%%; 0 "
+                                          "for none)", least=0, unit="images")
+    store_size: int | None = setting(None, "side in pixels at which folder images are cached (default: as they "
+                                           "are, or the --image-size when larger or of mixed sizes)",
+                                     least=8, most=MAX_IMAGE_SIZE)
+    data_on_device: bool | None = setting(None, "hold the whole dataset on the training device (--no-data-on-device: "
+                                                "read each batch from the memory-mapped cache; default: on the device "
+                                                "when it fits)")
     # model
-    model: str = "resnet18-seed"
-    width: int | None = None  # None: the model's own (64 for the ImageNet nets, 16 for the CIFAR nets)
-    image_size: int = 224
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    model: str = setting("resnet18-seed", "a model of `cnnlab models` (resnet18 … resnet152, plain18/34, resnet20 … "
+                                          "resnet110, plain20 … plain56, alexnet, vgg11, vgg16, their -cifar forms), "
+                                          "torchvision:NAME or timm:NAME")
+    width: int | None = setting(None, "base channels of cnnlab's own models (default: the paper's, 64 or 16 for the "
+                                      "CIFAR nets; smaller trains quickly on a CPU)", least=1, most=MAX_WIDTH)
+    image_size: int = setting(224, "side of the square network input in pixels", least=8, most=MAX_IMAGE_SIZE)
+    mean: tuple[float, ...] = setting((0.5, 0.5, 0.5), flag=False)
+    std: tuple[float, ...] = setting((0.5, 0.5, 0.5), flag=False)
     # transfer learning
-    weights: str | None = None  # DEFAULT, a published weights name, or a file (cnnlab.models.weights)
-    freeze: str | None = None  # "backbone" (train only the head) or a layer: freeze it and all before it
-    backbone_lr_scale: float = 1.0  # learning rate of everything but the head, relative to --lr
+    weights: str | None = setting(None, "start from DEFAULT or a named set of torchvision's or timm's published "
+                                        "weights, or a file (a cnnlab checkpoint or a state dict); their "
+                                        "preprocessing becomes the run's")
+    freeze: str | None = setting(None, "backbone (train only the classifier) or a layer (stage name or module path): "
+                                       "freeze it and everything before it")
+    backbone_lr_scale: float = setting(1.0, "learning rate of everything but the classifier, as a fraction of --lr "
+                                            "(e.g. 0.1)", least=0)
     # optimisation
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "constant"
-    label_smoothing: float = 0.0
-    augment: str = "none"
-    ema: float = 0.0  # decay of a moving average of the weights, scored and saved in their place; 0: off
-    tta: bool = False  # score with test-time flip augmentation
+    epochs: int = setting(40, least=1)
+    batch_size: int = setting(64, least=1)
+    lr: float = setting(0.01, "learning rate (peak for onecycle)", above=0)
+    momentum: float = setting(0.9, least=0, below=1)
+    nesterov: bool = setting(False)
+    weight_decay: float = setting(5e-4, least=0)
+    schedule: Literal["constant", "cosine", "onecycle"] = setting("constant")
+    label_smoothing: float = setting(0.0, least=0, below=1)
+    augment: Literal["none", "flip-crop"] = setting("none")
+    ema: float = setting(0.0, "decay of a moving average of the weights, scored and saved in their place (0: off; "
+                              "e.g. 0.999)", least=0, below=1)
+    tta: bool = setting(False, "score validation and test images with test-time flip augmentation")
     # execution
-    device: str = "auto"
-    # bf16 autocast. None: on CUDA only; True: where bf16 is native (CUDA, CPUs with bf16 instructions);
-    # "force": also on CPUs that would emulate it (cnnlab.train.device.amp_choice)
-    amp: bool | str | None = None
-    channels_last: bool | None = None  # None: on CUDA only
-    compile: bool = False
-    cuda_graphs: bool = False  # compiled steps replayed as CUDA graphs (implies compile; CUDA only)
-    sync_bn: bool = False  # with several ranks: BatchNorm statistics of the global batch
-    seed: int = 0
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: only at epoch ends
-    out: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = setting("auto")
+    # None: on CUDA only; True: where bf16 is native (CUDA, CPUs with bf16 instructions); "force": also on
+    # CPUs that would emulate it (cnnlab.train.device.amp_choice)
+    amp: bool | Literal["force"] | None = setting(
+        None, "bf16 autocast where bf16 is native: CUDA, or a CPU with bf16 instructions (elsewhere a note, and "
+              "fp32); --amp force: bf16 even on a CPU without (default: on CUDA)")
+    channels_last: bool | None = setting(None, "default: on CUDA")
+    compile: bool = setting(False, "torch.compile the model")
+    cuda_graphs: bool = setting(False, "replay each compiled step as a CUDA graph (implies --compile; CUDA only)")
+    sync_bn: bool = setting(False, "with torchrun: normalise with the statistics of the whole global batch")
+    seed: int = setting(0, least=0, most=MAX_SEED)
+    checkpoint_every: int = setting(0, "also write last.pt every N steps", least=0, unit="steps")
+    out: str | None = setting(None, "the run folder (default runs/RECIPE-MODEL-TIME)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,11 +142,28 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
+
+
+def kinds(name: str) -> tuple[Any, ...]:
+    """The types a setting's value may have: ``int | None`` → ``(int, NoneType)``; a ``Literal`` stays whole."""
+    hint = TYPES[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def choices(name: str) -> tuple[str, ...]:
+    """The texts a setting accepts, from the ``Literal`` in its type (empty for free text)."""
+    return tuple(c for k in kinds(name) if typing.get_origin(k) is Literal for c in typing.get_args(k))
 
 
 def resolve(recipe: str | None = None, toml_path: str | Path | None = None,
             overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Build a validated config from a recipe, an optional TOML file and explicit overrides."""
+    from cnnlab.models import check_name, default_width, is_external
+    from cnnlab.models import weights as pretrained
+
     values: dict[str, Any] = {}
     if toml_path is not None:
         values.update(read_toml(toml_path))
@@ -130,9 +179,9 @@ def resolve(recipe: str | None = None, toml_path: str | Path | None = None,
     if merged.get("weights"):
         # The preprocessing the weights were trained with, unless a TOML file or a flag says otherwise.
         given = {**values, **overrides}
-        found = pretrained.describe(model, _coerce("weights", merged["weights"])).preprocessing()
+        found = pretrained.describe(model, coerce("weights", merged["weights"])).preprocessing()
         merged.update({k: v for k, v in found.items() if k not in given})
-    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
+    cfg = TrainConfig(**{k: coerce(k, v) for k, v in merged.items()})
     validate(cfg)
     return cfg
 
@@ -146,7 +195,7 @@ def from_saved(values: Any, check: bool = True) -> TrainConfig:
     """
     if not isinstance(values, dict):
         raise UserError(f"the saved configuration is {type(values).__name__}, not a table of settings")
-    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
     if check:
         validate(cfg)
     return cfg
@@ -171,92 +220,101 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Check a value's type against the dataclass field (TOML and Python callers are untyped)."""
-    if name not in FIELDS:
-        raise UserError(f"unknown setting {name!r}; valid settings: {', '.join(sorted(FIELDS))}")
-    default = FIELDS[name].default
-    kind = str(FIELDS[name].type)
-    if name in ("mean", "std"):
-        if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
-            raise UserError(f"{name} must be a list of numbers, got {value!r}")
-        return tuple(float(v) for v in value)
-    if name == "amp":
-        if value is None or isinstance(value, bool) or value == "force":
-            return value
-        raise UserError(f"amp must be true, false or \"force\" (--amp, --no-amp or --amp force), got {value!r}")
-    if value is None:
-        if "None" in kind:
-            return None
-        raise UserError(f"{name} must be set")
-    if isinstance(default, bool) or kind.startswith("bool"):
-        if not isinstance(value, bool):
-            raise UserError(f"{name} must be true or false, got {value!r}")
-        return value
-    if "int" in kind:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{name} must be a whole number, got {value!r}")
-        return value
-    if "float" in kind:
-        if not _is_number(value):
-            raise UserError(f"{name} must be a number, got {value!r}")
-        return float(value)
-    if "str" in kind:
-        if not isinstance(value, str):
-            raise UserError(f"{name} must be text, got {value!r}")
-        return value
-    return value
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _numbers(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and all(_is_number(x) for x in v)
+
+
+# Each kind a setting's type is made of: what passes as it, how it is said, and how it is stored
+# (numbers become floats, lists of numbers tuples of floats).
+_KINDS: dict[Any, tuple[Any, str, Any]] = {
+    bool: (lambda v: isinstance(v, bool), "true, false", None),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number", None),
+    float: (_is_number, "a number", float),
+    str: (lambda v: isinstance(v, str), "text", None),
+    tuple[float, ...]: (_numbers, "a list of numbers", lambda v: tuple(map(float, v))),
+}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """``value`` as setting ``name`` stores it, checked against the field's type (TOML and Python
+    callers are untyped)."""
+    if name not in FIELDS:
+        raise UserError(f"unknown setting {name!r}; valid settings: {', '.join(sorted(FIELDS))}")
+    allowed = kinds(name)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise UserError(f"`{name}` must be set")
+    if isinstance(value, str) and value in choices(name):
+        return value
+    for kind in allowed:
+        if kind in _KINDS and _KINDS[kind][0](value):
+            convert = _KINDS[kind][2]
+            return convert(value) if convert else value
+    options = choices(name)
+    said = [_KINDS[k][1] for k in allowed if k in _KINDS] + [f'"{c}"' for c in options]
+    if options and len(said) == len(options):
+        raise UserError(f"unknown {name.replace('_', ' ')} {value!r}; choose one of: {', '.join(options)}")
+    text = ", ".join(said)
+    if "," in text:
+        head, _, last = text.rpartition(", ")
+        text = f"{head} or {last}"
+    raise UserError(f"`{name}` must be {text}, got {value!r}")
+
+
+def _bounds(name: str, value: float) -> str | None:
+    """What is wrong with a number against its setting's declared range, or None."""
+    m = FIELDS[name].metadata
+    least, most, above, below, unit = m["least"], m["most"], m["above"], m["below"], m["unit"]
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"`{name}` must be a finite number (got {value})"
+    if least is not None and most is not None and not least <= value <= most:
+        return f"`{name}` must be between {least} and {most} (got {value})"
+    if least is not None and value < least:
+        return f"`{name}` must be {least} or more {unit} (got {value})" if unit else \
+            f"`{name}` must be at least {least} (got {value})"
+    if above is not None and value <= above:
+        return f"`{name}` must be greater than {above} (got {value})"
+    if below is not None and value >= below:
+        return f"`{name}` must be below {below} (got {value})"
+    return None
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Refuse values that cannot train, naming the flag and the valid range."""
+    """Refuse values that cannot train, naming the setting and the valid range: each setting against
+    its declaration, then the few rules that tie settings together."""
+    for name in FIELDS:
+        value = getattr(cfg, name)
+        coerce(name, value)  # a TrainConfig built directly in Python is untyped too
+        if _is_number(value):
+            problem = _bounds(name, value)
+            if problem:
+                raise UserError(problem)
+    _validate_together(cfg)
+
+
+def _validate_together(cfg: TrainConfig) -> None:
+    from cnnlab.data import DATASET_CHOICES, NAMED_DATASETS
+    from cnnlab.models import check_name, is_external
+
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise UserError(message)
 
     check_name(cfg.model)
-    need(cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-    need(cfg.augment in AUGMENTS, f"unknown augment {cfg.augment!r}; choose one of: {', '.join(AUGMENTS)}")
-    need(cfg.device in DEVICES, f"unknown device {cfg.device!r}; choose one of: {', '.join(DEVICES)}")
     need(cfg.dataset in (*NAMED_DATASETS, "sample") or cfg.dataset.startswith("folder:") and len(cfg.dataset) > 7,
          f"unknown dataset {cfg.dataset!r}; choose one of: {', '.join(DATASET_CHOICES)}")
-    need(cfg.epochs >= 1, f"--epochs must be at least 1 (got {cfg.epochs})")
-    need(cfg.batch_size >= 1, f"--batch-size must be at least 1 (got {cfg.batch_size})")
     if is_external(cfg.model):
-        need(cfg.width is None, f"--width scales cnnlab's own models; {cfg.model} has its own widths "
-                                "(leave --width out)")
-    else:
-        need(cfg.width is None or 1 <= cfg.width <= MAX_WIDTH,
-             f"--width must be between 1 and {MAX_WIDTH} (got {cfg.width})")
-    need(cfg.weights is None or bool(cfg.weights), "--weights must be DEFAULT, a weights name or a file")
-    need(cfg.freeze is None or bool(cfg.freeze), "--freeze must be backbone or a layer name")
-    need(math.isfinite(cfg.backbone_lr_scale) and cfg.backbone_lr_scale >= 0,
-         f"--backbone-lr-scale must be a finite number ≥ 0 (got {cfg.backbone_lr_scale})")
-    need(8 <= cfg.image_size <= MAX_IMAGE_SIZE,
-         f"--image-size must be between 8 and {MAX_IMAGE_SIZE} (got {cfg.image_size})")
-    need(cfg.store_size is None or 8 <= cfg.store_size <= MAX_IMAGE_SIZE,
-         f"--store-size must be between 8 and {MAX_IMAGE_SIZE} (got {cfg.store_size})")
-    for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
-        value = getattr(cfg, name)
-        need(math.isfinite(value) and value >= 0,
-             f"--{name.replace('_', '-')} must be a finite number ≥ 0 (got {value})")
-    need(cfg.lr > 0, f"--lr must be greater than 0 (got {cfg.lr})")
-    need(cfg.momentum < 1, f"--momentum must be below 1 (got {cfg.momentum})")
-    need(cfg.label_smoothing < 1, f"--label-smoothing must be below 1 (got {cfg.label_smoothing})")
-    need(math.isfinite(cfg.ema) and 0 <= cfg.ema < 1,
-         f"--ema must be 0 (off) or a decay below 1 such as 0.999 (got {cfg.ema})")
-    need(not cfg.nesterov or cfg.momentum > 0, "--nesterov needs a momentum above 0")
-    for name in ("limit_train", "limit_test"):
-        value = getattr(cfg, name)
-        need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-    need(cfg.val_split is None or cfg.val_split >= 0, f"--val-split must be 0 or more images (got {cfg.val_split})")
-    need(cfg.checkpoint_every >= 0, f"--checkpoint-every must be 0 or more steps (got {cfg.checkpoint_every})")
+        need(cfg.width is None, f"`width` scales cnnlab's own models; {cfg.model} has its own widths "
+                                "(leave `width` out)")
+    need(cfg.weights is None or bool(cfg.weights), "`weights` must be DEFAULT, a weights name or a file")
+    need(cfg.freeze is None or bool(cfg.freeze), "`freeze` must be backbone or a layer name")
+    need(not cfg.nesterov or cfg.momentum > 0, "`nesterov` needs a `momentum` above 0")
     need(len(cfg.mean) == len(cfg.std) and len(cfg.mean) in (1, 3),
-         "mean and std must both have 1 or 3 values")
-    need(all(s > 0 and math.isfinite(s) for s in cfg.std), "std values must be finite and greater than 0")
-    need(all(math.isfinite(m) for m in cfg.mean), "mean values must be finite numbers")
-    need(0 <= cfg.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED} (got {cfg.seed})")
+         "`mean` and `std` must both have 1 or 3 values")
+    need(all(s > 0 and math.isfinite(s) for s in cfg.std), "`std` values must be finite and greater than 0")
+    need(all(math.isfinite(m) for m in cfg.mean), "`mean` values must be finite numbers")

@@ -34,7 +34,7 @@ def evaluate(path: str | Path, dataset: str | None = None, data_dir: str | None 
     result = breakdown(scores, loaded.classes)
     result["tta"] = tta
     result["checkpoint"] = str(loaded.path)
-    result["dataset"] = dataset or loaded.config.get("dataset", "cifar10")
+    result["dataset"] = dataset or loaded.config.dataset  # test_set refuses a run that does not say
 
     out_dir = Path(out) if out else (loaded.run_dir or loaded.path.parent) / "eval"
     atomic_write(out_dir / "metrics.json", json.dumps(result, indent=2))

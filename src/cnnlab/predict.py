@@ -39,7 +39,7 @@ def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: 
     readable image.
     """
     if top_k < 1:
-        raise UserError(f"--top-k must be at least 1 (got {top_k})")
+        raise UserError(f"`top_k` must be at least 1 (got {top_k})")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1 (got {batch_size})")
     files = list(expand(inputs))

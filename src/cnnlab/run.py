@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 
-from cnnlab.config import from_saved
+from cnnlab.config import TrainConfig, from_saved
 from cnnlab.core import checkpoint
 from cnnlab.core.errors import UserError
 from cnnlab.core.spec import ModelSpec, Preprocess
@@ -28,7 +27,7 @@ class LoadedRun:
     spec: ModelSpec
     preprocess: Preprocess
     classes: list[str]
-    config: dict[str, Any]  # the training configuration (TrainConfig as a dict)
+    config: TrainConfig | None  # the training configuration; None for a checkpoint that carries none
     path: Path  # the checkpoint file
     run_dir: Path | None  # the run folder, when the checkpoint sits in one
     checkpoint: checkpoint.Checkpoint = field(repr=False)
@@ -38,7 +37,7 @@ class LoadedRun:
     def tta(self) -> bool:
         """Whether the run scored with test-time flip augmentation: what evaluate, predict and report
         do by default, so that they find the numbers the run reported."""
-        return bool(self.config.get("tta", False))
+        return self.config is not None and self.config.tta
 
     @property
     def device(self) -> torch.device:
@@ -53,14 +52,16 @@ class LoadedRun:
         """
         if dataset is None and limit_test is None and self._test is not None:
             return self._test
-        name = dataset or self.config.get("dataset")
-        if not name:
+        saved = self.config
+        if dataset is None and saved is None:
             raise UserError(f"{self.path} does not say which dataset it was trained on; give a dataset or image files")
+        name = dataset or saved.dataset
         if limit_test is None and dataset is None:
-            limit_test = self.config.get("limit_test")  # the same images the run reported on
-        data = open_dataset(name, data_dir=data_dir or self.config.get("data_dir"),
-                            skip_bad_images=bool(self.config.get("skip_bad_images", False)),
-                            store_size=self.config.get("store_size"), image_size=self.config.get("image_size"))
+            limit_test = saved.limit_test  # the same images the run reported on
+        data = open_dataset(name, data_dir=data_dir or (saved.data_dir if saved else None),
+                            skip_bad_images=saved is not None and saved.skip_bad_images,
+                            store_size=saved.store_size if saved else None,
+                            image_size=saved.image_size if saved else None)
         check_classes(self, data.classes, name)
         x, y = reported_test_set(data, limit_test)
         test = (x.read() if isinstance(x, PixelStore) else x, y)  # only these images are read
@@ -94,11 +95,12 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
         check_name(spec.name)  # cnnlab's own models, and torchvision:NAME / timm:NAME
     except UserError as e:
         raise UserError(f"{ckpt_path} is for model {spec.name!r}, which this cnnlab cannot build: {e}") from None
+    config = None
     if ckpt.config:
         try:
-            saved = from_saved(ckpt.config, check=False)
-            if saved.limit_test is not None and saved.limit_test < 1:
-                raise UserError(f"--limit-test must be at least 1 (got {saved.limit_test})")
+            config = from_saved(ckpt.config, check=False)
+            if config.limit_test is not None and config.limit_test < 1:
+                raise UserError(f"`limit_test` must be at least 1 (got {config.limit_test})")
         except UserError as e:
             raise UserError(f"{ckpt_path} holds an invalid training configuration: {e}") from None
     model = build(spec.name, num_classes=spec.num_classes, width=spec.width, in_channels=spec.in_channels)
@@ -109,7 +111,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
                         f"(width {spec.width}, {spec.num_classes} classes): {str(e).splitlines()[0]}") from None
     model.to(device).eval()
     run_dir = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else None
-    return LoadedRun(model, spec, ckpt.preprocess, ckpt.classes, ckpt.config, ckpt_path, run_dir, ckpt)
+    return LoadedRun(model, spec, ckpt.preprocess, ckpt.classes, config, ckpt_path, run_dir, ckpt)
 
 
 def check_classes(loaded: LoadedRun, classes: list[str], dataset: str) -> None:

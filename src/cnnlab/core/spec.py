@@ -17,18 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab.core import images, transforms
+from cnnlab.core.limits import MAX_CLASSES, MAX_IMAGE_SIZE, MAX_WIDTH, MIN_IMAGE_SIZE
 
 # A file larger than this (or than the network's input) is shrunk with PIL before the bilinear
 # resize to the network's size, which does not antialias: as mixed-size training folders are stored.
 MAX_FILE_SIDE = 256
 
-# What a network can be: the configuration refuses anything beyond (cnnlab.config re-exports these), and
-# a checkpoint that claims more is refused before anything is built. Beyond them a model no longer fits
-# in memory or a tensor side overflows.
-MAX_WIDTH = 256
-MIN_IMAGE_SIZE = 8
-MAX_IMAGE_SIZE = 1024
-MAX_CLASSES = 100_000
 CHANNELS = (1, 3)
 
 

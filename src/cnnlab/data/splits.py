@@ -49,9 +49,9 @@ def split(data: Dataset, limit_train: int | None = None, limit_test: int | None 
         if val_split > 0 and left < needed:
             why = (f"one batch (--batch-size {batch_size})" if needed == batch_size and batch_size
                    else f"one per class ({len(data.classes)} classes)")
-            raise UserError(f"--val-split {val_split} would leave {max(left, 0)} of the {len(train)} training images "
+            raise UserError(f"`val_split` {val_split} would leave {max(left, 0)} of the {len(train)} training images "
                             f"to train on, fewer than {why}; hold out at most {max(len(train) - needed, 0)} "
-                            "(or --val-split 0 for none)")
+                            "(or `val_split` 0 for none)")
     val, train = train[:n_val].sort().values, train[n_val:].sort().values
     return Splits(data.classes, take(data.train_x, train), data.train_y[train], take(data.train_x, val),
                   data.train_y[val], test_x, test_y, list(data.skipped), data.fingerprint)

@@ -88,7 +88,7 @@ NATIVE_IMAGE_SIZE: dict[str, int] = {name: info.image_size for name, info in MOD
 def check_name(name: str) -> None:
     """Refuse a name ``--model`` does not know, in one line."""
     if not isinstance(name, str):
-        raise UserError(f"--model must be text, got {name!r}")
+        raise UserError(f"`model` must be text, got {name!r}")
     if is_external(name):
         check_external(name)
     elif name not in MODELS:
@@ -132,7 +132,7 @@ def build(name: str, num_classes: int = 10, width: int | None = None, in_channel
     in_channels = _positive_int("in_channels", in_channels)
     if is_external(name):
         if width is not None:
-            raise UserError(f"--width scales cnnlab's own models; {name} has its own widths (leave --width out)")
+            raise UserError(f"`width` scales cnnlab's own models; {name} has its own widths (leave `width` out)")
         return build_external(name, num_classes, in_channels)
     return MODELS[name](num_classes=num_classes, width=_positive_int("width", width) if width is not None else None,
                         in_channels=in_channels)

@@ -38,21 +38,21 @@ def frozen_prefix(model: nn.Module, what: str) -> list[str]:
     head = head_path(model)
     if what == "backbone":
         if head is None:
-            raise UserError("--freeze backbone: the model has no classifier layer to keep training")
+            raise UserError("`freeze` backbone: the model has no classifier layer to keep training")
         return [n for n in names if not n.startswith(head + ".")]
     stages = stage_paths(model)
     path = stages.get(what, what)
     modules = [p for p, _ in model.named_modules()]
     if not path or path not in modules:
         shown = ", ".join(s for s in stages if s not in ("pool", "fc"))
-        raise UserError(f"--freeze {what}: the model has no such layer; give backbone (train only the head)"
+        raise UserError(f"`freeze` {what}: the model has no such layer; give backbone (train only the head)"
                         + (f", a stage ({shown})" if shown else "") + " or a module path such as "
                         + (modules[len(modules) // 2] if modules else "features"))
     position = modules.index(path)
     before = set(modules[:position + 1])
     frozen = [n for n in names if n.rpartition(".")[0] in before or n.startswith(path + ".")]
     if head and any(n.startswith(head + ".") for n in frozen):
-        raise UserError(f"--freeze {what} would freeze the classifier ({head}) too; nothing would train")
+        raise UserError(f"`freeze` {what} would freeze the classifier ({head}) too; nothing would train")
     return frozen
 
 

@@ -22,11 +22,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 import cnnlab
+from cnnlab.config import TrainConfig, from_saved
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write
 from cnnlab.models.summary import summarize
 from cnnlab.report.charts import _fig_uri, plain_text
-from cnnlab.report.page import CSP, CSS, e
+from cnnlab.report.page import CSP, CSS, document_head, e
 from cnnlab.report.sections import read_metrics
 
 __all__ = ["Compared", "compare", "format_table", "gather"]
@@ -41,7 +42,7 @@ class Compared:
 
     name: str  # the run folder's name (made unique on the page)
     path: Path
-    config: dict[str, Any]
+    config: TrainConfig
     epochs: list[dict[str, Any]]
     params: int | None
     macs: int | None
@@ -65,8 +66,8 @@ class Compared:
     def row(self) -> dict[str, Any]:
         last, cfg = self.last, self.config
         return {
-            "run": self.name, "path": str(self.path), "model": cfg.get("model"), "width": cfg.get("width"),
-            "image_size": cfg.get("image_size"), "dataset": cfg.get("dataset"), "epochs": last.get("epoch"),
+            "run": self.name, "path": str(self.path), "model": cfg.model, "width": cfg.width,
+            "image_size": cfg.image_size, "dataset": cfg.dataset, "epochs": last.get("epoch"),
             "train_error": None if last.get("train_acc") is None else 1 - last["train_acc"],
             "train_acc": last.get("train_acc"), "val_acc": last.get("val_acc"), "test_acc": last.get("test_acc"),
             "params": self.params, "macs": self.macs, "images_per_s": self.images_per_s,
@@ -96,7 +97,10 @@ def gather(run_dirs: list[str | Path]) -> list[Compared]:
     for given in run_dirs:
         path = Path(given)
         info, epochs = _read(path)
-        cfg = info.get("config", {})
+        try:
+            cfg = from_saved(info.get("config", {}), check=False)
+        except UserError as e:
+            raise UserError(f"{path / 'config.json'} holds an invalid training configuration: {e}") from None
         name = path.resolve().name
         seen[name] = seen.get(name, 0) + 1
         if seen[name] > 1:
@@ -105,8 +109,8 @@ def gather(run_dirs: list[str | Path]) -> list[Compared]:
         note = None
         try:
             data = info.get("data", {})
-            s = summarize(cfg["model"], image_size=int(cfg["image_size"]), num_classes=len(data["classes"]),
-                          width=cfg.get("width"), in_channels=int((data.get("stored_size") or [3])[0]))
+            s = summarize(cfg.model, image_size=int(cfg.image_size), num_classes=len(data["classes"]),
+                          width=cfg.width, in_channels=int((data.get("stored_size") or [3])[0]))
             params, macs = s["params"], s["macs"]
         except (KeyError, TypeError, ValueError) as e:  # UserError is a ValueError: an unknown or unbuildable model
             note = f"parameters and MACs not counted: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -193,26 +197,16 @@ def page(runs: list[Compared]) -> str:
     settings = []
     for r in runs:
         c = r.config
-        optimisation = f"lr {c.get('lr')}, {c.get('schedule')} schedule, batch {c.get('batch_size')}"
-        if c.get("weights"):
-            optimisation += f", from {c['weights']}"
+        optimisation = f"lr {c.lr}, {c.schedule} schedule, batch {c.batch_size}"
+        if c.weights:
+            optimisation += f", from {c.weights}"
         settings.append(
-            f"<tr><td>{e(r.name)}</td><td>{e(c.get('dataset'))}</td><td>{e(c.get('image_size'))} px</td>"
-            f"<td>{e(c.get('recipe'))}</td><td>{e(optimisation)}</td><td>{e(c.get('seed'))}</td>"
+            f"<tr><td>{e(r.name)}</td><td>{e(c.dataset)}</td><td>{e(c.image_size)} px</td>"
+            f"<td>{e(c.recipe)}</td><td>{e(optimisation)}</td><td>{e(c.seed)}</td>"
             f"<td{num}>{r.train_seconds:.0f} s</td><td>{e(r.path)}</td></tr>")
     notes = "".join(f'<p class="note">{e(r.name)}: {e(r.note)}</p>' for r in runs if r.note)
     names = ", ".join(r.name for r in runs)
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>cnnlab compare: {e(names)}</title>
-<link rel="icon" href="data:,">
-<style>{CSS}</style>
-</head>
-<body>
+    return document_head(f"cnnlab compare: {names}", f"<style>{CSS}</style>", CSP) + f"""<body>
 <header>
 <h1>cnnlab compare</h1>
 <p class="sub">{len(runs)} runs · written {datetime.now():%Y-%m-%d %H:%M}</p>

@@ -20,7 +20,7 @@ from cnnlab.report.charts import ASSIGNMENT_TEST, ASSIGNMENT_TRAIN
 from cnnlab.report.sections import Contents, Example, Picture
 from cnnlab.viz.sanity import MAX_RANDOMISED_RHO
 
-__all__ = ["SECTIONS", "render"]
+__all__ = ["SECTIONS", "document_head", "e", "render"]
 
 # id → heading, in page order
 SECTIONS: dict[str, str] = {
@@ -76,7 +76,18 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'n
 
 
 def e(value: Any) -> str:
+    """``value`` as text for HTML, attributes included."""
     return html.escape(str(value), quote=True)
+
+
+def document_head(title: str, links: str, csp: str | None = None) -> str:
+    """The start of every cnnlab page up to its ``<body>``: ``title`` (escaped here), an empty icon (so that no
+    browser asks for ``favicon.ico``), then ``links``, the page's style or the tags that fetch it. A page
+    read from disk carries its Content-Security-Policy ``csp`` in a meta tag; a served one gets it as a header."""
+    policy = f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n' if csp else ""
+    return ('<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n' + policy
+            + '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f'<title>{e(title)}</title>\n<link rel="icon" href="data:,">\n{links}\n</head>\n')
 
 
 def pct(value: float | None, digits: int = 2) -> str:
@@ -110,29 +121,29 @@ def _summary(c: Contents) -> str:
     shown = ", ".join(classes[:20]) + (f" … ({len(classes)} in all)" if len(classes) > 20 else "")
     seconds = sum(float(r.get("seconds") or 0) for r in c.epochs)
     rates = [float(r["images_per_s"]) for r in c.epochs if r.get("images_per_s")]
-    amp, decided = cfg.get("amp"), info.get("amp")
+    amp, decided = cfg.amp, info.get("amp")
     if isinstance(decided, dict):  # runs since the CPU bf16 check say what they trained in, and why
         precision = f"{'bf16 autocast' if decided.get('used') == 'bf16' else 'fp32'} ({decided.get('why', '?')})"
     else:
         precision = f"bf16 autocast {'on' if amp else 'off' if amp is False else 'auto (on for CUDA)'}"
     rows = [
-        ("model", f"{e(cfg.get('model', '?'))}"
-                  + (f", width {e(cfg['width'])}" if cfg.get("width") is not None else "")
-                  + f", {e(cfg.get('image_size', '?'))}×{e(cfg.get('image_size', '?'))} px input"
-                  + (f", starting from {e(cfg['weights'])}" if cfg.get("weights") else "")
-                  + (f", frozen: {e(cfg['freeze'])}" if cfg.get("freeze") else "")),
-        ("dataset", e(cfg.get("dataset", "?"))),
+        ("model", f"{e(cfg.model)}"
+                  + (f", width {e(cfg.width)}" if cfg.width is not None else "")
+                  + f", {e(cfg.image_size)}×{e(cfg.image_size)} px input"
+                  + (f", starting from {e(cfg.weights)}" if cfg.weights else "")
+                  + (f", frozen: {e(cfg.freeze)}" if cfg.freeze else "")),
+        ("dataset", e(cfg.dataset)),
         ("images", (f"{e(data.get('train', '?'))} train, {e(data.get('val', '?'))} validation, "
                     f"{e(data.get('test', '?'))} test") if data else "–"),
         ("classes", f"{len(classes)}: {e(shown)}"),
-        ("recipe", e(cfg.get("recipe", "?"))),
-        ("optimisation", e(f"SGD, lr {cfg.get('lr')} ({cfg.get('schedule')} schedule), momentum {cfg.get('momentum')}"
-                           f"{' (Nesterov)' if cfg.get('nesterov') else ''}, weight decay {cfg.get('weight_decay')}, "
-                           f"batch {cfg.get('batch_size')}, label smoothing {cfg.get('label_smoothing')}, "
-                           f"augmentation {cfg.get('augment')}, seed {cfg.get('seed')}")),
-        ("epochs", e(f"{len(c.epochs)} finished of {cfg.get('epochs', '?')} planned, "
+        ("recipe", e(cfg.recipe)),
+        ("optimisation", e(f"SGD, lr {cfg.lr} ({cfg.schedule} schedule), momentum {cfg.momentum}"
+                           f"{' (Nesterov)' if cfg.nesterov else ''}, weight decay {cfg.weight_decay}, "
+                           f"batch {cfg.batch_size}, label smoothing {cfg.label_smoothing}, "
+                           f"augmentation {cfg.augment}, seed {cfg.seed}")),
+        ("epochs", e(f"{len(c.epochs)} finished of {cfg.epochs} planned, "
                      f"{c.last.get('step', '?')} steps")),
-        ("device", e(f"{info.get('device', cfg.get('device', '?'))} ({info.get('device_name', '?')}), "
+        ("device", e(f"{info.get('device', cfg.device)} ({info.get('device_name', '?')}), "
                      f"{info.get('threads', '?')} CPU threads, {info.get('world_size', 1)} process(es), "
                      f"{precision}")),
         ("training time", e(f"{_duration(seconds)}: the sum of the epochs' training-step time as logged "
@@ -328,20 +339,10 @@ def render(c: Contents) -> str:
                        for sid, title in SECTIONS.items())
     timing = ", ".join(f"{k} {v:.1f} s" for k, v in c.seconds.items())
     name = c.run_dir.resolve().name
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>cnnlab report: {e(name)}</title>
-<link rel="icon" href="data:,">
-<style>{CSS}</style>
-</head>
-<body>
+    return document_head(f"cnnlab report: {name}", f"<style>{CSS}</style>", CSP) + f"""<body>
 <header>
 <h1>cnnlab report: {e(name)}</h1>
-<p class="sub">{e(c.config.get('model', '?'))} on {e(c.config.get('dataset', '?'))} ·
+<p class="sub">{e(c.config.model)} on {e(c.config.dataset)} ·
 final test accuracy {pct(c.last.get('test_acc'))} · written {datetime.now():%Y-%m-%d %H:%M}</p>
 <nav><ol>{nav}</ol></nav>
 </header>

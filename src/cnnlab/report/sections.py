@@ -16,12 +16,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cnnlab import run
+from cnnlab.config import TrainConfig, from_saved
 from cnnlab.core.device import pick_device
 from cnnlab.core.errors import UserError
 from cnnlab.core.metrics import breakdown, confusion_matrix, logits, score
@@ -116,9 +118,9 @@ class Contents:
     notes: dict[str, list[str]] = field(default_factory=dict)  # section id → why something is missing
     seconds: dict[str, float] = field(default_factory=dict)  # time spent on each section
 
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.info.get("config", {})
+    @cached_property
+    def config(self) -> TrainConfig:
+        return from_saved(self.info["config"], check=False)
 
     @property
     def last(self) -> dict[str, Any]:
@@ -163,7 +165,8 @@ def _read_info(run_dir: Path, loaded: LoadedRun) -> dict[str, Any]:
             return info
     except (OSError, ValueError):
         pass
-    return {"config": dict(loaded.config)}  # the checkpoint carries the configuration too
+    # The checkpoint carries the configuration too.
+    return {"config": loaded.config.to_dict() if loaded.config else {}}
 
 
 def _timed(contents: Contents, section: str, make: Callable[[], None]) -> None:

@@ -1,222 +1,252 @@
 """The explorer's routes: one page per run, its script and style, and JSON endpoints for the panels.
 
-Every route names a run by its position on the command line (``/run/0``, ``/api/0/…``); nothing is
-ever read from disk by a name taken from a request, so a path such as ``/../`` or ``%2e%2e`` matches
-no route and gets 404, as does a run that was not given. Torch work runs in worker threads
-(:func:`starlette.concurrency.run_in_threadpool`), never on the event loop, and heavy results are
-jobs (:mod:`cnnlab.serve.jobs`) that answer at once with their progress. Every response carries a
-strict Content-Security-Policy: the page runs only the app's own script and style, and may talk to
-no host but this one.
+Each endpoint is a function of the request alone; what it serves comes from ``request.app.state``
+(``runs``: the served runs, ``images``: the uploads, ``jobs``: the background worker, ``static``: the
+script and style), which :func:`create_app` sets. Every route names a run by its position on the
+command line (``/run/0``, ``/api/0/…``); nothing is ever read from disk by a name taken from a
+request, so a path such as ``/../`` or ``%2e%2e`` matches no route and gets 404, as does a run that
+was not given. Every number in a request is ASCII digits, bounded (:func:`whole_number`).
+
+The endpoints that run torch are plain functions, which Starlette runs in worker threads, never on
+the event loop; heavy results are tasks (:mod:`cnnlab.serve.jobs`) that answer at once with their
+progress. A user mistake (:class:`~cnnlab.core.errors.UserError`) is a 400 with its message, an
+unknown run or image a 404, a full queue a 429, and anything else a 500 logged in one line
+(:mod:`cnnlab.serve.middleware`, which also checks who sends each request and adds the
+Content-Security-Policy to every answer).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnnlab.core.errors import UserError
 from cnnlab.serve import pages
+from cnnlab.serve.jobs import Busy
+from cnnlab.serve.middleware import CSP, LOOPBACK, SameOrigin, SecurityHeaders, ServerErrors, error
 from cnnlab.serve.runs import Served, choose, confusion, thumbnails
 from cnnlab.serve.store import Image
 
-__all__ = ["CSP", "MAX_UPLOAD", "create_app"]
-
-log = logging.getLogger(__name__)
+__all__ = ["CSP", "MAX_UPLOAD", "ROUTES", "create_app", "whole_number"]
 
 MAX_UPLOAD = 20 * 1024 * 1024  # bytes; enforced while reading, before the image is decoded
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
-       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-           (b"referrer-policy", b"no-referrer"), (b"cache-control", b"no-store")]
+DIGITS = re.compile(r"[0-9]+")  # not str.isdigit, which takes "²" (and int() then fails)
+FORGOTTEN = "not found (the image may have been forgotten: upload or pick it again)"
+TOO_LARGE = f"the file is larger than {MAX_UPLOAD // 2**20} MB; give a smaller image"
 
 
-class SecurityHeaders:
-    """Adds the CSP and its companions to every response, errors and 404s included."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + HEADERS
-            await send(message)
-
-        await self.app(scope, receive, with_headers)
+def whole_number(text: str, most: int = 10**9 - 1) -> int | None:
+    """``text`` as a whole number written in ASCII digits, or None when it is not one or is over ``most``
+    (at most 18 digits are read: ``int`` of thousands would take a while, and then refuse)."""
+    if not DIGITS.fullmatch(text) or len(text) > 18:
+        return None
+    number = int(text)
+    return number if number <= most else None
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _number(request: Request, name: str) -> int | None:
+    """The query parameter ``name`` as a whole number; None when it is absent or empty."""
+    value = request.query_params.get(name, "")
+    if value == "":
+        return None
+    number = whole_number(value)
+    if number is None:
+        raise UserError(f"{name} must be a whole number (got {value[:20]!r})")
+    return number
 
 
-def create_app(runs: list[Served]) -> Starlette:
-    """The ASGI application serving ``runs`` (already loaded)."""
-    static = {name: resources.files("cnnlab.serve").joinpath("static", name).read_bytes()
-              for name in ("app.js", "app.css")}
+def _served(request: Request) -> Served:
+    """The run the path names (``LookupError`` for one that was not given)."""
+    runs: list[Served] = request.app.state.runs
+    rid = whole_number(request.path_params["rid"], len(runs) - 1)
+    if rid is None:
+        raise LookupError(request.path_params["rid"])
+    return runs[rid]
 
-    def served(request: Request) -> Served:
-        rid = request.path_params["rid"]
-        if rid >= len(runs):
-            raise LookupError(rid)
-        return runs[rid]
 
-    def image_of(s: Served, request: Request) -> Image:
-        return s.pixels(request.query_params.get("image", ""), runs)
+def _image(s: Served, request: Request) -> Image:
+    return s.pixels(request.query_params.get("image", ""), request.app.state.runs)
 
-    def optional_int(request: Request, name: str) -> int | None:
-        value = request.query_params.get(name, "")
-        if value == "":
-            return None
-        if not value.isdigit() or len(value) > 9:
-            raise UserError(f"{name} must be a whole number (got {value[:20]!r})")
-        return int(value)
 
-    def api(work: Callable[[Request], Any]) -> Callable[[Request], Awaitable[Response]]:
-        """A JSON endpoint whose ``work`` runs in a worker thread; a user mistake is a 400 with its message,
-        an unknown run or image a 404."""
+# --- the page and its files ----------------------------------------------------------------------------
 
-        async def endpoint(request: Request) -> Response:
-            try:
-                result = await run_in_threadpool(work, request)
-            except LookupError:
-                return _error(404, "not found (the image may have been forgotten: upload or pick it again)")
-            except UserError as e:
-                return _error(400, str(e))
-            except Exception:
-                log.exception("%s failed", request.url.path)
-                return _error(500, "the server failed on this request; its log says why")
-            return result if isinstance(result, Response) else JSONResponse(result)
 
-        return endpoint
+async def home(request: Request) -> Response:
+    return RedirectResponse("/run/0", status_code=303)
 
-    async def home(request: Request) -> Response:
-        return RedirectResponse("/run/0", status_code=303)
 
-    async def page(request: Request) -> Response:
-        rid = request.path_params["rid"]
-        if rid >= len(runs):
-            return _error(404, "not found")
-        return HTMLResponse(pages.page(runs, rid))
+async def page(request: Request) -> Response:
+    try:
+        s = _served(request)
+    except LookupError:
+        return error(404, "not found")
+    return HTMLResponse(pages.page(request.app.state.runs, s.index))
 
-    async def asset(request: Request) -> Response:
-        name = request.path_params["name"]
-        if name not in static:
-            return _error(404, "not found")
-        kind = "text/javascript" if name.endswith(".js") else "text/css"
-        return Response(static[name], media_type=f"{kind}; charset=utf-8")
 
-    async def upload(request: Request) -> Response:
-        try:
-            s = served(request)
-        except LookupError:
-            return _error(404, "not found")
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_UPLOAD:
-            return _error(413, f"the file is larger than {MAX_UPLOAD // 2**20} MB; give a smaller image")
-        chunks, size = [], 0
-        async for chunk in request.stream():  # counted as it arrives: a lying Content-Length changes nothing
-            size += len(chunk)
-            if size > MAX_UPLOAD:
-                return _error(413, f"the file is larger than {MAX_UPLOAD // 2**20} MB; give a smaller image")
-            chunks.append(chunk)
-        if size == 0:
-            return _error(400, "the upload is empty; give an image file")
-        data = b"".join(chunks)
-        name = request.query_params.get("name", "upload")[:200]
+async def asset(request: Request) -> Response:
+    name = request.path_params["name"]
+    static: dict[str, bytes] = request.app.state.static
+    if name not in static:
+        return error(404, "not found")
+    kind = "text/javascript" if name.endswith(".js") else "text/css"
+    return Response(static[name], media_type=f"{kind}; charset=utf-8")
 
-        def decode() -> dict[str, Any]:
-            # Each served run reads the image as its own `cnnlab predict` would (size, channels).
-            pixels = {r.index: r.decode(data) for r in runs}
-            ref = s.images.put(Image(name, pixels))
-            return {"image": ref, "name": name}
 
-        try:
-            return JSONResponse(await run_in_threadpool(decode))
-        except UserError as e:
-            return _error(415, f"{name} is not an image cnnlab can read: {e}")
+# --- uploads ---------------------------------------------------------------------------------------------
 
-    def predict(request: Request) -> Any:
-        s = served(request)
-        tta = request.query_params.get("tta")
-        return s.predict(image_of(s, request), None if tta is None else tta == "1")
 
-    def explain(request: Request) -> Any:
-        s = served(request)
-        return s.explain(image_of(s, request), request.query_params.get("method", "grad-cam"),
-                         optional_int(request, "target"), request.query_params.get("layer") or None)
+async def upload(request: Request) -> Response:
+    """The request's body, at most :data:`MAX_UPLOAD` bytes, decoded for every served run and kept in the
+    image store; answers its reference."""
+    try:
+        _served(request)
+    except LookupError:
+        return error(404, "not found")
+    declared = whole_number(request.headers.get("content-length", ""), most=10**18)
+    if declared is not None and declared > MAX_UPLOAD:
+        return error(413, TOO_LARGE)
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives: a lying Content-Length changes nothing
+        size += len(chunk)
+        if size > MAX_UPLOAD:
+            return error(413, TOO_LARGE)
+        chunks.append(chunk)
+    if size == 0:
+        return error(400, "the upload is empty; give an image file")
+    data = b"".join(chunks)
+    name = request.query_params.get("name", "upload")[:200]
+    runs: list[Served] = request.app.state.runs
 
-    def features(request: Request) -> Any:
-        s = served(request)
-        return s.features(image_of(s, request), request.query_params.get("layer") or s.default_layer)
+    def decode() -> dict[str, Any]:
+        # Each served run reads the image as its own `cnnlab predict` would (size, channels).
+        pixels = {r.index: r.decode(data) for r in runs}
+        ref = request.app.state.images.put(Image(name, pixels))
+        return {"image": ref, "name": name}
 
-    def channel(request: Request) -> Any:
-        s = served(request)
-        layer = request.query_params.get("layer") or s.default_layer
-        c = optional_int(request, "channel") or 0
-        count = s.channels_of(layer)
-        if c >= count:
-            raise UserError(f"{layer} has {count} channels (0 … {count - 1}); channel {c} is out of range")
-        top = s.top_images(layer, c)
-        out: dict[str, Any] = {"layer": layer, "channel": c, "filters": s.filters(layer, c),
-                               "top": top.to_json(), "maximize": s.maximized(layer, c).to_json()}
-        if top.result is not None:
-            out["top"]["result"] = {**top.result, "thumbs": s.test_thumbnails(top.result["indices"])}
-        return out
+    try:
+        return JSONResponse(await run_in_threadpool(decode))
+    except UserError as e:
+        return error(415, f"{name} is not an image cnnlab can read: {e}")
 
-    def trust(request: Request) -> Any:
-        return served(request).trust().to_json()
 
-    def curves(request: Request) -> Any:
-        return {"curves": served(request).curves()}
+# --- the panels (plain functions: Starlette runs them in worker threads) ---------------------------------
 
-    def run_confusion(request: Request) -> Any:
-        s = served(request)
-        status = s.scores()
-        state = {k: v for k, v in status.to_json().items() if k != "result"}
-        return {"status": state, "confusion": confusion(status, s.classes),
-                "classes": s.classes}
 
-    def browse(request: Request) -> Any:
-        s = served(request)
-        status = s.scores()
-        if status.result is None:
-            return {"status": status.to_json()}
-        which = request.query_params.get("filter", "")
-        indices = choose(status, which, s.classes)
-        return {"status": {"state": "done"}, "filter": which, "count": len(indices),
-                "images": thumbnails(s, status, indices)}
+def predict(request: Request) -> Response:
+    s = _served(request)
+    tta = request.query_params.get("tta")
+    return JSONResponse(s.predict(_image(s, request), None if tta is None else tta == "1"))
 
-    routes = [
-        Route("/", home),
-        Route("/run/{rid:int}", page),
-        Route("/static/{name}", asset),
-        Route("/api/{rid:int}/upload", upload, methods=["POST"]),
-        Route("/api/{rid:int}/predict", api(predict)),
-        Route("/api/{rid:int}/explain", api(explain)),
-        Route("/api/{rid:int}/features", api(features)),
-        Route("/api/{rid:int}/channel", api(channel)),
-        Route("/api/{rid:int}/trust", api(trust)),
-        Route("/api/{rid:int}/curves", api(curves)),
-        Route("/api/{rid:int}/confusion", api(run_confusion)),
-        Route("/api/{rid:int}/images", api(browse)),
-    ]
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return _error(404, "not found")
+def explain(request: Request) -> Response:
+    s = _served(request)
+    return JSONResponse(s.explain(_image(s, request), request.query_params.get("method", "grad-cam"),
+                                  _number(request, "target"), request.query_params.get("layer") or None))
 
-    app = Starlette(routes=routes, exception_handlers={404: not_found})
-    app.add_middleware(SecurityHeaders)
+
+def features(request: Request) -> Response:
+    s = _served(request)
+    return JSONResponse(s.features(_image(s, request), request.query_params.get("layer") or s.default_layer))
+
+
+def channel(request: Request) -> Response:
+    """One channel of a layer: its filter weights now; its top test images and activation maximisation as
+    the tasks' states until they are done."""
+    s = _served(request)
+    layer = request.query_params.get("layer") or s.default_layer
+    c = _number(request, "channel") or 0
+    count = s.channels_of(layer)
+    if c >= count:
+        raise UserError(f"{layer} has {count} channels (0 … {count - 1}); channel {c} is out of range")
+    top = s.top_images(layer, c)
+    out: dict[str, Any] = {"layer": layer, "channel": c, "filters": s.filters(layer, c),
+                           "top": top.to_json(), "maximize": s.maximized(layer, c).to_json()}
+    if top.result is not None:
+        out["top"]["result"] = {**top.result, "thumbs": s.test_thumbnails(top.result["indices"])}
+    return JSONResponse(out)
+
+
+def trust(request: Request) -> Response:
+    return JSONResponse(_served(request).trust().to_json())
+
+
+def curves(request: Request) -> Response:
+    return JSONResponse({"curves": _served(request).curves()})
+
+
+def run_confusion(request: Request) -> Response:
+    s = _served(request)
+    status = s.scores()
+    state = {k: v for k, v in status.to_json().items() if k != "result"}
+    return JSONResponse({"status": state, "confusion": confusion(status, s.classes), "classes": s.classes})
+
+
+def browse(request: Request) -> Response:
+    """A list of test images (``filter``: a class, the mistakes, a cell of the confusion matrix)."""
+    s = _served(request)
+    status = s.scores()
+    if status.result is None:
+        return JSONResponse({"status": status.to_json()})
+    which = request.query_params.get("filter", "")
+    indices = choose(status, which, s.classes)
+    return JSONResponse({"status": {"state": "done"}, "filter": which, "count": len(indices),
+                         "images": thumbnails(s, status, indices)})
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    return error(404, "not found")
+
+
+async def unknown(request: Request, exc: Exception) -> Response:
+    return error(404, FORGOTTEN)
+
+
+async def mistake(request: Request, exc: Exception) -> Response:
+    return error(400, str(exc))
+
+
+async def busy(request: Request, exc: Exception) -> Response:
+    return error(429, str(exc))
+
+
+ROUTES = [
+    Route("/", home),
+    Route("/run/{rid}", page),
+    Route("/static/{name}", asset),
+    Route("/api/{rid}/upload", upload, methods=["POST"]),
+    Route("/api/{rid}/predict", predict),
+    Route("/api/{rid}/explain", explain),
+    Route("/api/{rid}/features", features),
+    Route("/api/{rid}/channel", channel),
+    Route("/api/{rid}/trust", trust),
+    Route("/api/{rid}/curves", curves),
+    Route("/api/{rid}/confusion", run_confusion),
+    Route("/api/{rid}/images", browse),
+]
+EXCEPTION_HANDLERS = {404: not_found, LookupError: unknown, UserError: mistake, Busy: busy}
+
+
+def create_app(runs: list[Served], hosts: Iterable[str] = LOOPBACK, port: int | None = None) -> Starlette:
+    """The ASGI application serving ``runs`` (already loaded), answering requests addressed to ``hosts``
+    (see :func:`cnnlab.serve.middleware.allowed_hosts`) on ``port`` (None: any)."""
+    middleware = [Middleware(SecurityHeaders), Middleware(SameOrigin, hosts=hosts, port=port),
+                  Middleware(ServerErrors)]
+    app = Starlette(routes=ROUTES, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS)
+    app.state.runs = runs
+    app.state.images = runs[0].images
+    app.state.jobs = runs[0].jobs
+    app.state.static = {name: resources.files("cnnlab.serve").joinpath("static", name).read_bytes()
+                        for name in ("app.js", "app.css")}
     return app

@@ -8,17 +8,11 @@ goes through :func:`html.escape`, attributes included.
 
 from __future__ import annotations
 
-from html import escape
-from typing import Any
-
+from cnnlab.report.page import document_head, e
 from cnnlab.serve.runs import LAYERED, METHODS, Served
 from cnnlab.viz.cam import CAMS
 
 __all__ = ["page"]
-
-
-def e(value: Any) -> str:
-    return escape(str(value), quote=True)
 
 
 def _options(pairs: list[tuple[str, str]], selected: str | None = None) -> str:
@@ -62,17 +56,9 @@ def page(runs: list[Served], index: int) -> str:
     layers = _options([(name, name) for name in s.layers], s.default_layer)
     targets = _options([("", "the predicted class")] + [(str(i), c) for i, c in classes])
     tta = "1" if s.loaded.tta else "0"
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>cnnlab serve: {e(s.name)}</title>
-<link rel="icon" href="data:,">
-<link rel="stylesheet" href="/static/app.css">
-<script src="/static/app.js" defer></script>
-</head>
-<body data-run="{index}" data-tta="{tta}" data-layered="{e(' '.join(sorted(LAYERED)))}">
+    head = document_head(f"cnnlab serve: {s.name}",
+                         '<link rel="stylesheet" href="/static/app.css">\n<script src="/static/app.js" defer></script>')
+    return head + f"""<body data-run="{index}" data-tta="{tta}" data-layered="{e(' '.join(sorted(LAYERED)))}">
 <header>
 <h1>cnnlab <span class="run-name">{e(s.name)}</span></h1>
 <nav aria-label="runs">{nav}</nav>

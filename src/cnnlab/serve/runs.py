@@ -44,7 +44,7 @@ from cnnlab.report.sections import (
     SANITY_STEPS,
     read_metrics,
 )
-from cnnlab.serve.jobs import Job, Jobs, Progress, Status
+from cnnlab.serve.jobs import Jobs, Progress, Status, Task
 from cnnlab.serve.store import Image, ImageStore
 from cnnlab.viz import render
 from cnnlab.viz.cam import CAMS
@@ -147,7 +147,7 @@ class Served:
 
     def pixels(self, ref: str, served: list[Served]) -> Image:
         """The image ``ref`` names: ``u-<id>`` an upload, ``t<run>-<index>`` a test image of a served run."""
-        m = re.fullmatch(r"t(\d{1,4})-(\d{1,9})", ref)
+        m = re.fullmatch(r"t([0-9]{1,4})-([0-9]{1,9})", ref)  # ASCII digits only
         if m:
             source, index = int(m[1]), int(m[2])
             if source >= len(served):
@@ -265,10 +265,10 @@ class Served:
 
     # --- heavy jobs ---------------------------------------------------------------------------------
 
-    def _job(self, kind: str, params: dict[str, Any], file: str, compute: Callable[[Progress], dict[str, Any]]) -> Job:
+    def _job(self, kind: str, params: dict[str, Any], file: str, compute: Callable[[Progress], dict[str, Any]]) -> Task:
         stamp = {"kind": kind, **_stamp_of(self.loaded.path), **params}
         key = f"{self.index}:{kind}:" + ":".join(f"{k}={v}" for k, v in params.items())
-        return Job(key, self.explore / file, stamp, compute)
+        return Task(key, self.explore / file, stamp, compute)
 
     def _worker(self) -> nn.Module:
         # Only the worker thread uses this copy.
@@ -374,8 +374,8 @@ def choose(status: Status, which: str, classes: list[str]) -> list[int]:
     y = torch.tensor(status.result["labels"])
     conf = torch.tensor(status.result["confidence"])
     k = len(classes)
-    m = re.fullmatch(r"class:(\d{1,6})", which)
-    c = re.fullmatch(r"cell:(\d{1,6}),(\d{1,6})", which)
+    m = re.fullmatch(r"class:([0-9]{1,6})", which)  # ASCII digits only: int() would take others too
+    c = re.fullmatch(r"cell:([0-9]{1,6}),([0-9]{1,6})", which)
     if m and int(m[1]) < k:
         picked = (y == int(m[1])).nonzero()[:, 0]
     elif c and int(c[1]) < k and int(c[2]) < k:

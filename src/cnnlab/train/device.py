@@ -73,10 +73,6 @@ def cpu_bf16() -> dict[str, Any]:
     return {**info, "bf16_native": forced == "1", "set_by": f"{BF16_ENV}={forced}"}
 
 
-def cpu_runs_bf16_natively() -> bool:
-    return cpu_bf16()["bf16_native"]
-
-
 def amp_choice(setting: bool | str | None, device: torch.device) -> dict[str, Any]:
     """Whether training uses bf16 autocast, and why: what a run's config.json records under "amp".
 
@@ -108,7 +104,7 @@ def use_amp(setting: bool | str | None, device: torch.device) -> bool:
     """Whether to train with bf16 autocast; says so when ``--amp`` was asked for and is not used."""
     choice = amp_choice(setting, device)
     if setting is True and choice["used"] == "fp32":
-        log.warning(f"note: --amp is ignored, training in fp32: {choice['why']}")
+        log.warning(f"note: `amp` is ignored, training in fp32: {choice['why']}")
     return choice["used"] == "bf16"
 
 
@@ -120,7 +116,7 @@ def use_channels_last(setting: bool | None, device: torch.device) -> bool:
     """
     if device.type == "cpu":
         if setting:
-            log.warning("note: --channels-last is ignored on the CPU (it is for GPUs)")
+            log.warning("note: `channels_last` is ignored on the CPU (it is for GPUs)")
         return False
     return on_by_default(setting, device)
 
@@ -147,7 +143,7 @@ def compiled(forward: nn.Module, compile: bool, cuda_graphs: bool, device: torch
 def compile_mode(compile: bool, cuda_graphs: bool, device: torch.device) -> str | None:
     """The ``torch.compile`` mode for the training step, or None to run eagerly."""
     if cuda_graphs and device.type != "cuda":
-        log.warning("note: --cuda-graphs is ignored off CUDA (the step is compiled without them)")
+        log.warning("note: `cuda_graphs` is ignored off CUDA (the step is compiled without them)")
         return "default"
     if cuda_graphs:
         return "reduce-overhead"

@@ -58,7 +58,7 @@ def setup(device: str) -> Group:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if device == "cuda" and not use_cuda:
-        raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise UserError("`device` cuda was asked for but no CUDA GPU is visible; use `device` cpu or auto")
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
@@ -191,6 +191,6 @@ def describe_failure(error: BaseException, group: Group) -> str | None:
     lost = ("connection", "closed", "timed out", "timeout", "broken pipe", "reset by peer", "nccl", "gloo")
     if isinstance(error, (dist.DistError, RuntimeError)) and any(w in text.lower() for w in lost):
         return (f"rank {group.rank} lost contact with the other ranks ({text}); another rank has most likely "
-                f"died (see its output above); resume the run with --resume once all ranks can start")
+                f"died (see its output above); resume the run with `resume` once all ranks can start")
     return None
 

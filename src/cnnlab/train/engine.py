@@ -118,7 +118,7 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, devi
     limit: the run goes on later with ``resume``. Started by torchrun, every rank calls this.
     """
     if stop_after is not None and stop_after < 1:
-        raise UserError(f"--stop-after must be at least 1 step (got {stop_after})")
+        raise UserError(f"`stop_after` must be at least 1 step (got {stop_after})")
     group = distributed.setup(device or (cfg.device if cfg is not None else "auto"))
     try:
         return _train(group, cfg, resume, device, stop_after)
@@ -189,16 +189,16 @@ def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: b
     if has_batchnorm(model):
         # In training, BatchNorm normalises with the statistics of the batch, which one image cannot give.
         if cfg.batch_size < 2:
-            raise UserError(f"--batch-size must be at least 2: {cfg.model} normalises with BatchNorm, whose batch "
+            raise UserError(f"`batch_size` must be at least 2: {cfg.model} normalises with BatchNorm, whose batch "
                             "statistics one image cannot give (got 1)")
         if len(data.train_y) < 2:
             raise UserError(f"training {cfg.model} needs at least 2 images (it has {len(data.train_y)}): it "
                             "normalises with BatchNorm, which one image cannot give batch statistics; "
-                            "raise --limit-train")
+                            "raise `limit_train`")
         if group.world > 1 and not cfg.sync_bn and cfg.batch_size // group.world < 2:
-            raise UserError(f"--batch-size {cfg.batch_size} over {group.world} ranks gives some ranks one image a "
-                            f"step, which BatchNorm cannot normalise; use --batch-size {2 * group.world} or more, "
-                            "or --sync-bn")
+            raise UserError(f"`batch_size` {cfg.batch_size} over {group.world} ranks gives some ranks one image a "
+                            f"step, which BatchNorm cannot normalise; use `batch_size` {2 * group.world} or more, "
+                            "or `sync_bn`")
     weights = pretrained.load(model, cfg.model, cfg.weights).to_dict() if cfg.weights and fresh else None
     frozen = transfer.freeze(model, cfg.freeze)
     preprocess = Preprocess(cfg.image_size, in_channels, cfg.mean, cfg.std)
@@ -218,7 +218,7 @@ def _check_input_size(model: nn.Module, cfg: TrainConfig, channels: int) -> None
     except (RuntimeError, AssertionError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{cfg.model} cannot take {cfg.image_size} px inputs ({first}); choose another "
-                        "--image-size") from None
+                        "`image_size`") from None
 
 
 def _start(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None,
@@ -233,7 +233,7 @@ def _start(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | N
         cfg = setup.cfg
         per_rank = -(-cfg.batch_size // setup.group.world)
         raise UserError(f"the GPU ran out of memory with {per_rank} images per GPU at {cfg.image_size} px; "
-                        f"try --batch-size {max(cfg.batch_size // 2, 1)}, a smaller --image-size or --amp") from None
+                        f"try `batch_size` {max(cfg.batch_size // 2, 1)}, a smaller `image_size` or `amp`") from None
 
 
 class Trainer:
@@ -373,7 +373,7 @@ class Trainer:
             f"training diverged: the weights became NaN or infinite between step {progress.saved_step} and step "
             f"{progress.step}, though every loss was finite; the learning rate "
             f"({self.scheduler.get_last_lr()[0]:g}) is most likely too high for this model and batch size, try a "
-            f"lower --lr; {_last_good(self.setup, progress)}")
+            f"lower `lr`; {_last_good(self.setup, progress)}")
 
 
 def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None, stop: StopSignals,
@@ -382,11 +382,11 @@ def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | Non
     t = Trainer(setup)
     if t.batches.dropped and group.main:
         log.warning(f"the last {t.batches.dropped} training image(s) of each epoch are left out: too few to split "
-                    f"over {group.world} ranks (choose a --batch-size that leaves a remainder of 0 or at least "
+                    f"over {group.world} ranks (choose a `batch_size` that leaves a remainder of 0 or at least "
                     f"{group.world})")
     if t.batches.merged and group.main:
         log.warning("the last batch of each epoch would hold a single image, which BatchNorm cannot normalise: it "
-                    "joins the batch before it (choose a --batch-size that does not leave a remainder of 1)")
+                    "joins the batch before it (choose a `batch_size` that does not leave a remainder of 1)")
     p = t.restore(ckpt, resumed_from or run_dir) if ckpt is not None else Progress()
     if p.step >= t.total_steps:
         raise UserError(f"the run in {run_dir} already finished all {cfg.epochs} epochs; nothing to resume")
@@ -491,7 +491,7 @@ def _flush(log: RunLog | None, epoch: int, p: Progress, pending: list[StepStats]
                 f"the loss became {losses[bad]} at step {first + bad} (epoch {epoch})")
         raise UserError(
             f"training diverged: {what}; the learning rate ({pending[bad].lr:g}) is most likely too high for this "
-            f"model and batch size, try a lower --lr; {_last_good(t.setup, p)}")
+            f"model and batch size, try a lower `lr`; {_last_good(t.setup, p)}")
 
 
 def _last_good(setup: Setup, p: Progress) -> str:
@@ -587,18 +587,18 @@ def new_run_dir(prefix: str, parent: str | Path = "runs") -> Path:
 def _new_run_dir(cfg: TrainConfig) -> Path:
     run_dir = new_run_dir(f"{cfg.recipe}-{cfg.model}") if cfg.out is None else Path(cfg.out)
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file; give a folder for the run")
+        raise UserError(f"`out` {run_dir} is a file; give a folder for the run")
     return run_dir
 
 
 def _refuse_existing_run(run_dir: Path) -> None:
     checkpoints = run_dir / "checkpoints"
     if (checkpoints / "last.pt").exists():
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
-                        "or choose another --out")
+        raise UserError(f"{run_dir} already holds a run; continue it with `resume` {run_dir} "
+                        "or choose another `out`")
     if (checkpoints / "best.pt").exists():
         raise UserError(f"{run_dir} already holds a run whose checkpoints/last.pt is missing; continue it from "
-                        f"its best.pt with --resume {checkpoints / 'best.pt'}, or choose another --out")
+                        f"its best.pt with `resume` {checkpoints / 'best.pt'}, or choose another `out`")
 
 
 def _resume_checkpoint(given: Path) -> tuple[Path, Path]:
@@ -606,19 +606,19 @@ def _resume_checkpoint(given: Path) -> tuple[Path, Path]:
     in ``RUN_DIR/checkpoints`` (best.pt, when last.pt was lost)."""
     if given.is_file():
         if given.parent.name != "checkpoints":
-            raise UserError(f"--resume {given}: give a run folder, "
+            raise UserError(f"`resume` {given}: give a run folder, "
                             "or a checkpoint in one (RUN_DIR/checkpoints/best.pt)")
         return given.parent.parent, given
     if not given.is_dir():
-        raise UserError(f"--resume {given}: no such run folder")
+        raise UserError(f"`resume` {given}: no such run folder")
     path = given / "checkpoints" / "last.pt"
     best = given / "checkpoints" / "best.pt"
     if not path.is_file() and best.is_file():
-        raise UserError(f"--resume {given}: its checkpoints/last.pt is missing, but best.pt is there; continue "
+        raise UserError(f"`resume` {given}: its checkpoints/last.pt is missing, but best.pt is there; continue "
                         f"from best.pt (the steps after it are trained again) with: cnnlab train --resume {best}")
     if not path.is_file():
-        raise UserError(f"--resume {given}: it holds no checkpoints/last.pt to continue from; "
-                        f"start a new run with --out {given}")
+        raise UserError(f"`resume` {given}: it holds no checkpoints/last.pt to continue from; "
+                        f"start a new run with `out` {given}")
     return given, path
 
 
@@ -628,9 +628,9 @@ def _check_same_run(ckpt: checkpoint.Checkpoint, setup: Setup, path: Path) -> No
                         "(was the dataset changed?); start a new run instead of resuming")
     saved = ckpt.data.get("hash")
     if saved is not None and saved != setup.data.fingerprint:
-        raise UserError(f"--resume: the dataset {setup.cfg.dataset} is not the one {path} was trained on (same "
+        raise UserError(f"`resume`: the dataset {setup.cfg.dataset} is not the one {path} was trained on (same "
                         "classes, but the images changed since; their content hash differs): resuming would "
-                        "continue on other data; restore the original data, or start a new run with --out")
+                        "continue on other data; restore the original data, or start a new run with `out`")
 
 
 def _write_config(setup: Setup) -> None:

@@ -149,12 +149,11 @@ def _random_labels_model(loaded: runs.LoadedRun, random_labels: str | int | None
     from cnnlab.data.splits import split
 
     cfg = loaded.config
-    if not cfg.get("dataset"):
+    if cfg is None:
         return None, "not run: the checkpoint does not say which dataset it was trained on"
     try:
-        data = split(load_dataset(cfg["dataset"], data_dir=data_dir or cfg.get("data_dir"),
-                                  skip_bad_images=bool(cfg.get("skip_bad_images", False))),
-                     cfg.get("limit_train"), cfg.get("limit_test"), cfg.get("val_split"))
+        data = split(load_dataset(cfg.dataset, data_dir=data_dir or cfg.data_dir, skip_bad_images=cfg.skip_bad_images),
+                     cfg.limit_train, cfg.limit_test, cfg.val_split)
     except UserError as e:
         if text != "auto":
             raise
