@@ -165,7 +165,7 @@ def mfu_row(plan: Plan, compiled: bool) -> dict[str, Any]:
 def decode_row(plan: Plan) -> dict[str, Any]:
     """Seconds to load the dataset: decoding into the cache if it is not there yet, then from the cache."""
     from cnnlab.data import load_dataset
-    from cnnlab.data.sources import cache_dir
+    from cnnlab.data.store import cache_dir
 
     folder = cache_dir() / "datasets"
     before = set(folder.glob("*.pt")) if folder.is_dir() else set()

@@ -149,7 +149,7 @@ def broken_tree(tmp_path):
 
 
 def test_broken_images_are_named(broken_tree):
-    with pytest.raises(UserError, match="(train/dog/corrupt.jpg|test/cat/zero.png).*--skip-bad-images"):
+    with pytest.raises(UserError, match="(train/dog/corrupt.jpg|test/cat/zero.png).*`skip_bad_images`"):
         load_dataset(f"folder:{broken_tree}")
 
 

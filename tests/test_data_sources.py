@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from cnnlab.core.errors import UserError
-from cnnlab.data import DATASET_CHOICES, Dataset, load_dataset, open_dataset, sources
+from cnnlab.data import DATASET_CHOICES, Dataset, load_dataset, open_dataset
+from cnnlab.data.readers import SAMPLE_ARCHIVE, decoding
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -342,7 +343,7 @@ def test_second_load_uses_the_cache(png_tree, tmp_path: Path, monkeypatch) -> No
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(sources, "_decode_into", no_decoding)
+    monkeypatch.setattr(decoding, "decode_into", no_decoding)
     for source in (root, archive):
         _assert_same(load_dataset(f"folder:{source}"), first)
     assert len([p for p in (tmp_path / "cache" / "datasets").iterdir() if p.is_dir()]) == 2  # one entry per source
@@ -356,7 +357,7 @@ def test_second_load_uses_the_cache(png_tree, tmp_path: Path, monkeypatch) -> No
 
 
 def test_sample() -> None:
-    assert sources.SAMPLE_ARCHIVE.stat().st_size <= 3 * 2**20
+    assert SAMPLE_ARCHIVE.stat().st_size <= 3 * 2**20
     ds = load_dataset("sample")
     assert ds.name == "sample" and ds.classes == CIFAR_CLASSES
     assert ds.train_x.shape == (5000, 3, 32, 32) and ds.test_x.shape == (1000, 3, 32, 32)
@@ -369,7 +370,7 @@ def test_make_sample_is_reproducible(cifar10_jpeg: Path, tmp_path: Path) -> None
     out = tmp_path / "sample.tar.gz"
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_sample.py"), str(cifar10_jpeg), "--out", str(out)],
                    check=True)
-    bundled = sources.SAMPLE_ARCHIVE.read_bytes()
+    bundled = SAMPLE_ARCHIVE.read_bytes()
     assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(bundled).hexdigest()
 
 

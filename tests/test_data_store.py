@@ -145,8 +145,9 @@ def test_kill_9_during_a_build_leaves_nothing_a_later_run_would_use(tmp_path: Pa
     script = textwrap.dedent(f"""
         import time
         from cnnlab.core import images
-        from cnnlab.data import open_dataset, sources
-        sources.POOL_CHUNK = 10  # small chunks, each one slowed down: the kill lands mid-build
+        from cnnlab.data import open_dataset
+        from cnnlab.data.readers import pool
+        pool.POOL_CHUNK = 10  # small chunks, each one slowed down: the kill lands mid-build
         decode = images.decode
         def slow(*args, **kwargs):
             time.sleep(0.02)
@@ -316,17 +317,17 @@ def test_a_build_started_off_the_main_thread_decodes_in_process_and_gives_the_sa
     # then hangs (a server thread opening a dataset did): such a build decodes without a pool.
     import threading
 
-    from cnnlab.data import sources
+    from cnnlab.data.readers import pool as pools
 
-    monkeypatch.setattr(sources, "POOL_MIN_IMAGES", 1)  # a pool for any set, where one is allowed
-    monkeypatch.setattr(sources, "_worker_count", lambda: 2)
-    with sources._executor(10, 0) as (pool, _):
+    monkeypatch.setattr(pools, "POOL_MIN_IMAGES", 1)  # a pool for any set, where one is allowed
+    monkeypatch.setattr(pools, "worker_count", lambda: 2)
+    with pools.executor(10, 0) as (pool, _):
         assert pool is not None  # the main thread forks as before
 
     seen: dict[str, object] = {}
 
     def off_main() -> None:
-        with sources._executor(10, 0) as (pool, _):
+        with pools.executor(10, 0) as (pool, _):
             seen["pool"] = pool
         monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache-thread"))
         seen["data"] = load_dataset(f"folder:{root}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cnnlab.core.errors import UserError
-from cnnlab.data.sources import Dataset
+from cnnlab.data.dataset import Dataset
 from cnnlab.data.store import PixelStore, take
 
 SPLIT_SEED = 20151210  # fixed, so every run on a dataset holds out the same images (arXiv 1512.03385)
