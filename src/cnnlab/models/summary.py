@@ -16,6 +16,7 @@ counted in a second.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -220,67 +221,77 @@ def summarize(
     return {"model": name, "image_size": size, "num_classes": num_classes, "width": width, **result}
 
 
-def _count(model: nn.Module, name: str, size: int, in_channels: int, device: torch.device) -> dict[str, Any]:
-    rows = _rows(model)
-    extra = _assign(model, rows)
-    names = [row for row, _ in rows]
-    macs = dict.fromkeys(names, 0)
-    output_size: dict[str, list[int]] = {}
-    downsamplers: list[tuple[str, int, int, int, int]] = []  # path, input side, kernel, stride, padding
+class _Tally:
+    """What one forward pass of one image records per Table 1 row, through hooks: multiply-accumulates,
+    output sizes, and the chain of downsampling layers (to say which one leaves no map to shrink)."""
 
-    def count_macs(row: str):
+    def __init__(self, rows: list[tuple[str, str]]) -> None:
+        self.macs = dict.fromkeys((row for row, _ in rows), 0)
+        self.output_size: dict[str, list[int]] = {}
+        self.downsamplers: list[tuple[str, int, int, int, int]] = []  # path, input side, kernel, stride, padding
+
+    def count_macs(self, row: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             if isinstance(module, nn.Conv2d):
                 kh, kw = module.kernel_size
                 per_output = module.in_channels // module.groups * kh * kw
             else:
                 per_output = module.in_features
-            macs[row] += output.numel() * per_output  # batch of one
+            self.macs[row] += output.numel() * per_output  # batch of one
 
         return hook
 
-    def record_downsampler(path: str):
+    def record_downsampler(self, path: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             k, s, p = (_side(v) for v in (module.kernel_size, module.stride, module.padding))
-            downsamplers.append((path, inputs[0].shape[-1], k, s, p))
+            self.downsamplers.append((path, inputs[0].shape[-1], k, s, p))
 
         return hook
 
-    def record_output(row: str):
+    def record_output(self, row: str) -> Callable[..., None]:
         def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Any) -> None:
             # Hooks fire in execution order, so the last module of a row to run sets its size.
             if isinstance(output, Tensor):
-                output_size[row] = list(output.shape[1:])
+                self.output_size[row] = list(output.shape[1:])
 
         return hook
 
-    row_paths = {path: row for row, path in rows}
-    handles = []
-    for path, module in model.named_modules():
-        if not path:
-            continue
-        row = _row_of(path, rows, extra)
-        if row is None:
-            continue
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            handles.append(module.register_forward_hook(count_macs(row)))
-        # A shortcut reads the same map as its block's first conv, so only the main path is a chain of
-        # downsamplers.
-        downsamples = isinstance(module, (nn.Conv2d, nn.MaxPool2d)) and _side(module.stride) > 1
-        if downsamples and ".shortcut." not in path and ".downsample." not in path:
-            handles.append(module.register_forward_pre_hook(record_downsampler(path)))
-        if path in row_paths or ("." not in path and path in extra):
-            handles.append(module.register_forward_hook(record_output(row_paths.get(path) or extra[path])))
+    def attach(self, model: nn.Module, rows: list[tuple[str, str]], extra: dict[str, str]) -> list[Any]:
+        """The hooks on every module of a row; returns their handles."""
+        row_paths = {path: row for row, path in rows}
+        handles = []
+        for path, module in model.named_modules():
+            row = _row_of(path, rows, extra) if path else None
+            if row is None:
+                continue
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                handles.append(module.register_forward_hook(self.count_macs(row)))
+            # A shortcut reads the same map as its block's first conv, so only the main path is a chain of
+            # downsamplers.
+            downsamples = isinstance(module, (nn.Conv2d, nn.MaxPool2d)) and _side(module.stride) > 1
+            if downsamples and ".shortcut." not in path and ".downsample." not in path:
+                handles.append(module.register_forward_pre_hook(self.record_downsampler(path)))
+            if path in row_paths or ("." not in path and path in extra):
+                handles.append(module.register_forward_hook(self.record_output(row_paths.get(path) or extra[path])))
+        return handles
+
+
+def _count(model: nn.Module, name: str, size: int, in_channels: int, device: torch.device) -> dict[str, Any]:
+    rows = _rows(model)
+    extra = _assign(model, rows)
+    names = [row for row, _ in rows]
+    tally = _Tally(rows)
+    handles = tally.attach(model, rows, extra)
     try:
         with torch.no_grad():
             model(torch.zeros(1, in_channels, size, size, device=device))
     except RuntimeError:
-        _too_small(name, size, downsamplers, rows, extra, complete=False)  # a layer with no map to shrink?
+        _too_small(name, size, tally.downsamplers, rows, extra, complete=False)  # a layer with no map to shrink?
         raise
     finally:
         for handle in handles:
             handle.remove()
-    _too_small(name, size, downsamplers, rows, extra)
+    _too_small(name, size, tally.downsamplers, rows, extra)
 
     params = dict.fromkeys(names, 0)
     for path, parameter in model.named_parameters():
@@ -289,20 +300,9 @@ def _count(model: nn.Module, name: str, size: int, in_channels: int, device: tor
     texts = {row: _describe(model.get_submodule(path)) for row, path in rows}
     if isinstance(model, ResNet):
         _resnet_texts(model, texts)
-    return {
-        "params": sum(params.values()),
-        "macs": sum(macs.values()),
-        "stages": [
-            {
-                "name": row,
-                "output_size": output_size.get(row, []),
-                "layers": texts[row],
-                "params": params[row],
-                "macs": macs[row],
-            }
-            for row in names
-        ],
-    }
+    stages = [{"name": row, "output_size": tally.output_size.get(row, []), "layers": texts[row],
+               "params": params[row], "macs": tally.macs[row]} for row in names]
+    return {"params": sum(params.values()), "macs": sum(tally.macs.values()), "stages": stages}
 
 
 def _too_small(name: str, size: int, downsamplers: list[tuple[str, int, int, int, int]],
