@@ -66,9 +66,11 @@ def _open(source: Source) -> Image.Image:
         return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
-def header(source: Source) -> tuple[str, int, int]:
-    """Mode, width and height (after EXIF rotation) from the header, without decoding pixels."""
+def header(source: Source, max_bytes: int = MAX_DECODED_BYTES) -> tuple[str, int, int]:
+    """Mode, width and height (after EXIF rotation) from the header, without decoding pixels (but a PNG, whose
+    EXIF block may follow its pixels); :class:`TooLarge` first if they would take more than ``max_bytes``."""
     with _open(source) as img:
+        _check_budget(img, max_bytes)
         width, height = img.size
         if img.getexif().get(EXIF_ORIENTATION, 1) in ROTATED_ORIENTATIONS:
             width, height = height, width
@@ -102,11 +104,13 @@ def _pixels(source: Source, channels: int, fit: tuple[int, int] | None, max_side
     """(H, W) or (H, W, 3) uint8 pixels as PIL hands them over, reduced when far larger than needed."""
     try:
         with _open(source) as img:
+            # Before the EXIF block is read: PIL decodes a PNG in full to look for one after the pixels.
+            square = _needed(fit, max_side, square=True)
+            if square is not None and _reduction(img.size, square) > 1:
+                img.draft(img.mode, (square[0] * REDUCING_GAP, square[1] * REDUCING_GAP))  # JPEG only; else no-op
+            _check_budget(img, max_bytes)
             orientation = img.getexif().get(EXIF_ORIENTATION, 1)
             needed = _needed(fit, max_side, swap=orientation in ROTATED_ORIENTATIONS)
-            if needed is not None and _reduction(img.size, needed) > 1:
-                img.draft(img.mode, (needed[0] * REDUCING_GAP, needed[1] * REDUCING_GAP))  # JPEG only; else no-op
-            _check_budget(img, max_bytes)
             img.load()
             if img.mode not in REDUCE_FIRST:
                 img = to_gray(img) if channels == 1 else to_rgb(img)
@@ -129,10 +133,12 @@ def _pixels(source: Source, channels: int, fit: tuple[int, int] | None, max_side
     return arr
 
 
-def _needed(fit: tuple[int, int] | None, max_side: int | None, swap: bool) -> tuple[int, int] | None:
-    """The (width, height) the caller needs at least, in the file's own orientation; None: all of it."""
+def _needed(fit: tuple[int, int] | None, max_side: int | None, swap: bool = False,
+            square: bool = False) -> tuple[int, int] | None:
+    """The (width, height) the caller needs at least, in the file's own orientation (``swap``: it is rotated;
+    ``square``: whichever it is); None: all of it."""
     if fit is not None:
-        return (fit[1], fit[0]) if swap else fit
+        return (max(fit),) * 2 if square else (fit[1], fit[0]) if swap else fit
     return None if max_side is None else (max_side, max_side)
 
 

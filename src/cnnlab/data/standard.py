@@ -156,6 +156,7 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"): _Ndarray(),
         ("numpy", "dtype"): _PickledDtype,
         ("builtins", "bytes"): _empty_bytes,
+        ("__builtin__", "bytes"): _empty_bytes,  # protocol 2's spelling: find_class sees the name as written
         ("_codecs", "encode"): _latin1,
     }
 
