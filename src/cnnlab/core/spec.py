@@ -117,11 +117,13 @@ class Preprocess:
         """uint8 (B, C, H, W) on any device → float (B, C, size, size) network input there."""
         return transforms.to_input(pixels, self.size, self.mean, self.std, channels_last)
 
-    def read(self, source: str | Path | bytes) -> Tensor:
+    def read(self, source: str | Path | bytes, max_bytes: int = images.MAX_DECODED_BYTES) -> Tensor:
         """uint8 (C, H, W) pixels of one image file (or its bytes, as uploaded), decoded as training data is
         (see :mod:`cnnlab.core.images`): cropped to its centred square, large ones shrunk. ``ValueError``
-        says what is wrong with the file."""
-        return torch.from_numpy(images.decode(source, self.channels, max_side=max(MAX_FILE_SIDE, self.size)))
+        says what is wrong with the file (``images.TooLarge`` when its pixels would take more than
+        ``max_bytes``)."""
+        return torch.from_numpy(images.decode(source, self.channels, max_side=max(MAX_FILE_SIDE, self.size),
+                                              max_bytes=max_bytes))
 
     def from_files(self, paths: Sequence[str | Path]) -> Tensor:
         """The network input for image files, one row each; ``ValueError`` names the file that fails."""

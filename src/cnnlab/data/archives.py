@@ -7,10 +7,12 @@ holds them is either broken or an attack, and a user is better told than silentl
 
 Memory is bounded before it is spent, from the headers: each member by the largest file an image
 PIL decodes can plausibly be and by the machine's memory (:func:`member_limit`), and the whole by half
-the memory; a member that compresses better than any image set does (a zip bomb) is refused by its
-ratio; and a member whose first bytes are an image header is read in full only if its size fits the
-image that header describes. A tar must end with its end-of-archive blocks, so that one cut short at
-a member boundary is not taken for a smaller data set.
+the memory; a member, or the whole archive, that compresses better than any image set does (a zip
+bomb) is refused by its ratio (a zip's from its central directory, before any member is inflated; a
+tar's as its headers come); a tar's extended headers (long names, pax records) may not exceed
+:data:`MAX_EXTENDED_HEADER`; and a member whose first bytes are an image header is read in full only
+if its size fits the image that header describes. A tar must end with its end-of-archive blocks, so
+that one cut short at a member boundary is not taken for a smaller data set.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ HEADER_BYTES = 64 * 2**10  # read first, to learn what image (if any) a larger m
 # A file of a w×h image is at most w·h·MAX_BYTES_PER_PIXEL bytes plus HEADER_SLACK of metadata and frames.
 MAX_BYTES_PER_PIXEL = 16
 HEADER_SLACK = 64 * 2**20
+# tarfile reads a GNU long name or link ('L', 'K') or a pax header ('x', 'g', Solaris 'X') whole into memory.
+# They carry a path (Linux's PATH_MAX is 4 KiB) and, from GNU tar --xattrs or macOS bsdtar, extended attributes
+# (at most 64 KiB each on Linux): 1 MiB is far above any real one and costs nothing to read.
+MAX_EXTENDED_HEADER = 2**20
+EXTENDED_HEADERS = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                              tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE})
 
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -157,7 +165,6 @@ class _Budget:
     def add(self, member: str, size: int, compressed: int | None = None) -> None:
         """Count a member of ``size`` bytes (``compressed`` on disk, for a zip) before any of it is read."""
         self.members += 1
-        self.total += max(size, 0)
         if self.members > MAX_MEMBERS:
             raise UserError(f"archive {self.archive} has more than {MAX_MEMBERS:,} members (at {member!r}); "
                             "use a smaller subset")
@@ -171,14 +178,20 @@ class _Budget:
                 f"archive {self.archive} member {member!r} unpacks from {_size(compressed)} to {_size(size)}, "
                 f"{size // max(compressed, 1):,} times smaller packed than unpacked: no image compresses like that "
                 f"(a zip bomb?); refusing to read it (if it is genuine, extract the archive and use the folder)")
+        self.count(repr(member), size)
+
+    def count(self, where: str, size: int) -> None:
+        """Count ``size`` more unpacked bytes (a member's data, a tar's extended header) against the archive-wide
+        bounds: the memory, and a ratio to the archive's size on disk that no image set reaches."""
+        self.total += max(size, 0)
         if self.total > self.total_limit:
             raise UserError(
-                f"archive {self.archive} unpacks to more than {_size(self.total_limit)} (at {member!r}), more than "
+                f"archive {self.archive} unpacks to more than {_size(self.total_limit)} (at {where}), more than "
                 f"{'half of this machine' if self.total_limit < MAX_TOTAL_BYTES else 'cnnlab'}'s memory allows; "
                 "use a smaller subset")
-        if compressed is None and self.total > RATIO_FLOOR and self.total > MAX_RATIO * self.archive_size:
+        if self.total > RATIO_FLOOR and self.total > MAX_RATIO * self.archive_size:
             raise UserError(
-                f"archive {self.archive} unpacks to more than {MAX_RATIO} times its size on disk (at {member!r}): no "
+                f"archive {self.archive} unpacks to more than {MAX_RATIO} times its size on disk (at {where}): no "
                 "image set compresses like that (a bomb?); refusing to read it (if it is genuine, extract it and "
                 "use the folder)")
 
@@ -221,7 +234,7 @@ def _read_member(archive: Path, member: str, handle: BinaryIO, size: int) -> byt
 def _read_tar(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
     contents, budget = ArchiveContents(), _Budget(path)
     ending: dict[str, str] = {}
-    with tarfile.open(path, "r:*", tarinfo=_end_aware(ending)) as tar:
+    with tarfile.open(path, "r:*", tarinfo=_end_aware(ending, budget)) as tar:
         for info in tar:
             clean = _clean_name(path, info.name)
             budget.add(info.name, info.size if info.isfile() else 0)
@@ -251,11 +264,26 @@ def _read_tar(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
     return contents
 
 
-def _end_aware(ending: dict[str, str]) -> type[tarfile.TarInfo]:
+def _end_aware(ending: dict[str, str], budget: _Budget) -> type[tarfile.TarInfo]:
     """A TarInfo that records in ``ending["how"]`` how the member list ended: at the zero block that
-    marks the end of a tar ("marker"), at the end of the data ("cut"), or at a damaged header ("damaged")."""
+    marks the end of a tar ("marker"), at the end of the data ("cut"), or at a damaged header ("damaged");
+    and that refuses an extended header above MAX_EXTENDED_HEADER from its 512-byte block, before tarfile
+    reads it whole, counting the others into ``budget``."""
 
     class EndAware(tarfile.TarInfo):
+        @classmethod
+        def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+            info = super().frombuf(buf, encoding, errors)
+            if info.type in EXTENDED_HEADERS:
+                if info.size > MAX_EXTENDED_HEADER:
+                    raise UserError(
+                        f"archive {budget.archive} has an extended header (a long name or pax record, type "
+                        f"{info.type.decode('ascii', 'replace')!r}) of {_size(info.size)}, where real ones hold a "
+                        f"path or a few attributes (cnnlab reads up to {_size(MAX_EXTENDED_HEADER)}); the archive "
+                        "is corrupt or forged: refusing to read it")
+                budget.count("an extended header", info.size)
+            return info
+
         @classmethod
         def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
             try:
@@ -276,9 +304,11 @@ def _end_aware(ending: dict[str, str]) -> type[tarfile.TarInfo]:
 def _read_zip(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
     contents, budget = ArchiveContents(), _Budget(path)
     with zipfile.ZipFile(path) as archive:
-        for info in archive.infolist():
-            clean = _clean_name(path, info.filename)
+        infos = archive.infolist()
+        for info in infos:  # the central directory holds every size: a bomb is refused before a byte is inflated
             budget.add(info.filename, info.file_size, info.compress_size)
+        for info in infos:
+            clean = _clean_name(path, info.filename)
             mode = info.external_attr >> 16  # Unix mode bits, when the zip was made on Unix
             if stat.S_ISLNK(mode):
                 _check_link(path, info.filename, clean, archive.read(info).decode("utf-8", "replace"), hard=False)

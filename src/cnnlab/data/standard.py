@@ -65,33 +65,106 @@ class Named:
 # --- CIFAR ---------------------------------------------------------------------------------------
 
 
-class _CifarUnpickler(pickle.Unpickler):
-    """Unpickler that can rebuild numpy arrays and plain containers, and nothing else.
+class _Ndarray:
+    """What a pickle's ``numpy.ndarray`` stands for: only an argument of ``_reconstruct``, never called."""
 
-    The CIFAR files are pickles, and a pickle can run any code it names; only the globals the
-    format needs are let through, so a tampered file fails instead of executing.
+
+class _PickledDtype:
+    """A pickle's ``numpy.dtype(name, align, copy)``, kept to a plain numeric type of a few bytes."""
+
+    def __init__(self, name: object, align: object = False, copy: object = False) -> None:
+        text = name.decode("latin1") if isinstance(name, bytes) else name
+        try:
+            self.dtype = np.dtype(text) if isinstance(text, str) and len(text) <= 4 else None
+        except TypeError:
+            self.dtype = None
+        if self.dtype is None or self.dtype.kind not in "biuf":
+            raise pickle.UnpicklingError(f"holds an array of type {name!r}, not the numbers a CIFAR file holds")
+
+    def __setstate__(self, state: object) -> None:
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else "|"
+        order = order.decode("latin1") if isinstance(order, bytes) else order
+        if order in ("<", ">"):
+            self.dtype = self.dtype.newbyteorder(order)
+
+
+def _shape(shape: object, dtype: object, nbytes: int) -> tuple[tuple[int, ...], np.dtype]:
+    """``shape`` and the numpy dtype, checked to describe exactly the ``nbytes`` bytes the file holds."""
+    if not isinstance(dtype, _PickledDtype):
+        raise pickle.UnpicklingError("holds an array without a plain numeric type")
+    if not (isinstance(shape, tuple) and len(shape) <= 8 and all(type(n) is int and n >= 0 for n in shape)):
+        raise pickle.UnpicklingError(f"holds an array of shape {shape!r}")
+    if int(np.prod(shape, dtype=object)) * dtype.dtype.itemsize != nbytes:
+        raise pickle.UnpicklingError(f"holds an array of shape {shape} whose {nbytes:,} bytes do not match it")
+    return shape, dtype.dtype
+
+
+class _PickledArray:
+    """A pickle's ``_reconstruct(ndarray, (0,), 'b')``; its ``__setstate__`` brings the shape, type and bytes,
+    checked against each other before numpy sees them (its own checks trust the type)."""
+
+    def __init__(self, cls: object, shape: object, typecode: object) -> None:
+        if not isinstance(cls, _Ndarray):
+            raise pickle.UnpicklingError("rebuilds something other than a numpy array")
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple) and len(state) == 4:  # numpy before 1.0 wrote no version
+            state = (1, *state)
+        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[4], bytes)):
+            raise pickle.UnpicklingError("holds an array whose data is not plain bytes")
+        shape, dtype = _shape(state[1], state[2], len(state[4]))
+        array = np.ndarray((0,), np.uint8)
+        array.__setstate__((1, shape, dtype, bool(state[3]), state[4]))  # as numpy's unpickling, checked input
+        self.array = array
+
+
+def _frombuffer(buf: object, dtype: object, shape: object, order: object) -> np.ndarray:
+    """A pickle's ``numpy._core.numeric._frombuffer`` (protocol 5), checked as :class:`_PickledArray` is."""
+    if not isinstance(buf, bytes | bytearray):
+        raise pickle.UnpicklingError("holds an array whose data is not plain bytes")
+    shape, dt = _shape(shape, dtype, len(buf))
+    return np.frombuffer(buf, dtype=dt).reshape(shape, order="F" if order in ("F", b"F") else "C")
+
+
+def _latin1(text: object, encoding: object = "latin1") -> bytes:
+    """A pickle's ``_codecs.encode(str, 'latin1')``: how protocol 2 spells a bytes object."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("encodes text other than the way pickle writes bytes")
+    return text.encode("latin1")
+
+
+def _empty_bytes() -> bytes:
+    """A pickle's ``bytes()``: how protocol 2 spells an empty bytes object (never with an argument)."""
+    return b""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler for what the CIFAR files hold (dicts, lists, bytes, numbers and numpy arrays), and nothing else.
+
+    The CIFAR files are pickles, and a pickle can run any code it names, or ask for any amount of
+    memory (``bytearray(10**12)``, an array of any shape); only the globals the format needs are let
+    through, and each as a stand-in that takes the arguments pickle itself writes and sizes no larger
+    than the bytes in the file, so a tampered file fails instead of executing or exhausting memory.
     """
 
-    _ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy.core.numeric", "_frombuffer"),
-            ("numpy._core.numeric", "_frombuffer"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("builtins", "dict"),
-            ("builtins", "list"),
-            ("builtins", "bytes"),
-            ("builtins", "bytearray"),
-            ("_codecs", "encode"),  # how protocol-2 pickles spell bytes objects
-        }
-    )
+    _ALLOWED = {
+        **dict.fromkeys([("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")],
+                        _PickledArray),
+        **dict.fromkeys([("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")],
+                        _frombuffer),
+        ("numpy", "ndarray"): _Ndarray(),
+        ("numpy", "dtype"): _PickledDtype,
+        ("builtins", "bytes"): _empty_bytes,
+        ("__builtin__", "bytes"): _empty_bytes,  # protocol 2's spelling: find_class sees the name as written
+        ("_codecs", "encode"): _latin1,
+    }
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - signature fixed by pickle
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR file never needs")
+    def find_class(self, module: str, name: str) -> object:
+        allowed = self._ALLOWED.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR file never needs")
+        return allowed
 
 
 def _read_cifar_pickle(path: Path, title: str = "CIFAR-10") -> dict[str, object]:
@@ -99,11 +172,14 @@ def _read_cifar_pickle(path: Path, title: str = "CIFAR-10") -> dict[str, object]
     try:
         with open(path, "rb") as f:
             content = _CifarUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise UserError(f"{path} is not a valid {title} file ({exc}); delete it and rerun with --download") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            MemoryError) as exc:  # MemoryError: a length field beyond any memory, before the data is missed
+        raise UserError(f"{path} is not a valid {title} file ({exc or type(exc).__name__}); delete it and rerun "
+                        "with --download") from None
     if not isinstance(content, dict):
         raise UserError(f"{path} is not a valid {title} file (no dict inside); delete it and rerun with --download")
-    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in content.items()}
+    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v.array if isinstance(v, _PickledArray) else v
+            for k, v in content.items()}
 
 
 def _read_cifar_batch(path: Path, label_key: str = "labels", title: str = "CIFAR-10") -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from cnnlab import run
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import remove_stale
+from cnnlab.core.images import UPLOAD_DECODED_BYTES, TooLarge
 from cnnlab.core.metrics import confusion_matrix, score
 from cnnlab.models.summary import summarize
 from cnnlab.predict import ranked
@@ -141,7 +142,9 @@ class Served:
         """uint8 pixels of uploaded bytes, as ``cnnlab predict`` reads the file; ``UserError`` if they are
         not an image."""
         try:
-            return self.loaded.preprocess.read(data)
+            return self.loaded.preprocess.read(data, max_bytes=UPLOAD_DECODED_BYTES)
+        except TooLarge as e:
+            raise UserError(str(e)) from None
         except ValueError as e:
             raise UserError(f"{e}; give an image file (PNG, JPEG, GIF, BMP, TIFF, WebP …)") from None
 

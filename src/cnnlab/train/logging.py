@@ -21,6 +21,8 @@ from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
+from cnnlab.core.errors import one_line
+
 # Epoch-record keys → TensorBoard tags (per-step train/loss and train/acc are the assignment's curves).
 EPOCH_TAGS = {
     "train_loss": "epoch/train_loss", "train_acc": "epoch/train_acc",
@@ -89,7 +91,9 @@ class RunLog:
             img = images[i].detach().cpu().numpy()
             ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=255)
             p, t = int(preds[i]), int(labels[i])
-            ax.set_title(f"{classes[p]}\n({classes[t]})", fontsize=7, color="green" if p == t else "red")
+            # Escaped: a control character in a class name has no glyph, and matplotlib warns for each one.
+            ax.set_title(f"{one_line(classes[p])}\n({one_line(classes[t])})", fontsize=7,
+                         color="green" if p == t else "red")
         fig.suptitle("predicted (true)", fontsize=8)
         fig.tight_layout()
         self.writer.add_figure("predictions", fig, step, close=False)
