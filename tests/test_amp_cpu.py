@@ -53,7 +53,10 @@ def test_detection_reports_this_cpu_and_honours_the_override(monkeypatch):
 @pytest.mark.parametrize("native", ["0", "1"])
 def test_amp_choice(monkeypatch, native):
     monkeypatch.setenv(BF16_ENV, native)
-    used = lambda setting, device: amp_choice(setting, device)["used"]  # noqa: E731
+
+    def used(setting, device):
+        return amp_choice(setting, device)["used"]
+
     # The default, off and CUDA do not depend on the CPU.
     assert used(None, CPU) == used(False, CPU) == used(False, CUDA) == "fp32"
     assert used(None, CUDA) == used(True, CUDA) == used("force", CUDA) == "bf16"

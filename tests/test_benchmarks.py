@@ -2,17 +2,14 @@
 pipelines it compares make the same normalised batches."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks package lives at the root
-
-from benchmarks import assignment, cpu, pipeline, recipe, run_record  # noqa: E402
-from cnnlab.core.transforms import to_input  # noqa: E402
+from benchmarks import assignment, cpu, pipeline, recipe, run_record
+from cnnlab.core.transforms import to_input
 
 TINY = cpu.Settings(dataset="synthetic", width=4, image_size=64, batch_size=8, pipeline_warmup=1,
                     pipeline_batches=2, pipeline_rounds=2, train_warmup=1, train_steps=1,

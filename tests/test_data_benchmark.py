@@ -1,11 +1,7 @@
 """benchmarks/data.py at a tiny size: its rows run and its table and summary hold together."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks package lives at the root
-
-from benchmarks import data  # noqa: E402
+from benchmarks import data
 
 
 def test_data_benchmark_rows_and_table(tmp_path, monkeypatch):

@@ -338,10 +338,16 @@ def test_grad_cam_pp_is_equation_19_with_the_derivatives_of_exp_score():
     expected = []
     for i in range(len(x)):
         a = head(x[i:i + 1]).detach()
-        y = lambda acts, c=int(target[i]): tail(acts)[0, c].exp()  # noqa: E731
+
+        def y(acts, c=int(target[i])):
+            return tail(acts)[0, c].exp()
+
         basis = torch.eye(a.numel(), dtype=a.dtype).view(-1, *a.shape)
         d1 = grad(y)(a)
-        second = lambda v, at=a, y=y: jvp(grad(y), (at,), (v,))[1]  # noqa: E731 - H v
+
+        def second(v, at=a, y=y):  # H v
+            return jvp(grad(y), (at,), (v,))[1]
+
         d2 = vmap(second)(basis).flatten(1).diagonal().view(a.shape)
         d3 = vmap(lambda v, a=a, y=y: jvp(lambda at: jvp(grad(y), (at,), (v,))[1], (a,), (v,))[1])(basis)
         d3 = d3.flatten(1).diagonal().view(a.shape)

@@ -20,6 +20,7 @@ Every ReLU is its own non-inplace module.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -115,11 +116,11 @@ class AlexNet(nn.Module):
         c1, c2, c3, c4, c5 = width, 3 * width, 6 * width, 4 * width, 4 * width
         if small:
             first = nn.Conv2d(in_channels, c1, kernel_size=5, stride=1, padding=2)
-            pool = lambda: nn.MaxPool2d(kernel_size=3, stride=2, padding=1)  # noqa: E731
+            pool = partial(nn.MaxPool2d, kernel_size=3, stride=2, padding=1)
             side, hidden = 4, 16 * width
         else:
             first = nn.Conv2d(in_channels, c1, kernel_size=11, stride=4, padding=2)
-            pool = lambda: nn.MaxPool2d(kernel_size=3, stride=2)  # noqa: E731
+            pool = partial(nn.MaxPool2d, kernel_size=3, stride=2)
             side, hidden = 6, 64 * width
         self.conv1 = nn.Sequential(first, nn.ReLU())
         self.conv2 = nn.Sequential(pool(), nn.Conv2d(c1, c2, kernel_size=5, padding=2), nn.ReLU())

@@ -11,6 +11,7 @@ import html
 import platform
 from collections.abc import Iterable
 from datetime import datetime
+from statistics import fmean
 from typing import Any
 
 import torch
@@ -280,14 +281,13 @@ def _explanations(c: Contents) -> str:
     s = c.sanity
     if s is None:
         return ""
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
     rows = []
     for name, r, verdict in s.rows():
         cls = (' class="good"' if verdict == "passes" else ' class="bad"' if verdict.startswith("fails") else "")
         rhos = "".join(f'<td class="num">{"<b>" if step == s.judged else ""}{r.rho(step):.2f}'
                        f'{"</b>" if step == s.judged else ""}</td>' for step in s.layers)
-        rows.append(f"<tr><td>{e(name)}</td>{rhos}<td class=\"num\">{mean(r.deletion):.3f}</td>"
-                    f"<td class=\"num\">{mean(r.insertion):.3f}</td><td class=\"num\">{mean(r.road):.3f}</td>"
+        rows.append(f"<tr><td>{e(name)}</td>{rhos}<td class=\"num\">{fmean(r.deletion):.3f}</td>"
+                    f"<td class=\"num\">{fmean(r.insertion):.3f}</td><td class=\"num\">{fmean(r.road):.3f}</td>"
                     f"<td{cls}>{e(verdict)}</td></tr>")
     steps = "".join(f'<th class="num">ρ, to {e(step)}</th>' for step in s.layers)
     images = ", ".join(str(i) for i in c.sanity_images)
