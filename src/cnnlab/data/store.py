@@ -502,10 +502,6 @@ class PixelStore:
             thread.join()
 
 
-def is_store(x: object) -> bool:
-    return isinstance(x, PixelStore)
-
-
 def take(x: torch.Tensor | PixelStore, index: torch.Tensor) -> torch.Tensor | PixelStore:
     """``x[index]``, as a view when ``x`` is a store (nothing is read)."""
     return x.subset(index) if isinstance(x, PixelStore) else x[index]
