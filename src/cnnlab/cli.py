@@ -55,7 +55,7 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 # Library errors name Python parameters in backquotes (`index`); on the command line they are flags.
 FLAGS = {"image": "--image", "index": "--index", "count": "--count", "layer": "--layer", "target": "--target",
          "channel": "--channel", "channels": "--channel", "kind": "--kind", "steps": "--steps", "out": "--out",
-         "random_labels": "--random-labels"}
+         "random_labels": "--random-labels", "store_size": "--store-size"}
 
 
 class Parser(argparse.ArgumentParser):
