@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import os
@@ -176,6 +178,46 @@ def test_kill_9_during_a_build_leaves_nothing_a_later_run_would_use(tmp_path: Pa
     monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "fresh"))
     clean = load_dataset(f"folder:{root}")
     assert torch.equal(data.train_x, clean.train_x) and torch.equal(data.test_y, clean.test_y)
+
+
+@pytest.mark.parametrize("fill", [0.5, 1.0])
+def test_a_disk_that_fills_up_during_a_build_gets_one_line_and_leaves_no_partial_entry(tmp_path, monkeypatch, fill):
+    # A disk of a fixed size shared by the entry's files: a write stops where it is full, the next one
+    # fails, as do the buffered bytes a file still holds when it is closed. It fills halfway through the
+    # pixels, or with the last bytes of the entry (while its files are flushed and closed).
+    root = _jpeg_tree(tmp_path / "tree", {"train": 300, "test": 10}, (16, 16))
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "roomy"))
+    reference = load_dataset(f"folder:{root}")
+    (entry,) = [p for p in (tmp_path / "roomy" / "datasets").iterdir() if p.is_dir()]
+    data_bytes = sum(p.stat().st_size for p in entry.iterdir() if p.suffix in (".u8", ".labels"))
+    free = [int(data_bytes * fill) - 1]
+
+    class FillingFile(io.FileIO):
+        def write(self, data) -> int:  # as a disk does: what fits, then ENOSPC
+            data = memoryview(data).cast("B")
+            if data.nbytes and not free[0]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            written = super().write(data[:free[0]])
+            free[0] -= written
+            return written
+
+    def open_on_small_disk(path, mode="r", *args, **kwargs):  # the files the entry is written to
+        return io.BufferedWriter(FillingFile(path, "w")) if mode == "wb" else open(path, mode, *args, **kwargs)
+
+    cache = tmp_path / "small"
+    monkeypatch.setenv("CNNLAB_CACHE", str(cache))
+    monkeypatch.setattr(store, "open", open_on_small_disk, raising=False)
+    with pytest.raises(UserError) as raised:
+        load_dataset(f"folder:{root}")
+    message = str(raised.value)
+    assert message == (f"cannot write the dataset cache in {cache / 'datasets'} (No space left on device); free some "
+                       "space there, or set the environment variable CNNLAB_CACHE to a folder on a disk with room")
+    assert free[0] == 0  # the build wrote all that fitted before it failed
+    assert not [p.name for p in (cache / "datasets").iterdir() if p.is_dir()]  # no partial entry is left
+    monkeypatch.undo()  # space freed: the next build completes
+    monkeypatch.setenv("CNNLAB_CACHE", str(cache))
+    again = load_dataset(f"folder:{root}")
+    assert torch.equal(again.train_x, reference.train_x) and torch.equal(again.train_y, reference.train_y)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte", "labels", "no index"])

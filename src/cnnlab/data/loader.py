@@ -2,7 +2,9 @@
 
 A dataset that does not fit stays in the memory-mapped cache instead (``place``): each rank reads
 the images of its part of each batch in a background thread, pinned and copied asynchronously on
-CUDA, and the same flips, crops, resize and normalisation follow on the device.
+CUDA, and the same flips, crops, resize and normalisation follow on the device. Both are read by the
+one loop of :meth:`TrainBatches.epoch`, through :class:`Pixels`, after one :class:`BatchPlan`: the
+batches, their order and their augmentation are the same whichever holds the images.
 
 Every epoch's order and augmentation come from a generator seeded by (seed, epoch) alone, so a run
 resumed at any step sees exactly the batches the uninterrupted run would have seen. With several
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -34,6 +37,74 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+class Pixels(Protocol):
+    """Where a training set's uint8 images (N, C, H, W) are read from, a batch at a time."""
+
+    def batches(self, indices: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The images at each of ``indices`` (CPU index tensors) in turn, on the training device."""
+        ...
+
+
+@dataclass
+class HeldPixels:
+    """:class:`Pixels` held whole in a tensor on the training device (a :class:`PixelStore` is the other kind)."""
+
+    images: torch.Tensor
+
+    def batches(self, indices: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        if not indices:
+            return iter(())
+        # The epoch's indices go to the device in one copy: on CUDA a copy per batch would wait for the GPU.
+        flat = torch.cat(list(indices)).to(self.images.device)
+        return (self.images[index] for index in flat.split([len(index) for index in indices]))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which positions of an epoch's shuffled order make up each global batch, and each rank's part of it.
+
+    Batches are ``batch_size`` positions one after another. The last, smaller batch is kept, unless it is
+    a single image that ``merge_single`` (BatchNorm cannot normalise one image) makes join the batch
+    before it, or is too small to give every rank an image: then it is left out (``dropped``). The same
+    rule holds for any number of ranks, so that several ranks see the batches one process would.
+    """
+
+    images: int
+    batch_size: int
+    world: int = 1
+    merge_single: bool = True
+
+    @property
+    def merged(self) -> int:
+        """Images per epoch (0 or 1) that join the second-to-last batch rather than form a batch of one."""
+        full, rest = divmod(self.images, self.batch_size)
+        return 1 if self.merge_single and rest == 1 and full >= 1 else 0
+
+    @property
+    def dropped(self) -> int:
+        """Images per epoch left out because the last batch could not be split over the ranks."""
+        rest = self.images % self.batch_size
+        return rest if rest < self.world and not self.merged else 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.images, self.batch_size)
+        return full + (rest > 0 and not self.merged and not self.dropped)
+
+    def spans(self, start: int = 0) -> list[tuple[int, int]]:
+        """(first, end) positions of each global batch, from the ``start``-th on."""
+        last, end = len(self) - 1, self.images - self.dropped
+        b = self.batch_size
+        return [(i * b, end if i == last else (i + 1) * b) for i in range(start, len(self))]
+
+    def part(self, span: tuple[int, int], rank: int) -> tuple[int, int]:
+        """``rank``'s contiguous part of a global batch, split as ``torch.tensor_split`` splits: nearly evenly,
+        the first ranks taking one image more."""
+        first, end = span
+        size, extra = divmod(end - first, self.world)
+        lo = first + rank * size + min(rank, extra)
+        return lo, lo + size + (rank < extra)
+
+
 @dataclass
 class TrainBatches:
     """The training set of one run: yields normalised (inputs, labels) batches for an epoch."""
@@ -48,61 +119,42 @@ class TrainBatches:
     rank: int = 0
     world: int = 1
     merge_single: bool = True  # a last batch of one image joins the one before (for BatchNorm models)
+    plan: BatchPlan = field(init=False)
+    source: Pixels = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.plan = BatchPlan(len(self.labels), self.batch_size, self.world, self.merge_single)
+        self.source = self.images if isinstance(self.images, PixelStore) else HeldPixels(self.images)
 
     def __len__(self) -> int:
-        # The last, smaller batch is kept, unless it is too small to give every rank an image, or a
-        # single image (which BatchNorm cannot normalise): then it joins the batch before it.
-        full, rest = divmod(len(self.labels), self.batch_size)
-        return full + (rest >= self.world and not self.merged)
+        return len(self.plan)
 
     @property
     def dropped(self) -> int:
-        """Images per epoch left out because the last batch could not be split over the ranks."""
-        rest = len(self.labels) % self.batch_size
-        return rest if rest < self.world else 0
+        return self.plan.dropped
 
     @property
     def merged(self) -> int:
-        """Images per epoch (0 or 1) that join the second-to-last batch rather than form a batch of one."""
-        full, rest = divmod(len(self.labels), self.batch_size)
-        return 1 if self.merge_single and rest == 1 and self.world == 1 and full >= 1 else 0
+        return self.plan.merged
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """This rank's part of each batch of ``epoch``, and the global batch's size; skips the first ``start``."""
-        n = len(self.labels)
+        n, device = len(self.labels), self.labels.device
         g = epoch_generator(self.seed, epoch)
-        if isinstance(self.images, PixelStore):
-            yield from self._streamed(g, n, start)
-            return
-        # Drawn on the CPU so the stream is the same on every device, then moved once per epoch.
-        order = torch.randperm(n, generator=g).to(self.images.device)
-        flips = (torch.rand(n, generator=g) < 0.5).to(self.images.device)
-        offsets = torch.randint(0, 2 * CROP_PAD + 1, (n, 2), generator=g).to(self.images.device)
-        last = len(self) - 1
-        for i in range(start, len(self)):
-            end = n if i == last and self.merged else (i + 1) * self.batch_size
-            batch = order[i * self.batch_size:end]
-            idx = batch.tensor_split(self.world)[self.rank]
-            x = self.images[idx]
-            if self.augment == "flip-crop":
-                x = transforms.flip(x, flips[idx])
-                x = transforms.pad_crop(x, offsets[idx], CROP_PAD)
-            yield self.prepare(x), self.labels[idx], len(batch)
-
-    def _streamed(self, g: torch.Generator, n: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        """``epoch`` for images in the cache: the same draws, and only this rank's images are read."""
-        device = self.labels.device
+        # Drawn on the CPU so the stream is the same on every device. Each image's label and draws are put
+        # in the epoch's order and moved once: a batch's are then a slice of each.
         order = torch.randperm(n, generator=g)
-        flips = (torch.rand(n, generator=g) < 0.5).to(device)
-        offsets = torch.randint(0, 2 * CROP_PAD + 1, (n, 2), generator=g).to(device)
-        batches = [order[i * self.batch_size:(i + 1) * self.batch_size] for i in range(start, len(self))]
-        mine = [batch.tensor_split(self.world)[self.rank] for batch in batches]
-        for batch, cpu_idx, x in zip(batches, mine, self.images.batches(mine)):
-            idx = cpu_idx.to(device)
+        flips = (torch.rand(n, generator=g) < 0.5)[order].to(device)
+        offsets = torch.randint(0, 2 * CROP_PAD + 1, (n, 2), generator=g)[order].to(device)
+        labels = self.labels[order.to(device)]
+        spans = self.plan.spans(start)
+        parts = [self.plan.part(span, self.rank) for span in spans]
+        pixels = self.source.batches([order[lo:hi] for lo, hi in parts])
+        for (first, end), (lo, hi), x in zip(spans, parts, pixels):
             if self.augment == "flip-crop":
-                x = transforms.flip(x, flips[idx])
-                x = transforms.pad_crop(x, offsets[idx], CROP_PAD)
-            yield self.prepare(x), self.labels[idx], len(batch)
+                x = transforms.flip(x, flips[lo:hi])
+                x = transforms.pad_crop(x, offsets[lo:hi], CROP_PAD)
+            yield self.prepare(x), labels[lo:hi], end - first
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return self.preprocess.to_input(x, self.channels_last)

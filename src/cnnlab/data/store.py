@@ -49,6 +49,7 @@ READ_BYTES = 32 * 2**20  # what ``read`` copies at a time through a subset
 # in about the time of one (64 cold 147 KB rows: 72 ms one after another, 35 ms with 16 threads).
 READ_THREADS = 8
 PREFETCH = 3  # batches read ahead by the background thread
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
 
 
 def cache_dir() -> Path:
@@ -161,9 +162,12 @@ class EntryBuilder:
         return self.writers[name]
 
     def abort(self) -> None:
+        """Close every file, whatever they hold: the entry is being thrown away. On a full disk, closing
+        a file whose buffer still holds bytes fails again; that must not keep the folder from going."""
         for writer in self.writers.values():
-            writer.pixels.file.close()
-            writer.labels.file.close()
+            for file in (writer.pixels.file, writer.labels.file):
+                with contextlib.suppress(OSError):
+                    file.close()
 
     def finish(self, meta: dict[str, Any]) -> dict[str, Any]:
         index = {"format": FORMAT, "meta": meta, "splits": {n: w.close() for n, w in self.writers.items()}}
@@ -206,47 +210,59 @@ def cached(key: str, build: Callable[[EntryBuilder], dict[str, Any]]) -> Entry:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the dataset cache {root}: {e.strerror}; "
-                        "set CNNLAB_CACHE to a writable folder") from None
-    with _locked(root / f".{key}.lock"):
-        entry, problem = _open_entry(final)  # another process may have built it while we waited
-        if entry is not None:
-            return entry
-        if problem is not None:
-            log.warning(f"the cached dataset in {final} is damaged ({problem}); decoding it again")
-        for stale in root.glob(f".{key}.*.tmp"):  # a build killed before its rename; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f".{key}.{os.getpid()}.tmp"
-        tmp.mkdir()
-        builder = EntryBuilder(tmp)
-        try:
-            index = builder.finish(build(builder))
-            if final.exists():
-                trash = root / f".{key}.{os.getpid()}.old.tmp"
-                os.replace(final, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, final)
-        except OSError as e:
-            builder.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
-            ours = e.filename is not None and str(e.filename).startswith(str(root))
-            if not ours and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-                raise
-            raise UserError(f"cannot write the dataset cache in {root} ({e.strerror}); free some space or set "
-                            "CNNLAB_CACHE to another folder") from None
-        except BaseException:
-            builder.abort()
-            shutil.rmtree(tmp, ignore_errors=True)
+        raise _unwritable(root, e) from None
+    try:
+        with _locked(root / f".{key}.lock"):
+            entry, problem = _open_entry(final)  # another process may have built it while we waited
+            if entry is not None:
+                return entry
+            if problem is not None:
+                log.warning(f"the cached dataset in {final} is damaged ({problem}); decoding it again")
+            for stale in root.glob(f".{key}.*.tmp"):  # a build killed before its rename; we hold the lock
+                shutil.rmtree(stale, ignore_errors=True)
+            return Entry(final, _build(root, key, build))
+    except OSError as e:
+        ours = e.filename is not None and str(e.filename).startswith(str(root))
+        if not ours and e.errno not in SPACE_ERRORS + (errno.EROFS,):
             raise
-    return Entry(final, index)
+        raise _unwritable(root, e) from None
+
+
+def _build(root: Path, key: str, build: Callable[[EntryBuilder], dict[str, Any]]) -> dict[str, Any]:
+    """Build entry ``key`` in a temporary folder and rename it into place; its index. However the build
+    ends short (a full disk, a bad image, Ctrl-C), the temporary folder, as large as the data written so
+    far, is removed."""
+    tmp = root / f".{key}.{os.getpid()}.tmp"
+    tmp.mkdir()
+    builder = EntryBuilder(tmp)
+    try:
+        index = builder.finish(build(builder))
+        final = root / key
+        if final.exists():
+            trash = root / f".{key}.{os.getpid()}.old.tmp"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, final)
+        return index
+    except BaseException:
+        builder.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _unwritable(root: Path, e: OSError) -> UserError:
+    """The one line for a cache folder that cannot be written: where it is, and how to move it."""
+    fix = ("free some space there, or set the environment variable CNNLAB_CACHE to a folder on a disk with room"
+           if e.errno in SPACE_ERRORS else "set the environment variable CNNLAB_CACHE to a folder you can write")
+    return UserError(f"cannot write the dataset cache in {root} ({e.strerror}); {fix}")
 
 
 def _check_space(root: Path, needed: int) -> None:
     free = shutil.disk_usage(root).free
     if needed > free:
         raise UserError(f"the decoded dataset needs {needed / 2**30:.1f} GiB in the cache {root}, which has "
-                        f"{free / 2**30:.1f} GiB free; free some space, set CNNLAB_CACHE to another disk, "
-                        "or use a smaller --store-size")
+                        f"{free / 2**30:.1f} GiB free; free some space, set the environment variable CNNLAB_CACHE "
+                        "to a folder on another disk, or use a smaller `store_size`")
 
 
 def _open_entry(folder: Path) -> tuple[Entry | None, str | None]:
@@ -500,10 +516,6 @@ class PixelStore:
         finally:
             stop.set()
             thread.join()
-
-
-def is_store(x: object) -> bool:
-    return isinstance(x, PixelStore)
 
 
 def take(x: torch.Tensor | PixelStore, index: torch.Tensor) -> torch.Tensor | PixelStore:
