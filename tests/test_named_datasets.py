@@ -129,7 +129,7 @@ def test_every_named_dataset_is_tested_and_listed_in_the_readme() -> None:
 
 @pytest.mark.parametrize("name", list(BUILD))
 def test_a_missing_named_dataset_says_where_and_how(name: str, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--download") as err:
+    with pytest.raises(UserError, match="`download`") as err:
         load_dataset(name, data_dir=tmp_path)
     assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
 

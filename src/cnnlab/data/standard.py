@@ -59,7 +59,7 @@ class Named:
 
     def missing(self, data_dir: Path) -> UserError:
         return UserError(f"{self.title} not found in {self.where(data_dir)} (looked for {', '.join(self.files)}): "
-                         "pass --download to fetch it, or point --data-dir at the folder that holds it")
+                         "pass `download` to fetch it, or point `data_dir` at the folder that holds it")
 
 
 # --- CIFAR ---------------------------------------------------------------------------------------
@@ -175,9 +175,9 @@ def _read_cifar_pickle(path: Path, title: str = "CIFAR-10") -> dict[str, object]
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
             MemoryError) as exc:  # MemoryError: a length field beyond any memory, before the data is missed
         raise UserError(f"{path} is not a valid {title} file ({exc or type(exc).__name__}); delete it and rerun "
-                        "with --download") from None
+                        "with `download`") from None
     if not isinstance(content, dict):
-        raise UserError(f"{path} is not a valid {title} file (no dict inside); delete it and rerun with --download")
+        raise UserError(f"{path} is not a valid {title} file (no dict inside); delete it and rerun with `download`")
     return {k.decode("latin1") if isinstance(k, bytes) else str(k): v.array if isinstance(v, _PickledArray) else v
             for k, v in content.items()}
 
@@ -186,10 +186,10 @@ def _read_cifar_batch(path: Path, label_key: str = "labels", title: str = "CIFAR
     batch = _read_cifar_pickle(path, title)
     data, labels = batch.get("data"), batch.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise UserError(f"{path} has no N×3072 uint8 'data' array; delete it and rerun with --download")
+        raise UserError(f"{path} has no N×3072 uint8 'data' array; delete it and rerun with `download`")
     labels_arr = np.asarray(labels, dtype=np.int64) if isinstance(labels, list | np.ndarray) else None
     if labels_arr is None or labels_arr.shape != (data.shape[0],):
-        raise UserError(f"{path} has no '{label_key}' list matching its images; delete it and rerun with --download")
+        raise UserError(f"{path} has no '{label_key}' list matching its images; delete it and rerun with `download`")
     # Rows hold the R, G and B planes one after another, each 32×32 row-major.
     return data.reshape(-1, 3, 32, 32), labels_arr
 
@@ -197,12 +197,12 @@ def _read_cifar_batch(path: Path, label_key: str = "labels", title: str = "CIFAR
 def _class_names(path: Path, key: str, title: str) -> list[str]:
     names = _read_cifar_pickle(path, title).get(key)
     if not isinstance(names, list) or not names:
-        raise UserError(f"{path} has no '{key}'; delete it and rerun with --download")
+        raise UserError(f"{path} has no '{key}'; delete it and rerun with `download`")
     return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
 
 
 def _cifar10_folder(data_dir: Path) -> Path:
-    # The official archive unpacks into cifar-10-batches-py; its files straight in --data-dir work too.
+    # The official archive unpacks into cifar-10-batches-py; its files straight in `data_dir` work too.
     needed = (*CIFAR10_TRAIN_BATCHES, "test_batch", "batches.meta")
     if not (data_dir / CIFAR10_FOLDER).is_dir() and all((data_dir / name).is_file() for name in needed):
         return data_dir
@@ -225,7 +225,7 @@ def _read_cifar100(data_dir: Path) -> Arrays:
 
 
 def _download_archive(url: str, md5: str, data_dir: Path, title: str) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive  # only for --download
+    from torchvision.datasets.utils import download_and_extract_archive  # only for `download`
 
     try:
         download_and_extract_archive(url, download_root=str(data_dir), md5=md5)
@@ -235,7 +235,7 @@ def _download_archive(url: str, md5: str, data_dir: Path, title: str) -> None:
 
 def _download_failed(title: str, data_dir: Path, exc: BaseException) -> UserError:
     return UserError(f"could not download {title} into {data_dir} ({exc}); download it by hand and pass "
-                     "--data-dir, or use --dataset folder:PATH or --dataset sample")
+                     "`data_dir`, or use `dataset` folder:PATH or `dataset` sample")
 
 
 def _fetch_cifar100(data_dir: Path) -> None:
@@ -256,7 +256,7 @@ def _torchvision(title: str, data_dir: Path, make: Callable[..., object], **kwar
             raise _download_failed(title, data_dir, exc) from None
         what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"cannot read {title} in {data_dir} ({what}); the files are incomplete or corrupted: "
-                        "delete them and rerun with --download") from None
+                        "delete them and rerun with `download`") from None
 
 
 def _mnist_like(kind: str) -> tuple[Callable[[Path], None], Callable[[Path], Arrays]]:
@@ -283,7 +283,7 @@ def _svhn_cls():
     try:
         import scipy.io  # noqa: F401 - torchvision's SVHN reads MATLAB files with it
     except ImportError:
-        raise UserError("--dataset svhn needs scipy: pip install scipy") from None
+        raise UserError("`dataset` svhn needs scipy: pip install scipy") from None
     from torchvision.datasets import SVHN
 
     return SVHN
@@ -320,7 +320,7 @@ def _read_stl10(data_dir: Path) -> Arrays:
         classes = list(getattr(ds, "classes", []))
     if len(classes) != 10:
         raise UserError(f"{data_dir / STL10_FOLDER / 'class_names.txt'} does not name the 10 classes; "
-                        "delete the folder and rerun with --download")
+                        "delete the folder and rerun with `download`")
     return Arrays(classes, parts[0], parts[1])
 
 
@@ -345,8 +345,8 @@ def checked(arrays: Arrays, title: str, where: Path) -> Arrays:
     for split, (x, y) in (("training", arrays.train), ("test", arrays.test)):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3) or len(x) != len(y) or not len(x):
             raise UserError(f"{title} {split} images in {where} are not what the format promises "
-                            f"({x.dtype} {x.shape}, {len(y)} labels); delete them and rerun with --download")
+                            f"({x.dtype} {x.shape}, {len(y)} labels); delete them and rerun with `download`")
         if y.min() < 0 or y.max() >= len(arrays.classes):
             raise UserError(f"{title} {split} labels in {where} exceed the {len(arrays.classes)} classes; "
-                            "delete them and rerun with --download")
+                            "delete them and rerun with `download`")
     return arrays
