@@ -174,7 +174,7 @@ def integrated_gradients(model: nn.Module, x: Tensor, *, target: Target = None, 
     if short:
         warnings.warn(f"integrated gradients: image(s) {short} still miss completeness by "
                       f"{', '.join(f'{100 * float(result.gap[i]):.2g}%' for i in short)} after {max_steps} steps "
-                      f"(tolerance {100 * tolerance:g}%); raise max_steps for a more exact map", stacklevel=2)
+                      f"(tolerance {100 * tolerance:g}%); raise max_steps for a more exact map", stacklevel=3)
     return result.attributions
 
 
