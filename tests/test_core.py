@@ -13,7 +13,7 @@ from cnnlab.core import checkpoint, images
 from cnnlab.core.files import atomic_write
 from cnnlab.core.spec import ModelSpec, Preprocess
 from cnnlab.predict import predict
-from cnnlab.viz import visualize
+from cnnlab.visualize import visualize
 
 
 def odd_images(folder):

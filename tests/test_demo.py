@@ -12,10 +12,10 @@ from cnnlab.run import load
 
 @pytest.fixture
 def one_epoch(monkeypatch):
-    from cnnlab.report import sections
+    from cnnlab.inspect.registry import METHODS
 
     monkeypatch.setitem(demo.DEMO, "epochs", 1)
-    monkeypatch.setattr(sections, "SANITY_IMAGES", 2)  # the report's explanations on two images
+    monkeypatch.setitem(METHODS["sanity"].quick, "count", 2)  # the report's explanations on two images
 
 
 def test_demo_trains_evaluates_and_says_where(one_epoch, tmp_path, capsys):

@@ -17,10 +17,10 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 from cnnlab.core.spec import ModelSpec, Preprocess
+from cnnlab.inspect import METHODS, Choices, Inspection, show
 from cnnlab.models import build
 from cnnlab.run import LoadedRun
-from cnnlab.viz.figures import FIGURES, sanity_figure
-from cnnlab.viz.job import Job
+from cnnlab.visualize.figures import draw, sanity_figure
 from cnnlab.viz.sanity import MethodResult, Sanity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,28 +102,28 @@ def fake_run(tmp_path_factory):
     return run, str(photo)
 
 
-# Each maker with the choices the command and the report use, small enough to draw in a second or two.
+# Each method with the choices the command and the report use, small enough to draw in a second or two.
 CASES = {
-    "filters conv1": ("filters", dict(layers=["conv1"], channels=[1])),
-    "filters conv2_x": ("filters", dict(layers=["conv2_x"])),
-    "features": ("features", dict(layers=["conv1", "conv5_x"], indices=[3])),
-    "features of a file": ("features", dict(layers=["conv5_x"], images=["PHOTO"])),
-    "cam": ("cam", dict(indices=[0, 1, 2, 3], kinds=["grad-cam", "grad-cam++", "layer-cam"])),
-    "cam, several targets": ("cam", dict(indices=[1], targets=[1, 3], kinds=["grad-cam"])),
-    "cam of a file": ("cam", dict(images=["PHOTO"], kinds=["grad-cam"])),
-    "attribute": ("attribute", dict(indices=[0, 1], kinds=["saliency", "guided-backprop", "guided-grad-cam",
-                                                            "occlusion"])),
-    "top-images": ("top-images", dict(layers=["conv4_x"], channels=[2], count=4)),
-    "deconv": ("deconv", dict(indices=[5], count=3)),
-    "invert": ("invert", dict(indices=[0], layers=["conv1", "conv3_x"], steps=1)),
-    "maximize classes": ("maximize", dict(targets=list(range(10)), steps=1)),
-    "maximize channels": ("maximize", dict(layers=["conv4_x"], channels=[0, 1, 2], steps=1)),
-    "dream": ("dream", dict(indices=[2], steps=1)),
+    "filters conv1": ("filters", dict(layer=["conv1"], channel=[1])),
+    "filters conv2_x": ("filters", dict(layer=["conv2_x"])),
+    "features": ("features", dict(layer=["conv1", "conv5_x"], index=[3])),
+    "features of a file": ("features", dict(layer=["conv5_x"], image=["PHOTO"])),
+    "cam": ("cam", dict(index=[0, 1, 2, 3], kind=["grad-cam", "grad-cam++", "layer-cam"])),
+    "cam, several targets": ("cam", dict(index=[1], target=[1, 3], kind=["grad-cam"])),
+    "cam of a file": ("cam", dict(image=["PHOTO"], kind=["grad-cam"])),
+    "attribute": ("attribute", dict(index=[0, 1], kind=["saliency", "guided-backprop", "guided-grad-cam",
+                                                         "occlusion"])),
+    "top-images": ("top-images", dict(layer=["conv4_x"], channel=[2], count=4)),
+    "deconv": ("deconv", dict(index=[5], count=3)),
+    "invert": ("invert", dict(index=[0], layer=["conv1", "conv3_x"], steps=1)),
+    "maximize classes": ("maximize", dict(target=list(range(10)), steps=1)),
+    "maximize channels": ("maximize", dict(layer=["conv4_x"], channel=[0, 1, 2], steps=1)),
+    "dream": ("dream", dict(index=[2], steps=1)),
 }
 
 
-def test_every_maker_is_checked():
-    assert {method for method, _ in CASES.values()} == set(FIGURES)
+def test_every_method_is_checked():
+    assert {method for method, _ in CASES.values()} == set(METHODS) - {"sanity"}  # its figure is checked below
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -132,7 +132,8 @@ def test_no_text_overlaps_in_any_figure(fake_run, case):
     method, choices = CASES[case]
     choices = {k: [photo if v == "PHOTO" else v for v in values] if isinstance(values, list) else values
                for k, values in choices.items()}
-    figures = FIGURES[method].draw(Job(method, run, **choices))
+    figures = {stem: fig for result in show(Inspection(run), method, Choices.of(**choices))
+               for stem, fig in draw(result).items()}
     assert figures
     for stem, fig in figures.items():
         assert layout_problems(fig) == [], stem

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from cnnlab import cli
+from cnnlab.inspect.registry import EXPLAINERS
 from cnnlab.report import report
 from cnnlab.report.page import SECTIONS
-from cnnlab.viz.sanity import EXPLAINERS
 
 ARTIFACTS = Path(os.environ.get("CNNLAB_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -185,12 +185,13 @@ def test_report_user_errors(tmp_path, capsys):
 def test_a_figure_that_fails_is_a_note_and_a_logged_warning(hostile_run, tmp_path, monkeypatch, caplog):
     import logging
 
-    from cnnlab.viz.figures import FIGURES, Maker
+    from cnnlab.inspect.results import Filters
+    from cnnlab.visualize.figures import DRAW
 
-    def broken(job):
+    def broken(result):
         raise RuntimeError("out of ink")
 
-    monkeypatch.setitem(FIGURES, "filters", Maker(broken, FIGURES["filters"].uses))
+    monkeypatch.setitem(DRAW, Filters, broken)
     with caplog.at_level(logging.WARNING, logger="cnnlab.report"):
         out = report(hostile_run[0], out=tmp_path / "r.html", device="cpu")
     assert "this part could not be drawn (RuntimeError: out of ink)" in out.read_text()

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.cli import main
+from cnnlab.inspect.registry import explainers
 from cnnlab.models import build
 from cnnlab.viz import sanity as checks
 from cnnlab.viz.sanity import (
     BASELINE,
-    EXPLAINERS,
     Explainer,
     deletion_insertion,
     gaussian_blur,
@@ -207,7 +207,7 @@ def net():
     return model, torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def test_a_map_that_ignores_the_model_fails_and_grad_cam_does_not(net, monkeypatch):
+def test_a_map_that_ignores_the_model_fails_and_grad_cam_does_not(net):
     """Adebayo et al.'s point: an edge detector makes a plausible saliency map and stays the same whatever the
     weights. The cascade must catch it, and must not catch Grad-CAM, which reads the classifier's weights."""
     model, x = net
@@ -215,9 +215,8 @@ def test_a_map_that_ignores_the_model_fails_and_grad_cam_does_not(net, monkeypat
     def edges(model, x, *, target=None, layer=None, channels=None):  # vertical differences, whatever the model
         return F.pad((x[..., 1:, :] - x[..., :-1, :]).abs().sum(1, keepdim=True), (0, 0, 0, 1))
 
-    monkeypatch.setitem(EXPLAINERS, "edges", Explainer(edges, cam=True))
-    result = sanity_checks(model, x, methods=["edges", "grad-cam"], layers=["fc"], deletion_steps=4,
-                           road_fractions=[0.5])
+    checked = {"edges": Explainer(edges, cam=True), **explainers(["grad-cam"])}
+    result = sanity_checks(model, x, checked, layers=["fc"], deletion_steps=4, road_fractions=[0.5])
     assert result.layers == ["fc", "conv5_x", "conv1"] and result.judged == "conv5_x"
     for step in result.layers:  # identical maps: ρ = 1 up to the rounding of a float64 correlation
         torch.testing.assert_close(torch.tensor(result.methods["edges"].randomisation[step], dtype=torch.float64),

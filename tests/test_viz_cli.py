@@ -56,13 +56,13 @@ def test_every_method_writes_its_figures(small_run, capsys, argv, names):
 
 
 def test_several_targets_give_each_image_a_row_for_each(small_run):
-    from cnnlab import run
-    from cnnlab.viz.figures import FIGURES
-    from cnnlab.viz.job import Job
+    from cnnlab.inspect import Choices, Inspection, show
+    from cnnlab.visualize.figures import draw
 
-    loaded = run.load(small_run)
-    job = Job("cam", loaded, targets=[3, 8], kinds=["grad-cam", "layer-cam"], indices=[1, 2])
-    (figure,) = FIGURES["cam"].draw(job).values()
+    (result,) = show(Inspection.open(small_run, device="cpu"), "cam",
+                     Choices.of(target=[3, 8], kind=["grad-cam", "layer-cam"], index=[1, 2]))
+    assert result.rows == [0, 0, 1, 1] and result.targets.tolist() == [3, 8, 3, 8]
+    (figure,) = draw(result).values()
     titles = [ax.get_title() for ax in figure.axes]
     assert len(titles) == 4 * 3  # (image, target) rows; the image and two CAMs a row
     assert [t.split("\n")[0] for t in titles[::3]] == ["test1", "test1", "test2", "test2"]

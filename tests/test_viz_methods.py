@@ -9,6 +9,7 @@ from cnnlab import run
 from cnnlab.data import load_dataset
 from cnnlab.data.splits import reported_test_set
 from cnnlab.models import build
+from cnnlab.visualize.render import minmax, mosaic
 from cnnlab.viz.attribute import (
     guided_backprop,
     guided_grad_cam,
@@ -24,7 +25,6 @@ from cnnlab.viz.filters import conv_filters
 from cnnlab.viz.inputs import from_test_set
 from cnnlab.viz.invert import feature_distance, invert
 from cnnlab.viz.maximize import fourier_noise, maximize, objective
-from cnnlab.viz.render import minmax, mosaic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,14 +10,13 @@ import torch
 from torch import nn
 
 from cnnlab.core.spec import Preprocess
+from cnnlab.inspect.registry import TECHNIQUES
 from cnnlab.models import build
-from cnnlab.viz.attribute import guided_backprop, guided_grad_cam, integrated_gradients, occlusion, saliency, smoothgrad
-from cnnlab.viz.cam import grad_cam, grad_cam_pp, layer_cam, score_cam
+from cnnlab.viz.cam import grad_cam
 from cnnlab.viz.deconv import deconv
-from cnnlab.viz.dream import dream
 from cnnlab.viz.features import feature_maps
-from cnnlab.viz.invert import invert
 from cnnlab.viz.maximize import fourier_noise, maximize
+from cnnlab.viz.shape import PARAMETERS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,28 +24,33 @@ PRE = Preprocess(32, 3, (0.5, 0.45, 0.4), (0.25, 0.2, 0.3))
 # Two values of each parameter, one per image of the batch of two.
 VALUES = {"target": ([0, 1], [5, 8]), "layer": ("conv4_x", "conv5_x"), "channels": ([0, 1], [2, 3])}
 MAP, IMAGE = (2, 1, 32, 32), (2, 3, 32, 32)
+# Fewer steps and samples than even the registry's quick options: these tests check shapes and wiring.
+FASTER = {"integrated-gradients": dict(steps=4, max_steps=8, tolerance=1.0), "smoothgrad": dict(samples=3),
+          "invert": dict(steps=3), "dream": dict(steps=2, octaves=2), "maximize": dict(steps=3)}
 
-# name: (function, the parameters it uses, the one it refuses, options that keep it quick, output shape)
-METHODS = {
-    "features": (feature_maps, {"layer", "channels"}, "target", {}, (2, 1, 8, 8)),  # conv4_x
-    "grad-cam": (grad_cam, {"target", "layer"}, "channels", {}, MAP),
-    "grad-cam++": (grad_cam_pp, {"target", "layer"}, "channels", {}, MAP),
-    "score-cam": (score_cam, {"target", "layer"}, "channels", {}, MAP),
-    "layer-cam": (layer_cam, {"target", "layer"}, "channels", {}, MAP),
-    "saliency": (saliency, {"target"}, "layer", {}, IMAGE),
-    "guided-backprop": (guided_backprop, {"target"}, "channels", {}, IMAGE),
-    "guided-grad-cam": (guided_grad_cam, {"target", "layer"}, "channels", {}, IMAGE),
-    "integrated-gradients": (integrated_gradients, {"target"}, "layer",
-                             dict(steps=4, max_steps=8, tolerance=1.0), IMAGE),
-    "smoothgrad": (smoothgrad, {"target"}, "channels", dict(samples=3), IMAGE),
-    "occlusion": (occlusion, {"target"}, "layer", {}, IMAGE),
-    "deconv": (deconv, {"layer", "channels"}, "target", {}, IMAGE),
-    "invert": (invert, {"layer"}, "channels", dict(steps=3, preprocess=PRE), IMAGE),
-    "dream": (dream, {"layer", "channels"}, "target", dict(steps=2, octaves=2, preprocess=PRE), IMAGE),
-    "maximize channels": (maximize, {"layer", "channels"}, "target", dict(steps=3, preprocess=PRE), IMAGE),
-    "maximize classes": (maximize, {"target"}, "layer", dict(steps=3, preprocess=PRE), IMAGE),
-}
+
+def _cases() -> dict:
+    """Every technique of the registry, once per way it can be called: (technique, the parameters it
+    uses, options that keep it quick, output shape)."""
+    cases = {}
+    for name, t in TECHNIQUES.items():
+        options = {**t.options, **FASTER.get(name, {}), **(dict(preprocess=PRE) if t.pixels else {})}
+        shape = MAP if t.cam else (2, 1, 8, 8) if name == "features" else IMAGE  # features: conv4_x, one channel
+        for mode in t.modes:
+            label = name if len(t.modes) == 1 else f"{name} {'classes' if 'target' in mode else 'channels'}"
+            cases[label] = (t.function, mode, options, shape)
+    return cases
+
+
+METHODS = _cases()
 USES = [(name, param) for name, (_, uses, *_) in METHODS.items() for param in sorted(uses)]
+REFUSED = [(name, param) for name, (_, uses, *_) in METHODS.items() for param in PARAMETERS if param not in uses]
+
+
+def test_the_registry_covers_every_method_of_the_shape():
+    assert set(METHODS) >= {"features", "grad-cam", "saliency", "occlusion", "deconv", "invert", "dream",
+                            "maximize classes", "maximize channels"}
+    assert METHODS["maximize classes"][1] == {"target"} and METHODS["maximize channels"][1] == {"layer", "channels"}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +70,7 @@ def net():
 
 def call(name, net, which=0, **changes):
     """``METHODS[name]`` on the network, every parameter it uses at its ``which``-th value."""
-    function, uses, _, options, _ = METHODS[name]
+    function, uses, options, _ = METHODS[name]
     model, x = net
     given = {p: VALUES[p][which] for p in uses}
     return function(model, x, **{**given, **options, **changes})
@@ -75,7 +79,7 @@ def call(name, net, which=0, **changes):
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_takes_the_same_arguments(net, name):
     out = call(name, net)
-    assert isinstance(out, torch.Tensor) and out.shape == METHODS[name][4]
+    assert isinstance(out, torch.Tensor) and out.shape == METHODS[name][3]
     assert out.isfinite().all() and out.abs().sum() > 0
 
 
@@ -101,9 +105,8 @@ def test_deconv_projects_each_images_strongest_channel_by_default(net):
     torch.testing.assert_close(deconv(model, x, channels=3), deconv(model, x, channels=[3, 3]))
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_a_parameter_a_method_does_not_use_is_refused_by_name(net, name):
-    refused = METHODS[name][2]
+@pytest.mark.parametrize("name, refused", REFUSED)
+def test_a_parameter_a_method_does_not_use_is_refused_by_name(net, name, refused):
     with pytest.raises(ValueError, match=f"`{refused}`"):
         call(name, net, **{refused: VALUES[refused][0]})
 
@@ -130,7 +133,7 @@ def test_preprocess_is_the_normalisation_in_front_of_the_model(net, name):
     model, x = net
     composed = nn.Sequential(PRE.normalizer(), model).eval()
     layer = {"conv4_x": "1.layer3"}  # the composed model has no Table 1 names, only module paths
-    function, uses, _, options, _ = METHODS[name]
+    function, uses, options, _ = METHODS[name]
     given = {p: VALUES[p][0] for p in uses}
     with_preprocess = function(model, x, **given, **options)
     given = {p: layer.get(v, v) if p == "layer" else v for p, v in given.items()}

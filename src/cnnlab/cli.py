@@ -16,6 +16,8 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from cnnlab import __version__
 from cnnlab.core.errors import Interrupted, UserError, one_line
@@ -414,35 +416,50 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _choices(args: argparse.Namespace) -> dict[str, Any]:
+    """The choices of cnnlab visualize that were given, as the library takes them."""
+    return {name: getattr(args, name) for name in ("image", "index", "count", "layer", "target", "channel", "kind",
+                                                   "steps") if getattr(args, name) is not None}
+
+
+def random_labels(text: str) -> str | int | Path | None:
+    """--random-labels as the library takes it: "auto", a number of epochs, a run's path, or None (none, 0)."""
+    if text in ("none", "0"):
+        return None
+    if text == "auto":
+        return "auto"
+    if text.isdigit():
+        return int(text)
+    if text.startswith("-") and text[1:].isdigit():  # argparse hands "-1" over as a value, not a flag
+        raise UserError(f"--random-labels {text} is not a number of epochs: give 1 or more epochs, a run trained "
+                        "on permuted labels, auto or none")
+    return Path(text)
+
+
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from cnnlab.viz import visualize
+    from cnnlab.visualize import visualize
 
     if args.method == "sanity":
         return _sanity(args)
     for flag, value in (("--json", args.json), ("--random-labels", args.random_labels)):
         if value:
             raise UserError(f"{flag} is for cnnlab visualize sanity; {args.method} does not use it")
-
-    pngs = visualize(args.method, args.path, image=args.image, index=args.index, count=args.count,
-                     layer=args.layer, target=args.target, channel=args.channel, kind=args.kind, steps=args.steps,
-                     out=args.out, tensorboard=args.tensorboard, device=args.device, data_dir=args.data_dir)
+    pngs = visualize(args.method, args.path, out=args.out, tensorboard=args.tensorboard, device=args.device,
+                     data_dir=args.data_dir, **_choices(args))
     for png in pngs:
         print(f"wrote {png}")
     return 0
 
 
 def _sanity(args: argparse.Namespace) -> int:
-    from cnnlab.viz.command import sanity
+    from cnnlab.visualize import sanity
 
-    for flag, value in (("--target", args.target), ("--channel", args.channel), ("--steps", args.steps),
-                        ("--tensorboard", args.tensorboard)):
-        if value:
-            raise UserError(f"sanity does not use {flag}; it uses --image, --index, --count, --layer, --kind, "
-                            "--random-labels, --json")
-    result, files = sanity(args.path, image=args.image, index=args.index, count=args.count, layer=args.layer,
-                           kind=args.kind, random_labels=args.random_labels or "auto", out=args.out,
+    if args.tensorboard:
+        raise UserError("sanity does not use --tensorboard; it writes cascade.png and sanity.json")
+    result, files = sanity(args.path, random_labels=random_labels(args.random_labels or "auto"), out=args.out,
                            device=args.device, data_dir=args.data_dir,
-                           progress=None if args.json else lambda m: print(f"… {m}", file=sys.stderr, flush=True))
+                           progress=None if args.json else lambda m: print(f"… {m}", file=sys.stderr, flush=True),
+                           **_choices(args))
     if args.json:
         print(json.dumps(result.to_json()))
         return 0

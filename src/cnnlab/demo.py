@@ -14,7 +14,7 @@ from cnnlab.config import resolve
 from cnnlab.evaluate import evaluate
 from cnnlab.report import report
 from cnnlab.train.engine import new_run_dir, train
-from cnnlab.viz import visualize
+from cnnlab.visualize import visualize
 
 # Test images for the gallery: the sample's test set is ordered by class, 100 images each, so these
 # are an airplane, a cat, a dog and a ship.

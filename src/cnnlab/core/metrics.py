@@ -24,6 +24,7 @@ class Scores:
     predictions: torch.Tensor  # int64 (N,) on the CPU
     labels: torch.Tensor
     confidence: torch.Tensor | None = None  # float (N,) on the CPU: the softmax probability of each prediction
+    probabilities: torch.Tensor | None = None  # float (N, classes) on the CPU: the softmax of each image's logits
 
 
 def logits(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
@@ -45,20 +46,21 @@ def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preproce
     device = images.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     loss_sum = torch.zeros((), device=device)
-    preds, confidence = [], []
+    preds, probabilities = [], []
     for i in range(0, len(labels), batch_size):
         x, y = preprocess.to_input(images[i:i + batch_size], channels_last), labels[i:i + batch_size]
         with autocast:
             out = logits(model, x, tta)
         loss_sum += F.cross_entropy(out, y, reduction="sum")
         preds.append(out.argmax(1))
-        confidence.append(out.float().softmax(1).amax(1))
+        probabilities.append(out.float().softmax(1))
     model.train(was_training)
     predictions = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)
     n = max(len(labels), 1)
     y = labels.cpu()
+    probs = torch.cat(probabilities).cpu() if probabilities else torch.zeros(0, 0)
     return Scores(loss_sum.item() / n, (predictions == y).sum().item() / n, predictions, y,
-                  torch.cat(confidence).cpu() if confidence else torch.zeros(0))
+                  probs.amax(1) if probabilities else torch.zeros(0), probs)
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

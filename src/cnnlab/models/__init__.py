@@ -15,14 +15,15 @@ from torch import nn
 
 from cnnlab.core.errors import UserError
 from cnnlab.models import classic, resnet
-from cnnlab.models.anatomy import feature_blocks, first_conv_path, head_path, layer_name, stage_paths
+from cnnlab.models.anatomy import feature_blocks, first_conv_path, has_submodule, head_path, layer_name, stage_paths
 from cnnlab.models.external import TIMM, TORCHVISION, build_external, check_external, is_external
 from cnnlab.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet, resnet18, resnet18_cifar, resnet18_seed
 
 __all__ = [
     "BasicBlock", "Bottleneck", "CifarResNet", "FAMILIES", "MODELS", "ModelInfo", "NATIVE_IMAGE_SIZE", "ResNet",
-    "TABLE1_LAYERS", "build", "check_name", "default_width", "feature_blocks", "first_conv_path", "head_path",
-    "is_external", "layer_name", "native_image_size", "resnet18", "resnet18_cifar", "resnet18_seed", "stage_paths",
+    "TABLE1_LAYERS", "build", "check_name", "default_width", "feature_blocks", "first_conv_path", "has_submodule",
+    "head_path", "is_external", "layer_name", "native_image_size", "resnet18", "resnet18_cifar", "resnet18_seed",
+    "stage_paths",
 ]
 
 

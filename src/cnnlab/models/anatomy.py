@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FeatureBlocks", "feature_blocks", "first_conv_path", "head_path", "is_pooling", "layer_name",
-           "stage_paths"]
+__all__ = ["FeatureBlocks", "feature_blocks", "first_conv_path", "has_submodule", "head_path", "is_pooling",
+           "layer_name", "stage_paths"]
 
 _RESNET_CHILDREN = ("conv1", "layer1", "layer2", "layer3", "layer4")
 _RESNET_STAGES = {"conv1": "conv1", "conv2_x": "layer1", "conv3_x": "layer2", "conv4_x": "layer3",
@@ -27,7 +27,7 @@ def stage_paths(model: nn.Module) -> dict[str, str]:
     children = dict(model.named_children())
     declared = getattr(type(model), "stage_paths", None)
     if isinstance(declared, dict):
-        return {name: path for name, path in declared.items() if _has(model, path)}
+        return {name: path for name, path in declared.items() if has_submodule(model, path)}
     if all(c in children for c in _RESNET_CHILDREN):  # torchvision's and timm's ResNets
         paths = dict(_RESNET_STAGES)
         pool = next((p for p in ("avgpool", "global_pool") if p in children), None)
@@ -39,7 +39,8 @@ def stage_paths(model: nn.Module) -> dict[str, str]:
     return {}
 
 
-def _has(model: nn.Module, path: str) -> bool:
+def has_submodule(model: nn.Module, path: str) -> bool:
+    """Whether ``model`` has a submodule at ``path``."""
     try:
         model.get_submodule(path)
     except AttributeError:

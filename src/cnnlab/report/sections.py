@@ -1,11 +1,12 @@
 """Gathering what the report shows: the run's record, its scores on the test set, and pictures.
 
-The record is read from the run folder (``config.json``, ``metrics.jsonl``); the model is loaded as
-every other command loads it (:func:`cnnlab.run.load`: ``best.pt``, else ``last.pt``) and scored
-with :func:`cnnlab.core.metrics.score` on the test images the run reported on; the pictures are the
-figures of ``cnnlab visualize``, inlined without a file in between, drawn with small settings so
-that a CPU draws them all in seconds. A section that cannot be drawn (the dataset is not on this
-machine, say) gets a note saying why, and the rest of the report is still written.
+The record is read from the run folder (``config.json``, ``metrics.jsonl``); the run is opened as
+every other command opens it (:class:`cnnlab.inspect.Inspection`: ``best.pt``, else ``last.pt``) and
+its scores on the test images it reported on are the inspector's; the pictures are the figures of
+``cnnlab visualize`` on the inspector's results, inlined without a file in between, drawn with the
+registry's quick settings so that a CPU draws them all in seconds. A section that cannot be drawn
+(the dataset is not on this machine, say) gets a note saying why, and the rest of the report is
+still written.
 """
 
 from __future__ import annotations
@@ -22,33 +23,25 @@ from typing import Any
 
 import torch
 
-from cnnlab import run
 from cnnlab.config import TrainConfig, from_saved
-from cnnlab.core.device import pick_device
 from cnnlab.core.errors import UserError
-from cnnlab.core.metrics import breakdown, confusion_matrix, logits, score
-from cnnlab.models.summary import summarize
+from cnnlab.core.metrics import Scores, breakdown, confusion_matrix
+from cnnlab.inspect import Choices, Inspection, checks, show
+from cnnlab.inspect.inspector import spread
+from cnnlab.inspect.registry import METHODS
 from cnnlab.report import charts
 from cnnlab.run import LoadedRun
-from cnnlab.viz import render
-from cnnlab.viz.figures import FIGURES, sanity_figure
-from cnnlab.viz.job import Job
-from cnnlab.viz.layers import default_layer, first_layer
-from cnnlab.viz.sanity import Sanity, sanity_checks
+from cnnlab.visualize import render
+from cnnlab.visualize.figures import draw, sanity_figure
+from cnnlab.viz.sanity import Sanity
 
 __all__ = ["Contents", "Example", "Pair", "Picture", "TestResults", "gather", "read_metrics"]
 
 MISCLASSIFIED_SHOWN = 40  # test images in the grid of mistakes
 PAIRS_SHOWN = 6  # most-confused (true, predicted) pairs
 PAIR_EXAMPLES = 6  # images shown for each pair
-CAM_IMAGES = 4  # Grad-CAM: this many right and this many wrong
 PATTERN_CLASSES = 10  # class models drawn
 SMALL_MODEL_MACS = 100_000_000  # per image; below this the report runs on one CPU thread
-# The explanations' checks, kept small here (cnnlab visualize sanity runs 8 images and every layer):
-SANITY_IMAGES = 4  # test images, spread over the test set
-SANITY_STEPS = ["conv5_x"]  # cascade steps measured (fc … conv5_x); the whole network is always added
-SANITY_DELETION_STEPS = 8
-SANITY_ROAD_FRACTIONS = (0.2, 0.5, 0.8)
 
 log = logging.getLogger(__name__)
 
@@ -185,29 +178,22 @@ def _timed(contents: Contents, section: str, make: Callable[[], None]) -> None:
 
 def _spread(items: list[int], k: int) -> list[int]:
     """``k`` items spread evenly over ``items`` (test sets are often ordered by class)."""
-    if len(items) <= k:
-        return list(items)
-    picks = torch.linspace(0, len(items) - 1, k).round().long().tolist()
-    return [items[i] for i in picks]
+    return [items[i] for i in spread(len(items), k)]
 
 
-def _examples(loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor, indices: list[int]) -> list[Example]:
-    if not indices:
-        return []
-    idx = torch.tensor(indices)
-    with torch.no_grad():
-        x = loaded.preprocess.to_input(images[idx].to(loaded.device))
-        probs = logits(loaded.model, x, loaded.tta).softmax(1).cpu()  # the prediction the scores counted
-    p, pred = probs.max(1)
-    return [Example(i, charts.thumbnail(images[i]), loaded.classes[int(labels[i])], loaded.classes[int(pred[k])],
-                    float(p[k])) for k, i in enumerate(indices)]
+def _examples(classes: list[str], images: torch.Tensor, scores: Scores, indices: list[int]) -> list[Example]:
+    """Test images with the prediction the scores counted (flip TTA where the run scored so)."""
+    assert scores.probabilities is not None
+    return [Example(i, charts.thumbnail(images[i]), classes[int(scores.labels[i])],
+                    classes[int(scores.predictions[i])], float(scores.probabilities[i].max()))
+            for i in indices]
 
 
-def _score_test(contents: Contents, loaded: LoadedRun, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    device = loaded.device
-    scores = score(loaded.model, images.to(device), labels.to(device), loaded.preprocess, tta=loaded.tta)
-    result = breakdown(scores, loaded.classes)
-    classes = loaded.classes
+def _score_test(contents: Contents, inspection: Inspection) -> Scores:
+    images, _ = inspection.test_set()
+    scores = inspection.scores()
+    classes = inspection.classes
+    result = breakdown(scores, classes)
     matrix = confusion_matrix(scores.predictions, scores.labels, len(classes))
     totals = matrix.sum(1)
     per_class = [(c, result["per_class"][c], int(totals[i])) for i, c in enumerate(classes)]
@@ -223,19 +209,19 @@ def _score_test(contents: Contents, loaded: LoadedRun, images: torch.Tensor, lab
             break
         where = ((y == t) & (pred == p)).nonzero()[:, 0].tolist()
         pairs.append(Pair(classes[t], classes[p], count, count / max(int(totals[t]), 1),
-                          _examples(loaded, images, labels, where[:PAIR_EXAMPLES])))
+                          _examples(classes, images, scores, where[:PAIR_EXAMPLES])))
     wrong = (pred != y).nonzero()[:, 0].tolist()
     contents.test = TestResults(len(y), result["top1"], result["loss"], per_class,
                                 Picture(charts.confusion(result, classes), "confusion matrix of the test set"),
-                                pairs, _examples(loaded, images, labels, _spread(wrong, MISCLASSIFIED_SHOWN)),
-                                len(wrong), loaded.tta)
-    return pred
+                                pairs, _examples(classes, images, scores, _spread(wrong, MISCLASSIFIED_SHOWN)),
+                                len(wrong), inspection.run.tta)
+    return scores
 
 
-def _viz(method: str, loaded: LoadedRun, alt: str, **choices: Any) -> list[Picture]:
-    """Pictures from ``cnnlab visualize``'s figure code (``choices``: fields of its :class:`Job`), inlined."""
-    figures = FIGURES[method].draw(Job(method, loaded, **choices))
-    return [Picture(charts.png_uri(render.png(fig)), alt) for fig in figures.values()]
+def _viz(inspection: Inspection, method: str, alt: str, **choices: Any) -> list[Picture]:
+    """Pictures of ``cnnlab visualize``'s figures of ``method`` for ``choices``, inlined."""
+    results = show(inspection, method, Choices.of(**choices))
+    return [Picture(charts.png_uri(render.png(fig)), alt) for r in results for fig in draw(r).values()]
 
 
 @contextmanager
@@ -262,15 +248,14 @@ def gather(run_dir: Path, device: str = "auto") -> Contents:
         raise UserError(f"{run_dir} is not a folder; cnnlab report reads a whole run folder "
                         "(config.json, metrics.jsonl, checkpoints/), not a single file")
     steps, epochs, bad = read_metrics(run_dir)
-    loaded = run.load(run_dir, device=pick_device(device))
+    inspection = Inspection.open(run_dir, device=device)
+    loaded = inspection.run
     training = loaded.checkpoint.training
     contents = Contents(run_dir, _read_info(run_dir, loaded), steps, epochs, bad, loaded.path,
                         int(training["epoch"]) if training is not None else None, list(loaded.classes))
-    spec = loaded.spec
 
     def architecture() -> None:
-        contents.summary = summarize(spec.name, image_size=loaded.preprocess.size, num_classes=spec.num_classes,
-                                     width=spec.width, in_channels=spec.in_channels)
+        contents.summary = inspection.summary()
 
     def curves() -> None:
         if steps:
@@ -282,20 +267,18 @@ def gather(run_dir: Path, device: str = "auto") -> Contents:
     _timed(contents, "architecture", architecture)
     _timed(contents, "curves", curves)
     with _threads_for(contents, loaded.device):
-        _pictures(contents, loaded)
+        _pictures(contents, inspection)
     return contents
 
 
-def _pictures(contents: Contents, loaded: LoadedRun) -> None:
+def _pictures(contents: Contents, inspection: Inspection) -> None:
     """Test-set scores and everything drawn from the model."""
 
-    test: tuple[torch.Tensor, torch.Tensor] | None = None
-    predictions: torch.Tensor | None = None
+    scores: Scores | None = None
 
     def load_test() -> None:
-        nonlocal test, predictions
-        test = loaded.test_set()
-        predictions = _score_test(contents, loaded, *test)
+        nonlocal scores
+        scores = _score_test(contents, inspection)
 
     _timed(contents, "per-class", load_test)
     if contents.test is None:
@@ -303,54 +286,52 @@ def _pictures(contents: Contents, loaded: LoadedRun) -> None:
         for section in ("confusion", "confused-pairs", "misclassified", "features", "gradcam", "explanations"):
             contents.note(section, f"needs the run's test set, which could not be read: {why}")
 
-    pre = loaded.preprocess
-    probe = torch.zeros(1, pre.channels, pre.size, pre.size, device=loaded.device)
-    contents.layers = first, last = first_layer(loaded.model), default_layer(loaded.model, probe)
+    contents.layers = first, last = inspection.first_layer, inspection.last_layer
     _timed(contents, "filters", lambda: contents.filters.extend(
-        _viz("filters", loaded, f"the filters of {first}", layers=[first])))
-    if test is not None and predictions is not None:
-        right = (predictions == test[1]).nonzero()[:, 0].tolist()
-        wrong = (predictions != test[1]).nonzero()[:, 0].tolist()
-        shown = _spread(right or wrong, 1)
-        _timed(contents, "features", lambda: contents.features.extend(
-            _viz("features", loaded, f"feature maps of test image {shown[0]} at {first} and {last}",
-                 layers=[first, last], indices=shown)))
-
-        def cams() -> None:
-            if right:
-                contents.cam_right.extend(_viz("cam", loaded, "Grad-CAM of correctly classified test images",
-                                               kinds=["grad-cam"], indices=_spread(right, CAM_IMAGES)))
-            else:
-                contents.note("gradcam", "no test image was classified correctly")
-            if wrong:
-                contents.cam_wrong.extend(_viz("cam", loaded, "Grad-CAM of misclassified test images",
-                                               kinds=["grad-cam"], indices=_spread(wrong, CAM_IMAGES)))
-            else:
-                contents.note("gradcam", "every test image was classified correctly: no mistakes to show")
-
-        _timed(contents, "gradcam", cams)
-
-        def explanations() -> None:
-            images, _ = test
-            shown = _spread(list(range(len(images))), SANITY_IMAGES)
-            x = loaded.preprocess.to_input(images[shown].to(loaded.device))
-            window = max(2, loaded.preprocess.size // 8)  # occlusion's own window, without overlap here
-            result = sanity_checks(loaded.model, x, layers=SANITY_STEPS, deletion_steps=SANITY_DELETION_STEPS,
-                                   road_fractions=SANITY_ROAD_FRACTIONS, options={"occlusion": {"stride": window}},
-                                   random_labels_note="not run in the report; cnnlab visualize sanity runs it")
-            contents.sanity, contents.sanity_images = result, shown
-            with torch.no_grad():
-                p, c = loaded.model(x[:1]).softmax(1)[0].max(0)
-            figure = sanity_figure(result, render.image(loaded.preprocess.to_pixels(x[:1])[0]),
-                                   f"test image {shown[0]}\npred {loaded.classes[int(c)]} ({float(p):.2f})")
-            contents.cascade.append(Picture(charts.png_uri(render.png(figure)),
-                                            "each method's map as the network's layers are "
-                                            "re-initialised from the top"))
-
-        _timed(contents, "explanations", explanations)
+        _viz(inspection, "filters", f"the filters of {first}", layer=[first])))
+    if scores is not None:
+        _model_pictures(contents, inspection, scores)
     # Class models: a few optimisation steps suffice at CIFAR size; larger inputs get fewer.
-    contents.pattern_steps = 64 if loaded.preprocess.size <= 64 else 24
-    classes = list(range(min(PATTERN_CLASSES, len(loaded.classes))))
+    contents.pattern_steps = 64 if inspection.preprocess.size <= 64 else 24
+    classes = list(range(min(PATTERN_CLASSES, len(inspection.classes))))
     _timed(contents, "patterns", lambda: contents.patterns.extend(
-        _viz("maximize", loaded, "class models: images optimised to be classified as each class",
-             targets=classes, steps=contents.pattern_steps)))
+        _viz(inspection, "maximize", "class models: images optimised to be classified as each class",
+             target=classes, steps=contents.pattern_steps)))
+
+
+def _model_pictures(contents: Contents, inspection: Inspection, scores: Scores) -> None:
+    """Feature maps, Grad-CAMs and the explanation checks, on test images."""
+    first, last = contents.layers
+    right = (scores.predictions == scores.labels).nonzero()[:, 0].tolist()
+    wrong = (scores.predictions != scores.labels).nonzero()[:, 0].tolist()
+    shown = _spread(right or wrong, 1)
+    _timed(contents, "features", lambda: contents.features.extend(
+        _viz(inspection, "features", f"feature maps of test image {shown[0]} at {first} and {last}",
+             layer=[first, last], index=shown)))
+    cam = METHODS["cam"].quick
+
+    def cams() -> None:
+        if right:
+            contents.cam_right.extend(_viz(inspection, "cam", "Grad-CAM of correctly classified test images",
+                                           kind=cam["kind"], index=_spread(right, cam["count"])))
+        else:
+            contents.note("gradcam", "no test image was classified correctly")
+        if wrong:
+            contents.cam_wrong.extend(_viz(inspection, "cam", "Grad-CAM of misclassified test images",
+                                           kind=cam["kind"], index=_spread(wrong, cam["count"])))
+        else:
+            contents.note("gradcam", "every test image was classified correctly: no mistakes to show")
+
+    _timed(contents, "gradcam", cams)
+
+    def explanations() -> None:
+        chosen = spread(len(scores.labels), METHODS["sanity"].quick["count"])
+        images = inspection.images(indices=chosen)
+        result = checks.sanity(inspection, images, quick=True)
+        contents.sanity, contents.sanity_images = result, chosen
+        caption = inspection.caption(images, 0, name=f"test image {chosen[0]}", true=False)
+        figure = sanity_figure(result, render.image(images.pixels[0]), caption)
+        contents.cascade.append(Picture(charts.png_uri(render.png(figure)),
+                                        "each method's map as the network's layers are re-initialised from the top"))
+
+    _timed(contents, "explanations", explanations)

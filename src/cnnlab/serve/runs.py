@@ -1,15 +1,15 @@
 """A run as the explorer serves it: its model, its test set, and what each panel asks of them.
 
 Nothing is computed here that cnnlab does not already compute elsewhere: predictions come from
-:func:`cnnlab.predict.ranked`, explanations from :func:`cnnlab.viz.sanity.explain` (the maps the trust
-scores are measured on), feature maps, filters, top images and activation maximisation from
-:mod:`cnnlab.viz`, curves from the report's charts, scores from :func:`cnnlab.core.metrics.score`.
-This module picks the inputs, turns tensors into PNGs and says which results are heavy jobs.
+:func:`cnnlab.predict.ranked`; explanations (the maps the trust scores are measured on), feature maps,
+filters, top images, activation maximisation, the test set's scores and the trust checks from the run's
+:class:`cnnlab.inspect.Inspection`; curves from the report's charts. This module turns the results into
+PNGs and JSON and says which are heavy jobs.
 
 Forward hooks are registered on the model by most methods, so two threads must never run one model
-object at once. Each run therefore keeps a small pool of copies for the interactive requests (a
-request takes a free copy, or waits for one in its own thread, never on the event loop), and one more
-copy for the background worker, so that a long job never holds a copy a request needs.
+object at once. Each run therefore keeps a small pool of inspections on copies of its model for the
+interactive requests (a request takes a free one, or waits for one in its own thread, never on the event
+loop), and one more for the background worker, so that a long job never holds a copy a request needs.
 """
 
 from __future__ import annotations
@@ -28,33 +28,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from cnnlab import run
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import remove_stale
 from cnnlab.core.images import UPLOAD_DECODED_BYTES, TooLarge
-from cnnlab.core.metrics import confusion_matrix, score
-from cnnlab.models.summary import summarize
+from cnnlab.core.metrics import confusion_matrix
+from cnnlab.inspect import Inspection, checks, registry
+from cnnlab.inspect.inspector import spread
+from cnnlab.inspect.registry import EXPLAINERS
+from cnnlab.inspect.results import Images
 from cnnlab.predict import ranked
 from cnnlab.report import charts
-from cnnlab.report.sections import (
-    SANITY_DELETION_STEPS,
-    SANITY_IMAGES,
-    SANITY_ROAD_FRACTIONS,
-    SANITY_STEPS,
-    read_metrics,
-)
+from cnnlab.report.sections import read_metrics
 from cnnlab.serve.jobs import Jobs, Progress, Status, Task
 from cnnlab.serve.store import Image, ImageStore
-from cnnlab.viz import render
-from cnnlab.viz.cam import CAMS
-from cnnlab.viz.features import feature_maps
-from cnnlab.viz.filters import conv_filters
-from cnnlab.viz.layers import default_layer, feature_layers, layer_path
-from cnnlab.viz.maximize import fourier_noise, maximize
-from cnnlab.viz.sanity import EXPLAINERS, explain, sanity_checks
-from cnnlab.viz.top_images import top_images
+from cnnlab.visualize import render
 
 __all__ = ["METHODS", "Served", "open_run"]
 
@@ -66,10 +56,9 @@ TOP_IMAGES = 9  # per channel
 MAXIMIZE_STEPS = 256  # as `cnnlab visualize maximize`
 BROWSE = 60  # thumbnails per list of test images
 MAX_CHANNELS = 1024  # feature maps sent for one layer
-# The methods that take a layer: the CAMs and guided Grad-CAM (see cnnlab.viz.attribute); the other
-# attributions work on the input alone.
-LAYERED = frozenset(CAMS) | {"guided-grad-cam"}
-METHODS = list(EXPLAINERS)
+# The methods that take a layer (the CAMs and guided Grad-CAM); the other attributions work on the input alone.
+LAYERED = frozenset(name for name, t in EXPLAINERS.items() if "layer" in t.uses)
+METHODS = list(EXPLAINERS)  # the explorer's explanations: the registry's CAMs and attributions
 
 
 def png(rgb: np.ndarray) -> str:
@@ -95,17 +84,31 @@ class Served:
 
     index: int
     name: str
-    loaded: run.LoadedRun
+    inspection: Inspection
     jobs: Jobs
     images: ImageStore
-    summary: dict[str, Any]
-    layers: list[str]  # the layers whose feature maps a CAM can use, from the image up
-    default_layer: str
-    _pool: queue.Queue[nn.Module] = field(default_factory=queue.Queue, repr=False)
-    _worker_model: nn.Module | None = field(default=None, repr=False)
+    _pool: queue.Queue[Inspection] = field(default_factory=queue.Queue, repr=False)
+    _worker_inspection: Inspection | None = field(default=None, repr=False)
     _test_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _curves: list[dict[str, str]] | None = field(default=None, repr=False)
     _test_error: str | None = field(default=None, repr=False)  # why the test set cannot be read, if it cannot
+
+    @property
+    def loaded(self) -> run.LoadedRun:
+        return self.inspection.run
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.inspection.summary()
+
+    @property
+    def layers(self) -> list[str]:
+        """The layers whose feature maps a CAM can use, from the image up."""
+        return self.inspection.feature_layers
+
+    @property
+    def default_layer(self) -> str:
+        return self.inspection.last_layer
 
     @property
     def run_dir(self) -> Path:
@@ -121,13 +124,13 @@ class Served:
         return self.run_dir / "explore"
 
     @contextmanager
-    def model(self) -> Iterator[nn.Module]:
-        """A copy of the model no other request is using (waits for one in this thread)."""
-        m = self._pool.get()
+    def inspector(self) -> Iterator[Inspection]:
+        """The run on a copy of the model no other request is using (waits for one in this thread)."""
+        i = self._pool.get()
         try:
-            yield m
+            yield i
         finally:
-            self._pool.put(m)
+            self._pool.put(i)
 
     def test_set(self) -> tuple[Tensor, Tensor]:
         """The test set, read by :func:`open_run` (a ``UserError`` saying why when it could not be)."""
@@ -169,52 +172,42 @@ class Served:
             raise LookupError(ref)
         return image
 
-    def _input(self, image: Image) -> Tensor:
-        return self.loaded.preprocess.to_input(image.pixels[self.index][None].to(self.loaded.device))
-
-    def _seen(self, x: Tensor) -> np.ndarray:
-        """What the network sees, as RGB in [0, 1]."""
-        return render.image(self.loaded.preprocess.to_pixels(x)[0])
+    def _images(self, inspection: Inspection, image: Image) -> Images:
+        return inspection.pixels(image.pixels[self.index][None], [image.name])
 
     # --- the panels ---------------------------------------------------------------------------------
 
     def predict(self, image: Image, tta: bool | None) -> dict[str, Any]:
         tta = self.loaded.tta if tta is None else tta
-        x = self._input(image)
-        with self.model() as m:
-            (top,) = ranked(m, self.classes, x, TOP_K, tta)
+        with self.inspector() as i:
+            images = self._images(i, image)
+            (top,) = ranked(i.model, self.classes, images.x, TOP_K, tta)
         for t in top:
             t["percent"] = f"{100 * t['prob']:.1f}%"  # as `cnnlab predict` prints it
         size = self.loaded.preprocess.size
         return {"run": self.index, "image": image.name, "label": image.label, "tta": tta, "top": top,
-                "input": png(self._seen(x)), "size": f"{size}×{size}"}
+                "input": png(render.image(images.pixels[0])), "size": f"{size}×{size}"}
 
     def explain(self, image: Image, method: str, target: int | None, layer: str | None) -> dict[str, Any]:
         if method not in EXPLAINERS:
             raise UserError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
         if target is not None and not 0 <= target < len(self.classes):
             raise UserError(f"class {target} is out of range (0 … {len(self.classes) - 1})")
-        options: dict[str, Any] = {}
-        if method in LAYERED:
-            options["layer"] = layer or self.default_layer
-            layer_path(self.loaded.model, options["layer"])  # an unknown name is a UserError
-        x = self._input(image)
-        with self.model() as m:
+        layer = (layer or self.default_layer) if method in LAYERED else None
+        with self.inspector() as i:
+            i.layers([layer] if layer else [])  # an unknown name is a UserError
+            images = self._images(i, image)
             if target is None:  # the class the page shows first: the top-1, scored as the run scores
-                target = ranked(m, self.classes, x, 1, self.loaded.tta)[0][0]["index"]
-            t = torch.tensor([target])
-            importance = explain(method, m, x, t.to(x.device), **options)
-        panel = render.Panel(importance[0].float().cpu().numpy(), under=self._seen(x),
+                target = ranked(i.model, self.classes, images.x, 1, self.loaded.tta)[0][0]["index"]
+            importance = i.importance(images, method, torch.tensor([target]), layer)
+        panel = render.Panel(importance[0].float().cpu().numpy(), under=render.image(images.pixels[0]),
                              symmetric=EXPLAINERS[method].signed)
-        return {"run": self.index, "method": method, "target": int(t[0]), "label": self.classes[int(t[0])],
-                "layer": options.get("layer"), "picture": png(render.rgb(panel))}
+        return {"run": self.index, "method": method, "target": int(target), "label": self.classes[int(target)],
+                "layer": layer, "picture": png(render.rgb(panel))}
 
     def features(self, image: Image, layer: str) -> dict[str, Any]:
-        x = self._input(image)
-        with self.model() as m:
-            maps = feature_maps(m, x, layer=layer)[0].float().cpu()
-        if maps.ndim != 3:
-            raise UserError(f"{layer} outputs {list(maps.shape)}, not feature maps; choose a convolutional layer")
+        with self.inspector() as i:
+            maps = i.features(self._images(i, image), layer).maps[0]
         shown = maps[:MAX_CHANNELS].numpy()
         lo, hi = float(shown.min()), float(shown.max())  # one range for all, so brightness compares
         tiles = [png(render.colorize(c, render.ACTIVATION, lo, hi)) for c in shown]
@@ -223,21 +216,17 @@ class Served:
 
     def channels_of(self, layer: str) -> int:
         """How many channels ``layer`` outputs (a UserError if it has no feature maps)."""
-        pre = self.loaded.preprocess
-        probe = torch.zeros(1, pre.channels, pre.size, pre.size, device=self.loaded.device)
-        with self.model() as m:
-            maps = feature_maps(m, probe, layer=layer)
-        if maps.ndim != 4:
-            raise UserError(f"{layer} outputs no feature maps; choose a convolutional layer")
-        return int(maps.shape[1])
+        with self.inspector() as i:
+            return i.channels(layer)
 
     def filters(self, layer: str, channel: int) -> dict[str, Any] | None:
         """The weights of the layer's first convolution for output ``channel``, when that convolution has
         as many outputs as the layer (its channel is then the layer's own for a conv layer)."""
         try:
-            path, weight = conv_filters(self.loaded.model, layer)
+            found = self.inspection.filters(layer, ())
         except UserError:
             return None
+        weight = found.weight
         if channel >= weight.shape[0]:
             return None
         w = render.minmax(weight[channel:channel + 1])[0]  # min–max over this filter, as `visualize filters`
@@ -245,7 +234,7 @@ class Served:
             tiles = [png(w.permute(1, 2, 0).numpy())]
         else:
             tiles = [png(render.colorize(c.numpy(), "gray", 0.0, 1.0)) for c in w[:64]]
-        return {"conv": path, "shape": list(weight.shape[1:]), "tiles": tiles, "inputs": int(weight.shape[1])}
+        return {"conv": found.path, "shape": list(weight.shape[1:]), "tiles": tiles, "inputs": int(weight.shape[1])}
 
     def test_thumbnails(self, indices: list[int]) -> list[dict[str, Any]]:
         """Test images as thumbnails with their true class and the reference the page picks them by."""
@@ -273,20 +262,19 @@ class Served:
         key = f"{self.index}:{kind}:" + ":".join(f"{k}={v}" for k, v in params.items())
         return Task(key, self.explore / file, stamp, compute)
 
-    def _worker(self) -> nn.Module:
+    def _worker(self) -> Inspection:
         # Only the worker thread uses this copy.
-        if self._worker_model is None:
-            self._worker_model = copy.deepcopy(self.loaded.model)
-        return self._worker_model
+        if self._worker_inspection is None:
+            self._worker_inspection = self.inspection.on(copy.deepcopy(self.loaded.model))
+        return self._worker_inspection
 
     def scores(self) -> Status:
         """The test set's predictions and their confidence (for the confusion matrix and browsing)."""
         tta = self.loaded.tta
 
         def compute(progress: Progress) -> dict[str, Any]:
-            images, labels = self.test_set()
-            s = score(self._worker(), images.to(self.loaded.device), labels.to(self.loaded.device),
-                      self.loaded.preprocess, tta=tta)
+            self.test_set()  # a UserError saying why, when it cannot be read
+            s = self._worker().scores()
             assert s.confidence is not None
             return {"predictions": s.predictions.tolist(), "labels": s.labels.tolist(),
                     "confidence": s.confidence.tolist(), "top1": s.top1}
@@ -295,9 +283,8 @@ class Served:
 
     def top_images(self, layer: str, channel: int) -> Status:
         def compute(progress: Progress) -> dict[str, Any]:
-            images, labels = self.test_set()
-            found = top_images(self._worker(), images, self.loaded.preprocess, layer=layer, channel=channel,
-                               count=TOP_IMAGES, progress=progress)
+            self.test_set()
+            found = self._worker().top_images(layer, channel, TOP_IMAGES, progress=progress)
             return {"indices": found.indices.tolist(), "scores": found.scores.tolist(),
                     "boxes": [list(b) for b in found.boxes], "size": self.loaded.preprocess.size}
 
@@ -306,11 +293,8 @@ class Served:
 
     def maximized(self, layer: str, channel: int) -> Status:
         def compute(progress: Progress) -> dict[str, Any]:
-            pre = self.loaded.preprocess
-            pixels = fourier_noise((1, pre.channels, pre.size, pre.size)).to(self.loaded.device)
-            x = maximize(self._worker(), pre.normalizer().to(pixels)(pixels), layer=layer, channels=channel,
-                         preprocess=pre, steps=MAXIMIZE_STEPS, progress=progress)
-            return {"picture": png(self._seen(x)), "steps": MAXIMIZE_STEPS}
+            found = self._worker().maximize_channels(layer, [channel], MAXIMIZE_STEPS, progress=progress)
+            return {"picture": png(render.image(found.pixels[0])), "steps": MAXIMIZE_STEPS}
 
         return self.jobs.request(self._job("maximize", {"layer": layer, "channel": channel, "steps": MAXIMIZE_STEPS},
                                            f"maximize/{_file_part(layer)}-{channel}.json", compute))
@@ -326,21 +310,17 @@ class Served:
                 return {"source": "cnnlab visualize sanity", "methods": _verdicts(saved)}
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 pass
-            images, _ = self.test_set()
-            picks = torch.linspace(0, len(images) - 1, min(SANITY_IMAGES, len(images))).round().long()
-            x = self.loaded.preprocess.to_input(images[picks].to(self.loaded.device))
-            window = max(2, self.loaded.preprocess.size // 8)  # occlusion without overlap, as the report
-            names = list(EXPLAINERS)
+            _, labels = self.test_set()
+            worker = self._worker()
+            images = worker.images(indices=spread(len(labels), registry.METHODS["sanity"].quick["count"]))
             done = [0]
 
             def say(message: str) -> None:  # about one message per method and cascade step
                 done[0] += 1
-                progress(min(0.95, done[0] / (2 * len(names) + 4)))
+                progress(min(0.95, done[0] / (2 * len(EXPLAINERS) + 4)))
 
-            result = sanity_checks(self._worker(), x, layers=SANITY_STEPS, deletion_steps=SANITY_DELETION_STEPS,
-                                   road_fractions=SANITY_ROAD_FRACTIONS, options={"occlusion": {"stride": window}},
-                                   progress=say)
-            return {"source": f"checks on {len(x)} test images (as in the report)",
+            result = checks.sanity(worker, images, quick=True, progress=say)
+            return {"source": f"checks on {len(images.names)} test images (as in the report)",
                     "methods": _verdicts(result.to_json())}
 
         stamp_file = full.stat().st_mtime_ns if full.is_file() else None
@@ -411,11 +391,7 @@ def open_run(index: int, path: str | Path, jobs: Jobs, images: ImageStore, taken
         raise UserError(f"{path} is not a folder; cnnlab serve reads run folders (config.json, metrics.jsonl, "
                         "checkpoints/)")
     read_metrics(path)  # a folder without a finished epoch is refused here, in one line
-    loaded = run.load(path, device="cpu")
-    spec, pre = loaded.spec, loaded.preprocess
-    summary = summarize(spec.name, image_size=pre.size, num_classes=spec.num_classes, width=spec.width,
-                        in_channels=spec.in_channels)
-    probe = torch.zeros(1, pre.channels, pre.size, pre.size)
+    inspection = Inspection(run.load(path, device="cpu"))
     name = path.resolve().name
     if name in taken:
         name = f"{name} ({index + 1})"
@@ -423,14 +399,14 @@ def open_run(index: int, path: str | Path, jobs: Jobs, images: ImageStore, taken
     for folder in (path / "explore", path / "explore" / "top-images", path / "explore" / "maximize"):
         if folder.is_dir():
             remove_stale(folder)  # what a server stopped mid-write left behind
-    served = Served(index, name, loaded, jobs, images, summary, feature_layers(loaded.model, probe),
-                    default_layer(loaded.model, probe))
+    served = Served(index, name, inspection, jobs, images)
+    inspection.prepare()  # in this thread, before the server's threads share it
     for _ in range(POOL):
-        served._pool.put(copy.deepcopy(loaded.model))
+        served._pool.put(inspection.on(copy.deepcopy(inspection.model)))
     # Read now, in the calling (main) thread: a dataset not yet in cnnlab's cache is decoded by forked
     # processes, and a fork from one of the server's threads can deadlock on a lock another thread held.
     try:
-        loaded.test_set()
+        inspection.test_set()
     except UserError as e:
         served._test_error = f"the run's test set cannot be read: {e}"
         log.warning("%s: %s; the panels that need it say so", name, served._test_error)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from cnnlab.core.errors import UserError
 from cnnlab.viz.cam import grad_cam
 from cnnlab.viz.relu_rules import GUIDED, relu_rule
-from cnnlab.viz.shape import Channels, Target, target_classes, unused
+from cnnlab.viz.shape import Channels, Target, target_classes, uses
 
 __all__ = ["ATTRIBUTIONS", "PathIntegral", "guided_backprop", "guided_grad_cam", "integrated_gradients",
            "occlusion", "path_integral", "saliency", "smoothgrad"]
@@ -45,17 +45,17 @@ def _captum(attributor, x: Tensor, **kwargs) -> Tensor:
         return attributor.attribute(x.detach().clone().requires_grad_(True), **kwargs).detach()
 
 
+@uses("target")
 def saliency(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
              channels: Channels = None) -> Tensor:
     """|∂y_c/∂x|, the vanilla gradient's magnitude."""
-    unused("saliency", layer=layer, channels=channels)
     return _captum(Saliency(model), x, target=target_classes(model, x, target), abs=True)
 
 
+@uses("target")
 def guided_backprop(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
                     channels: Channels = None) -> Tensor:
     """The gradient with only positive gradients passed back through every ReLU."""
-    unused("guided_backprop", layer=layer, channels=channels)
     t = target_classes(model, x, target)
     inp = x.detach().clone().requires_grad_(True)
     with torch.enable_grad(), relu_rule(GUIDED):
@@ -64,11 +64,11 @@ def guided_backprop(model: nn.Module, x: Tensor, *, target: Target = None, layer
     return grad.detach()
 
 
+@uses("target", "layer")
 def guided_grad_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
                     channels: Channels = None) -> Tensor:
     """Guided backprop times the Grad-CAM of ``layer`` (default: the last spatial feature block), upsampled
     bilinearly: captum's ``GuidedGradCam`` with the guided rule at every ReLU."""
-    unused("guided_grad_cam", channels=channels)
     t = target_classes(model, x, target)
     return guided_backprop(model, x, target=t) * grad_cam(model, x, target=t, layer=layer)
 
@@ -159,6 +159,7 @@ def path_integral(model: nn.Module, x: Tensor, *, target: Target = None, baselin
     return PathIntegral(attributions.detach(), gap.detach(), intervals)
 
 
+@uses("target")
 def integrated_gradients(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
                          channels: Channels = None, baseline: Tensor | None = None, tolerance: float = 0.01,
                          steps: int = 32, max_steps: int = 4096) -> Tensor:
@@ -167,17 +168,17 @@ def integrated_gradients(model: nn.Module, x: Tensor, *, target: Target = None, 
     Complete to within ``tolerance`` of the score's change along the path (see :func:`path_integral`);
     a warning names the images for which ``max_steps`` trapezoid intervals were not enough.
     """
-    unused("integrated_gradients", layer=layer, channels=channels)
     result = path_integral(model, x, target=target, baseline=baseline, tolerance=tolerance, steps=steps,
                            max_steps=max_steps)
     short = (result.gap > tolerance).nonzero().flatten().tolist()
     if short:
         warnings.warn(f"integrated gradients: image(s) {short} still miss completeness by "
                       f"{', '.join(f'{100 * float(result.gap[i]):.2g}%' for i in short)} after {max_steps} steps "
-                      f"(tolerance {100 * tolerance:g}%); raise max_steps for a more exact map", stacklevel=2)
+                      f"(tolerance {100 * tolerance:g}%); raise max_steps for a more exact map", stacklevel=3)
     return result.attributions
 
 
+@uses("target")
 def smoothgrad(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
                channels: Channels = None, samples: int = 25, noise: float = 0.15, seed: int = 0,
                batch_size: int = 64) -> Tensor:
@@ -189,7 +190,6 @@ def smoothgrad(model: nn.Module, x: Tensor, *, target: Target = None, layer: str
     drawn on the CPU. So an image's map is the same alone or in any batch, and the global random
     state is left alone.
     """
-    unused("smoothgrad", layer=layer, channels=channels)
     if samples < 1:
         raise UserError(f"`samples` must be at least 1 (got {samples})")
     x = x.detach()
@@ -210,10 +210,10 @@ def smoothgrad(model: nn.Module, x: Tensor, *, target: Target = None, layer: str
     return torch.cat(grads).view(len(x), samples, *x.shape[1:]).mean(1)
 
 
+@uses("target")
 def occlusion(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
               channels: Channels = None, window: int | None = None, stride: int | None = None) -> Tensor:
     """The drop of y_c when a ``window``-pixel square (default 1/8 of the image) is set to zero, per pixel."""
-    unused("occlusion", layer=layer, channels=channels)
     side = x.shape[-1]
     window = window or max(2, side // 8)
     stride = stride or max(1, window // 2)

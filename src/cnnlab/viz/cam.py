@@ -23,7 +23,7 @@ from captum.attr import LayerGradCam
 from torch import Tensor, nn
 
 from cnnlab.viz.layers import default_layer, forward_until, module_at, recording, require_feature_maps
-from cnnlab.viz.shape import Channels, Target, target_classes, unused
+from cnnlab.viz.shape import Channels, Target, target_classes, uses
 
 __all__ = ["CAMS", "grad_cam", "grad_cam_pp", "layer_cam", "score_cam", "upsample"]
 
@@ -42,10 +42,10 @@ def activations_and_gradients(model: nn.Module, x: Tensor, target: Tensor, layer
     return acts.detach(), grads
 
 
+@uses("target", "layer")
 def grad_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
              channels: Channels = None) -> Tensor:
     """ReLU(Σ_k α_k A_k) with α_k the spatial mean of ∂y_c/∂A_k, upsampled bilinearly."""
-    unused("grad_cam", channels=channels)
     layer = layer or default_layer(model, x)
     t = target_classes(model, x, target)
     with torch.enable_grad():
@@ -53,10 +53,10 @@ def grad_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str |
     return upsample(require_feature_maps(maps, layer).detach(), x)
 
 
+@uses("target", "layer")
 def grad_cam_pp(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
                 channels: Channels = None) -> Tensor:
     """Grad-CAM++: channel weights Σ_ij α_ij ReLU(g_ij) with the paper's closed-form α (Eq. 19)."""
-    unused("grad_cam_pp", channels=channels)
     acts, g = activations_and_gradients(model, x, target_classes(model, x, target), layer or default_layer(model, x))
     g2, g3 = g.pow(2), g.pow(3)
     denominator = 2 * g2 + acts.sum((2, 3), keepdim=True) * g3
@@ -66,14 +66,15 @@ def grad_cam_pp(model: nn.Module, x: Tensor, *, target: Target = None, layer: st
     return upsample(F.relu((weights * acts).sum(1, keepdim=True)), x)
 
 
+@uses("target", "layer")
 def layer_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
               channels: Channels = None) -> Tensor:
     """LayerCAM: ReLU(Σ_k ReLU(g_k) ⊙ A_k), a weight per location instead of per channel."""
-    unused("layer_cam", channels=channels)
     acts, g = activations_and_gradients(model, x, target_classes(model, x, target), layer or default_layer(model, x))
     return upsample(F.relu((F.relu(g) * acts).sum(1, keepdim=True)), x)
 
 
+@uses("target", "layer")
 @torch.no_grad()
 def score_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
               channels: Channels = None, batch_size: int = 64) -> Tensor:
@@ -89,7 +90,6 @@ def score_cam(model: nn.Module, x: Tensor, *, target: Target = None, layer: str 
     softmax over classes and then again over channels: weights in [0, 1] before exp() differ by a
     factor of at most e, so every class got nearly the same map.)
     """
-    unused("score_cam", channels=channels)
     layer = layer or default_layer(model, x)
     t = target_classes(model, x, target)
     with recording(model, [layer], stop=True) as store:

@@ -18,11 +18,12 @@ from torch import Tensor, nn
 
 from cnnlab.viz.layers import default_layer, forward_until, recording, require_channel, require_feature_maps
 from cnnlab.viz.relu_rules import DECONV, relu_rule
-from cnnlab.viz.shape import Channels, Target, per_image, unused
+from cnnlab.viz.shape import Channels, Target, per_image, uses
 
 __all__ = ["deconv"]
 
 
+@uses("layer", "channels")
 def deconv(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
            channels: Channels = None, strongest_only: bool = True) -> Tensor:
     """The projection (B, C, H, W) of each image's channel at ``layer`` to the input (default: the
@@ -31,7 +32,6 @@ def deconv(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | N
     ``strongest_only`` keeps only the channel's maximum activation, as in Zeiler & Fergus's figures;
     otherwise the whole feature map is projected.
     """
-    unused("deconv", target=target)
     layer = layer or default_layer(model, x)
     with relu_rule(DECONV):
         with torch.enable_grad(), recording(model, [layer], detach=False, stop=True) as store:

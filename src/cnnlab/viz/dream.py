@@ -16,18 +16,18 @@ from torch import Tensor, nn
 
 from cnnlab.core.spec import Preprocess
 from cnnlab.viz.layers import default_layer, forward_until, recording, require_channel
-from cnnlab.viz.shape import Channels, Target, per_image, pixel_space, unused
+from cnnlab.viz.shape import Channels, Target, per_image, pixel_space, uses
 
 __all__ = ["dream"]
 
 
+@uses("layer", "channels")
 def dream(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
           channels: Channels = None, preprocess: Preprocess | None = None, steps: int = 20,
           step_size: float = 0.02, octaves: int = 3, octave_scale: float = 1.4, jitter: int | None = None,
           seed: int = 0) -> Tensor:
     """The batch ``x`` dreamed at ``layer`` (all its channels, or each image's one of ``channels``);
     returns network inputs normalised as ``x``."""
-    unused("dream", target=target)
     layer = layer or default_layer(model, x)
     picks = None if channels is None else per_image(channels, x, "channels")
     space = pixel_space(preprocess, x)

@@ -10,16 +10,16 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab.viz.layers import capture, default_layer, require_channel
-from cnnlab.viz.shape import Channels, Target, per_image, unused
+from cnnlab.viz.shape import Channels, Target, per_image, uses
 
 __all__ = ["feature_maps"]
 
 
+@uses("layer", "channels")
 def feature_maps(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
                  channels: Channels = None) -> Tensor:
     """The output (B, C, h, w) of ``layer`` for the batch ``x``; with ``channels``, each image's
     channel alone, (B, 1, h, w)."""
-    unused("feature_maps", target=target)
     layer = layer or default_layer(model, x)
     maps = capture(model, x, [layer])[layer]
     if channels is None:

@@ -2,7 +2,7 @@
 
 First-layer filters see colour, so each is one RGB tile; deeper filters see feature maps, so each
 (filter, input channel) pair is one grayscale tile. Every tile is min–max scaled on its own filter
-(:func:`cnnlab.viz.render.minmax`): the pictures show shape and colour, not magnitude.
+(:func:`cnnlab.visualize.render.minmax`): the pictures show shape and colour, not magnitude.
 
 Not of the shape of :mod:`cnnlab.viz.shape`: filters are weights, the same whatever the input.
 """

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from cnnlab.core.spec import Preprocess
 from cnnlab.viz.layers import default_layer, forward_until, recording
-from cnnlab.viz.shape import Channels, Target, pixel_space, unused
+from cnnlab.viz.shape import Channels, Target, pixel_space, uses
 
 __all__ = ["feature_distance", "invert", "total_variation"]
 
@@ -45,6 +45,7 @@ def feature_distance(model: nn.Module, x: Tensor, reference: Tensor, layer: str)
     return (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-12)
 
 
+@uses("layer")
 def invert(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
            channels: Channels = None, preprocess: Preprocess | None = None, steps: int = 300, lr: float = 0.05,
            alpha: float = 6.0, alpha_weight: float = 1e-3, tv_weight: float = 0.05, seed: int = 0) -> Tensor:
@@ -52,7 +53,6 @@ def invert(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | N
 
     Returns network inputs (normalised as ``x``) whose representation matches ``x``'s.
     """
-    unused("invert", target=target, channels=channels)
     layer = layer or default_layer(model, x)
     space = pixel_space(preprocess, x)
     m = space.to_pixels(torch.zeros_like(x[:1]))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab.core.errors import UserError
-from cnnlab.models import feature_blocks, first_conv_path, layer_name, stage_paths
+from cnnlab.models import feature_blocks, first_conv_path, has_submodule, layer_name, stage_paths
 
 __all__ = ["STAGES", "capture", "default_layer", "feature_layers", "first_conv", "first_layer", "forward_until",
            "layer_path", "module_at", "recording", "require_channel", "require_feature_maps", "valid_names"]
@@ -31,18 +31,10 @@ def valid_names(model: nn.Module) -> list[str]:
     return list(stage_paths(model))
 
 
-def _has(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
 def layer_path(model: nn.Module, name: str) -> str:
     """The module path of ``name``: a stage name or a module path of ``model``."""
     path = stage_paths(model).get(name, name)
-    if path and _has(model, path):
+    if path and has_submodule(model, path):
         return path
     tops = [n for n, _ in model.named_children()]
     example = next((p for p, m in model.named_modules() if p.count(".") >= 2), tops[-1] if tops else "")

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from cnnlab.core.errors import UserError
 from cnnlab.core.spec import Preprocess
 from cnnlab.viz.layers import default_layer, forward_until, recording, require_channel
-from cnnlab.viz.shape import Channels, Target, per_image, pixel_space, target_classes
+from cnnlab.viz.shape import Channels, Target, per_image, pixel_space, target_classes, uses
 
 __all__ = ["FourierImage", "fourier_noise", "maximize", "objective", "random_transform"]
 
@@ -125,6 +125,7 @@ def objective(model: nn.Module, x: Tensor, *, target: Target = None, layer: str 
     return picked.flatten(1).mean(1) if picked.ndim > 1 else picked
 
 
+@uses("target", {"layer", "channels"})
 def maximize(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
              channels: Channels = None, preprocess: Preprocess | None = None, steps: int = 256, lr: float = 0.1,
              transforms: bool = True, polish: float = 0.25, decay: float = 1.5, seed: int = 0,

@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,13 +48,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnlab.core.errors import UserError
-from cnnlab.viz.attribute import ATTRIBUTIONS
-from cnnlab.viz.cam import CAMS
 from cnnlab.viz.layers import STAGES, layer_path, valid_names
+from cnnlab.viz.shape import Channels, Target
 
-__all__ = ["EXPLAINERS", "MAX_RANDOMISED_RHO", "Explainer", "Sanity", "cascade_layers", "choices", "deletion_insertion",
-           "explain", "gaussian_blur", "impute", "randomised", "road", "sanity_checks",
-           "spearman", "train_on_permuted_labels"]
+__all__ = ["BASELINE", "MAX_RANDOMISED_RHO", "RANDOM_MAP", "Explainer", "Sanity", "cascade_layers", "cascade_steps",
+           "deletion_insertion", "explain", "gaussian_blur", "impute", "random_map", "randomised", "road",
+           "sanity_checks", "spearman", "train_on_permuted_labels"]
 
 MAX_RANDOMISED_RHO = 0.5  # a method whose maps keep this rank correlation once the top is re-initialised fails
 ROAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -79,30 +78,23 @@ class Explainer:
         return a.sum(1) if self.signed else a.abs().amax(1)
 
 
-EXPLAINERS: dict[str, Explainer] = {
-    **{name: Explainer(f, cam=True) for name, f in CAMS.items()},
-    "saliency": Explainer(ATTRIBUTIONS["saliency"]),
-    "guided-backprop": Explainer(ATTRIBUTIONS["guided-backprop"]),
-    "guided-grad-cam": Explainer(ATTRIBUTIONS["guided-grad-cam"]),
-    # Coarser than the command's defaults, to keep the checks to minutes on a CPU.
-    "integrated-gradients": Explainer(ATTRIBUTIONS["integrated-gradients"], dict(steps=16, max_steps=64,
-                                                                                  tolerance=0.05), signed=True),
-    "smoothgrad": Explainer(ATTRIBUTIONS["smoothgrad"], dict(samples=10)),
-    "occlusion": Explainer(ATTRIBUTIONS["occlusion"], signed=True),
-}
+def random_map(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
+               channels: Channels = None) -> Tensor:
+    """The baseline: uniform noise (B, 1, H, W), the same for an image whatever the model, drawn on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    return torch.rand((len(x), 1, *x.shape[-2:]), generator=g, dtype=x.dtype).to(x.device)
+
+
 BASELINE = "random map"
+RANDOM_MAP = Explainer(random_map, cam=True)
 
 
-def explain(name: str, model: nn.Module, x: Tensor, target: Tensor, **options: Any) -> Tensor:
-    """Method ``name``'s importance per pixel (B, H, W) for ``target`` (``options`` override the
-    checks' own); the baseline is uniform noise, the same for an image whatever the model."""
-    if name == BASELINE:
-        g = torch.Generator().manual_seed(0)
-        return torch.rand((len(x), *x.shape[-2:]), generator=g, dtype=x.dtype).to(x.device)
-    e = EXPLAINERS[name]
+def explain(explainer: Explainer, model: nn.Module, x: Tensor, target: Tensor, **options: Any) -> Tensor:
+    """The explainer's importance per pixel (B, H, W) for ``target`` (``options`` override its own)."""
     with warnings.catch_warnings():  # integrated gradients' own note on its precision is not news here
         warnings.simplefilter("ignore")
-        return e.importance(e.method(model, x, target=target, **{**e.options, **options}).detach())
+        return explainer.importance(explainer.method(model, x, target=target,
+                                                     **{**explainer.options, **options}).detach())
 
 
 def _ranks(v: Tensor) -> Tensor:
@@ -470,19 +462,14 @@ class Sanity:
         return "\n".join(lines)
 
 
-def choices(model: nn.Module, methods: Sequence[str] | None,
-            layers: Sequence[str] | None) -> tuple[list[str], list[str], str]:
-    """The methods to check, the cascade steps to measure and the step the check is judged at, or a
-    :class:`UserError` naming the bad choice.
+def cascade_steps(model: nn.Module, layers: Sequence[str] | None) -> tuple[list[str], str]:
+    """The cascade steps to measure and the step the check is judged at, or a :class:`UserError` naming
+    the bad step.
 
     Steps come in cascade order. The check is judged once the top of the network is re-initialised:
     the classifier and the last feature block (fc and conv5_x), where the class is decided; the
     last step always re-initialises the whole network. Both are measured whatever ``layers`` says.
     """
-    names = list(methods or EXPLAINERS)
-    unknown = [n for n in names if n not in EXPLAINERS]
-    if unknown:
-        raise UserError(f"unknown `kind` {unknown[0]!r} for sanity; choose one of: {', '.join(EXPLAINERS)}")
     order = cascade_layers(model)
     if not order:
         raise UserError("the model has none of the Table 1 layers fc, conv5_x … conv1 to re-initialise")
@@ -491,32 +478,34 @@ def choices(model: nn.Module, methods: Sequence[str] | None,
         raise UserError(f"`layer` {bad[0]!r} cannot be a randomisation step; choose among {', '.join(order)}")
     judged = order[min(1, len(order) - 1)]
     wanted = set(layers or order) | {judged, order[-1]}
-    return names, [n for n in order if n in wanted], judged
+    return [n for n in order if n in wanted], judged
 
 
-def sanity_checks(model: nn.Module, x: Tensor, *, methods: Sequence[str] | None = None,
+def sanity_checks(model: nn.Module, x: Tensor, explainers: Mapping[str, Explainer], *,
                   layers: Sequence[str] | None = None, random_labels: nn.Module | None = None,
                   random_labels_note: str = "not run", deletion_steps: int = 16,
                   road_fractions: Sequence[float] = ROAD_FRACTIONS, seed: int = 0,
                   options: dict[str, dict[str, Any]] | None = None,
                   progress: Callable[[str], None] | None = None) -> Sanity:
-    """Run every check on the batch ``x`` (normalised input) for each image's predicted class.
+    """Run every check of each of the ``explainers`` (name → explainer) on the batch ``x`` (normalised
+    input) for each image's predicted class.
 
     ``layers``: the cascade steps at which to measure (default all of fc, conv5_x … conv1); each
     step re-initialises every layer from the top down to it. conv5_x, where the check is judged, and
     the whole network are always measured. ``random_labels``: the model trained on permuted labels.
-    ``options``: method name → options that override the checks' own (see :data:`EXPLAINERS`).
+    ``options``: method name → options that override the explainer's own.
     """
-    names, wanted, judged = choices(model, methods, layers)
+    wanted, judged = cascade_steps(model, layers)
     say = progress or (lambda message: None)
     with torch.no_grad():
         target = model(x).argmax(1)
-    rows = names + [BASELINE]
-    say(f"maps of {len(names)} methods on {len(x)} images")
+    checked = {**explainers, BASELINE: RANDOM_MAP}
+    rows = list(checked)
+    say(f"maps of {len(explainers)} methods on {len(x)} images")
     options = options or {}
 
     def maps_of(name: str, network: nn.Module) -> Tensor:
-        return explain(name, network, x, target, **options.get(name, {}))
+        return explain(checked[name], network, x, target, **options.get(name, {}))
 
     original = {n: maps_of(n, model) for n in rows}
     maps = {n: [original[n][0].cpu()] for n in rows}

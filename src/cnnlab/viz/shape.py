@@ -7,7 +7,8 @@
 image's predicted class. ``layer`` is a Table 1 row (``conv1`` … ``conv5_x``, ``fc``) or a module path,
 ``None`` for the last spatial feature block (conv5_x). ``channels`` picks a channel of that layer:
 one for every image, one per image, or ``None`` for the method's default. A method that has no use
-for one of the three refuses it by name instead of ignoring it.
+for one of the three refuses it by name instead of ignoring it: each method declares the ones it uses
+with :func:`uses`, which refuses the others and is what :mod:`cnnlab.inspect`'s registry reads.
 
 The methods that optimise pixels (``invert``, ``dream``, ``maximize``) work on the image in [0, 1]
 that ``x`` shows, and learn how that image becomes network input from the option ``preprocess``,
@@ -17,8 +18,9 @@ itself an image in [0, 1]). Like every other method they return network input, n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +28,9 @@ from torch import Tensor, nn
 from cnnlab.core.errors import UserError
 from cnnlab.core.spec import Preprocess
 
-__all__ = ["Channels", "PixelSpace", "Target", "per_image", "pixel_space", "target_classes", "unused"]
+__all__ = ["PARAMETERS", "Channels", "PixelSpace", "Target", "per_image", "pixel_space", "target_classes", "uses"]
+
+PARAMETERS = ("target", "layer", "channels")
 
 Target = int | Sequence[int] | Tensor | None
 Channels = int | Sequence[int] | Tensor | None
@@ -54,11 +58,35 @@ def target_classes(model: nn.Module, x: Tensor, target: Target) -> Tensor:
     return per_image(target, x, "target")
 
 
-def unused(method: str, **given: object) -> None:
-    """Refuse, by name, a parameter of the shape that ``method`` has no use for."""
-    for name, value in given.items():
-        if value is not None:
-            raise UserError(f"{method} does not use `{name}`")
+Method = TypeVar("Method", bound=Callable[..., Tensor])
+
+
+def uses(*modes: str | frozenset[str]) -> Callable[[Method], Method]:
+    """Declare the parameters of the shape a method uses, and refuse the others by name.
+
+    Each argument is one parameter, or a set of them that go together where a method has several
+    exclusive ways to be called (``maximize``: a class, or channels of a layer; the method itself
+    says which mix it refuses). The wrapped method keeps the declaration as ``modes`` (a tuple of
+    sets) and ``uses`` (their union).
+    """
+    groups = tuple(frozenset([m]) if isinstance(m, str) else frozenset(m) for m in modes)
+    together = all(len(g) == 1 for g in groups)
+    declared = (frozenset().union(*groups),) if together else groups
+    used = frozenset().union(*declared)
+
+    def wrap(method: Method) -> Method:
+        @functools.wraps(method)
+        def checked(model: nn.Module, x: Tensor, **options: object) -> Tensor:
+            for name in PARAMETERS:
+                if name not in used and options.get(name) is not None:
+                    raise UserError(f"{method.__name__} does not use `{name}`")
+            return method(model, x, **options)
+
+        checked.modes = declared  # type: ignore[attr-defined]
+        checked.uses = used  # type: ignore[attr-defined]
+        return checked  # type: ignore[return-value]
+
+    return wrap
 
 
 class PixelSpace(NamedTuple):

@@ -1,0 +1,111 @@
+"""What the inspector returns: typed results that the front-ends only draw (PNG, HTML or JSON).
+
+Tensors here are on the CPU, except :attr:`Images.x`, the network input on the run's device. Pictures
+are ``pixels``: (…, C, H, W) in [0, 1], what the network sees. The scores of the test set are
+:class:`cnnlab.core.metrics.Scores` and the explanation checks :class:`cnnlab.viz.sanity.Sanity`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from cnnlab.core.metrics import Scores
+from cnnlab.viz.sanity import Sanity
+
+__all__ = ["Dreams", "Excitations", "Explanations", "FeatureMaps", "Filters", "Images", "Inversions", "Maximisation",
+           "Projections", "Sanity", "Scores"]
+
+
+@dataclass
+class Images:
+    """Images prepared as the run was trained, with a short name each (for file names and captions)."""
+
+    x: Tensor  # (B, C, S, S) normalised network input, on the run's device
+    pixels: Tensor  # (B, C, S, S) in [0, 1]: what the network sees
+    names: list[str]
+    labels: list[int | None]  # the true class where known
+    probabilities: Tensor  # (B, classes) the model's softmax for each image
+    captions: list[str]  # "NAME\npred CLASS (p)", and "\ntrue CLASS" where it is known
+
+    @property
+    def tag(self) -> str:
+        """The images in a file name: the first one's name, and how many follow it."""
+        return self.names[0] if len(self.names) == 1 else f"{self.names[0]}+{len(self.names) - 1}"
+
+
+@dataclass
+class Explanations:
+    """CAMs and attributions: one row per (image, target) and one map per method."""
+
+    images: Images
+    rows: list[int]  # the image each row shows
+    targets: Tensor  # (R,) the class each row explains
+    layer: str  # where the CAMs (and guided Grad-CAM) look
+    maps: dict[str, Tensor]  # method → (R, 1, H, W) for a CAM, (R, C, H, W) for an attribution
+    signed: dict[str, bool]  # method → whether the sign says for or against the class
+    captions: list[str]  # per row: the image's caption, and the target where it is not the prediction
+
+
+@dataclass
+class FeatureMaps:
+    images: Images
+    layer: str
+    maps: Tensor  # (B, C, h, w) every channel of the layer for each image
+
+
+@dataclass
+class Filters:
+    layer: str
+    path: str  # the module path of the layer's first convolution, whose weights these are
+    weight: Tensor  # (out, in, kh, kw)
+    channels: list[int]  # the filters to show enlarged
+    rows: int  # filters shown when they see feature maps (a grid of filters × input channels)
+
+
+@dataclass
+class Excitations:
+    """The test images that excite one channel most, and where."""
+
+    layer: str
+    channel: int
+    indices: Tensor  # (K,) into the test set, best first
+    scores: Tensor  # (K,) the channel's maximum activation on each
+    boxes: list[tuple[int, int, int, int]]  # (top, left, bottom, right): the strongest unit's receptive field
+    pixels: Tensor  # (K, C, H, W)
+    heat: Tensor  # (K, H, W) the channel's map, upsampled to the image
+
+
+@dataclass
+class Projections:
+    """Deconvnet: each channel's strongest activation projected back to pixels."""
+
+    images: Images
+    layer: str
+    strongest: Tensor  # (B, C) each channel's maximum activation on each image
+    projections: dict[int, Tensor]  # channel → (B, C, H, W) in network-input units
+
+
+@dataclass
+class Inversions:
+    images: Images
+    pixels: dict[str, Tensor]  # layer → (B, C, H, W) the images reconstructed from its representation
+    distances: dict[str, list[float]]  # layer → relative feature distance of each reconstruction
+
+
+@dataclass
+class Maximisation:
+    """Images optimised to excite classes (``layer`` None) or channels of a layer."""
+
+    layer: str | None
+    units: list[int]  # the classes or channels
+    pixels: Tensor  # (K, C, H, W)
+    labels: list[str]  # "CLASS\np = 0.97" or "ch C\nbefore → after", one per unit
+
+
+@dataclass
+class Dreams:
+    images: Images
+    layer: str
+    pixels: Tensor  # (B, C, H, W)
