@@ -149,7 +149,8 @@ def weights_file(tmp_path, change):
 
 
 WEIGHTS = {
-    "an integer key": (lambda s: s.update({3: torch.zeros(1)}), "keys must be text (parameter names), not 3"),
+    "an integer key": (lambda s: s.update({3: torch.zeros(1)}),
+                       "keys of a state dict must be text (parameter names), not 3"),
     "a sparse tensor": (lambda s: s.update({"fc.weight": s["fc.weight"].to_sparse()}),
                         "fc.weight is a sparse tensor; weights must be dense"),
     "NaN weights": (lambda s: s["conv1.0.weight"].view(-1).__setitem__(5, float("nan")),
@@ -164,7 +165,7 @@ def test_a_weights_file_that_cannot_be_trained_from_is_one_line(tmp_path, capsys
     out = tmp_path / "run"
     err = one_error_line(capsys, tiny(out, "--epochs", "1", "--weights", str(path)))
     assert str(path) in err and message in err, err
-    assert "diverged" not in err and not out.exists()
+    assert "last good checkpoint" not in err and not out.exists()
 
 
 # --- 15. outputs: evaluate on many classes, report --out -----------------------------------------------

@@ -185,7 +185,8 @@ def build_parser() -> Parser:
                     "accuracies, Table 1, training curves, per-class accuracy, confusion matrix, most-confused "
                     "pairs, misclassified images, conv1 filters, feature maps, Grad-CAM and class models.")
     p.add_argument("path", metavar="RUN_DIR")
-    p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html)")
+    p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html); "
+                                                      "folders on the way that do not exist are created")
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser(
