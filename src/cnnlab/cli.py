@@ -144,12 +144,15 @@ def build_parser() -> Parser:
                    help='print one JSON document on stdout: [{"image", "top": [{"label", "prob"}, ...]}, ...]')
 
     p = sub.add_parser(
-        "export", help="write the model as ONNX or TorchScript, with its classes and preprocessing as metadata",
+        "export", help="write the model as ONNX, torch.export (.pt2) or TorchScript, with its classes and "
+                       "preprocessing as metadata",
         description="The exported model takes float32 pixels in [0, 1], shape (N, C, S, S) with S the run's "
                     "image size, normalises them itself and returns logits. Class names, image size, mean and "
-                    "std are stored in the file (ONNX metadata_props; TorchScript extra file metadata.json).")
+                    "std are stored in the file (ONNX metadata_props; extra file metadata.json of a .pt2 or "
+                    "TorchScript archive).")
     p.add_argument("path", metavar="RUN_DIR|CKPT")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--format", required=True, choices=("onnx", "pt2", "torchscript"),
+                   help="pt2: a torch.export ExportedProgram (torch.export.load); torchscript is deprecated in torch")
     p.add_argument("--out", required=True, metavar="FILE")
 
     p = sub.add_parser("visualize", help="look inside a trained network: filters, feature maps, CAMs, attributions …")
