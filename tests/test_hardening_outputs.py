@@ -231,3 +231,17 @@ def test_report_help_says_that_out_creates_its_folder(capsys):
     with pytest.raises(SystemExit):
         cli.main(["report", "--help"])
     assert "created" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_confusion_picture_of_1000_classes_stays_a_drawable_size():
+    from cnnlab.evaluate import MAX_FIGURE_INCHES, confusion_figure
+
+    k = 1000  # at 0.55 in a class, 553 in: over matplotlib's 2^16 pixels a side at 120 dpi
+    result = {"confusion": torch.eye(k, dtype=torch.long).tolist(), "top1": 1.0, "n": k}
+    fig = confusion_figure(result, [f"c{i}" for i in range(k)])
+    width, height = fig.get_size_inches()
+    assert height == MAX_FIGURE_INCHES and width == MAX_FIGURE_INCHES + 1 and width * fig.dpi < 2**16
+    assert len(fig.axes[0].get_xticks()) < 50  # numbered, not a thousand names on top of each other
+    small = confusion_figure({"confusion": torch.eye(10, dtype=torch.long).tolist(), "top1": 1.0, "n": 10},
+                             [f"c{i}" for i in range(10)])
+    assert [t.get_text() for t in small.axes[0].get_xticklabels()] == [f"c{i}" for i in range(10)]
