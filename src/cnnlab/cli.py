@@ -130,12 +130,15 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "export", help="write the model as ONNX or TorchScript, with its classes and preprocessing as metadata",
+        "export", help="write the model as ONNX, torch.export (.pt2) or TorchScript, with its classes and "
+                       "preprocessing as metadata",
         description="The exported model takes float32 pixels in [0, 1], shape (N, C, S, S) with S the run's "
                     "image size, normalises them itself and returns logits. Class names, image size, mean and "
-                    "std are stored in the file (ONNX metadata_props; TorchScript extra file metadata.json).")
+                    "std are stored in the file (ONNX metadata_props; extra file metadata.json of a .pt2 or "
+                    "TorchScript archive).")
     p.add_argument("path", metavar="RUN_DIR|CKPT")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--format", required=True, choices=("onnx", "pt2", "torchscript"),
+                   help="pt2: a torch.export ExportedProgram (torch.export.load); torchscript is deprecated in torch")
     p.add_argument("--out", required=True, metavar="FILE")
 
 
@@ -175,7 +178,8 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
                     "accuracies, Table 1, training curves, per-class accuracy, confusion matrix, most-confused "
                     "pairs, misclassified images, conv1 filters, feature maps, Grad-CAM and class models.")
     p.add_argument("path", metavar="RUN_DIR")
-    p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html)")
+    p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html); "
+                                                      "folders on the way that do not exist are created")
     p.add_argument("--device", default="auto")
 
 

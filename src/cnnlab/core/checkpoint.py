@@ -15,8 +15,9 @@ verified on reading, so that a flipped bit is found instead of trained on; and `
 of the training data (``{"hash": …}``) that ``--resume`` compares with the data it finds.
 Schema 1 (no ``schema`` key): the image size inside ``model_spec``, ``normalize`` = {mean, std}.
 
-:func:`read` checks every field against the bounds of :mod:`cnnlab.core.spec` before anything is built
-from it, and refuses weights that are not finite: every way a file can be wrong is one ``UserError``.
+:func:`read` checks every field against the bounds of :mod:`cnnlab.core.spec` (the optimizer's and the
+schedule's state against :mod:`cnnlab.core.optim_state`) before anything is built from it, and refuses
+weights that are not finite: every way a file can be wrong is one ``UserError``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from cnnlab.core import optim_state
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write
 from cnnlab.core.spec import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ModelSpec, Preprocess
@@ -163,9 +165,7 @@ def _training(state: dict[str, Any]) -> dict[str, Any]:
     rng = t["rng"]
     if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8:
         raise ValueError("rng holds no torch generator state")
-    for key in ("optimizer", "scheduler"):
-        if not isinstance(t[key], dict):
-            raise ValueError(f"{key} is {type(t[key]).__name__}, not a state table")
+    optim_state.check(t["optimizer"], t["scheduler"], t["step"])
     return t
 
 

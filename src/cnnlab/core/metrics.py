@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from cnnlab.core.spec import Preprocess
 
+# The most classes whose confusion matrix is kept dense: 10^6 cells (ImageNet's 1000 classes).
+DENSE_CONFUSION_CLASSES = 1000
+
 
 @dataclass
 class Scores:
@@ -69,10 +72,28 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+def confusion_cells(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """The cells of the confusion matrix that are not 0, as ``[true, predicted, count]``, row by row: at most
+    one per test image, however many classes there are."""
+    flat, counts = torch.unique(labels * num_classes + predictions, return_counts=True)
+    return [[cell // num_classes, cell % num_classes, count] for cell, count in zip(flat.tolist(), counts.tolist())]
+
+
 def breakdown(scores: Scores, classes: list[str]) -> dict[str, Any]:
-    """Top-1, loss, per-class accuracy and the confusion matrix as plain values (``evaluate --json``)."""
-    confusion = confusion_matrix(scores.predictions, scores.labels, len(classes))
-    totals = confusion.sum(1)
-    per_class = {c: int(confusion[i, i]) / int(totals[i]) if totals[i] else None for i, c in enumerate(classes)}
-    return {"top1": scores.top1, "n": len(scores.labels), "loss": scores.loss,
-            "per_class": per_class, "confusion": confusion.tolist()}
+    """Top-1, loss, per-class accuracy and the confusion matrix as plain values (``evaluate --json``).
+
+    The matrix is dense (``confusion``) up to ``DENSE_CONFUSION_CLASSES`` classes; above, where its
+    classes² cells would outgrow any test set (100,000 classes: 80 GB), ``confusion`` is None and
+    ``confusion_cells`` holds the cells that are not 0 (:func:`confusion_cells`).
+    """
+    k, labels, predictions = len(classes), scores.labels, scores.predictions
+    totals = torch.bincount(labels, minlength=k).tolist()
+    hits = torch.bincount(labels[predictions == labels], minlength=k).tolist()
+    per_class = {c: hits[i] / totals[i] if totals[i] else None for i, c in enumerate(classes)}
+    result: dict[str, Any] = {"top1": scores.top1, "n": len(labels), "loss": scores.loss, "per_class": per_class,
+                              "confusion": None}
+    if k <= DENSE_CONFUSION_CLASSES:
+        result["confusion"] = confusion_matrix(predictions, labels, k).tolist()
+    else:
+        result["confusion_cells"] = confusion_cells(predictions, labels, k)
+    return result

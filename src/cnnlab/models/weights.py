@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cnnlab.core.checkpoint import non_finite
 from cnnlab.core.errors import UserError
 from cnnlab.models.anatomy import first_conv_path, head_path
 from cnnlab.models.external import TIMM, TORCHVISION, check_external, is_external, source_and_arch
@@ -139,7 +141,9 @@ def _read(path: Path) -> dict[str, Any]:
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on what it validates (sparse tensors) would be a second line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         why = next((line.strip() for line in str(e).splitlines()
                     if "GLOBAL" in line or "Unsupported global" in line), None)
@@ -171,10 +175,26 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
     if not tensors:
         raise UserError(f"{path} holds no weights (no tensors in it)")
+    _check_tensors(tensors, path)
     for prefix in ("module.", "_orig_mod."):
         if all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
     return tensors
+
+
+def _check_tensors(tensors: dict[Any, Tensor], path: Path) -> None:
+    """What a state dict must be to train from: named by text, dense, finite (weights that are NaN would
+    only show as a divergence at the first step)."""
+    for key, tensor in tensors.items():
+        if not isinstance(key, str):
+            raise UserError(f"{path}: the keys of a state dict must be text (parameter names), not {key!r}; "
+                            "save model.state_dict()")
+        if tensor.layout != torch.strided:
+            raise UserError(f"{path}: {key} is a sparse tensor; weights must be dense (save tensor.to_dense())")
+    bad = non_finite(tensors)
+    if bad is not None:
+        raise UserError(f"{path} holds non-finite values (NaN or infinity) in {bad}: it was saved by a run that "
+                        "diverged or was damaged; give other weights")
 
 
 def load(model: nn.Module, name: str, weights: str) -> Weights:

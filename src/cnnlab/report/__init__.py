@@ -20,9 +20,14 @@ __all__ = ["report"]
 
 
 def report(run_dir: str | Path, out: str | Path | None = None, device: str = "auto") -> Path:
-    """Write the report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``); returns its path."""
+    """Write the report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``), creating its folder if
+    need be; returns its path."""
     run_dir = Path(run_dir)
     target = Path(out) if out else run_dir / "report.html"
     if target.is_dir():
         raise UserError(f"`out` {target} is a folder; give a file name such as {target / 'report.html'}")
-    return atomic_write(target, render(gather(run_dir, device=device)))
+    page = render(gather(run_dir, device=device))
+    try:
+        return atomic_write(target, page)
+    except OSError as err:  # a folder that cannot be made (under /proc, a file in the way), no space, no rights
+        raise UserError(f"cannot write `out` {target}: {err.strerror or err}; choose another file") from None

@@ -150,6 +150,7 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
             validate(cfg)
             setup = _prepare(cfg, group, run_dir, fresh=False)
             _check_same_run(ckpt, setup, path)
+            _check_optimizer_fits(ckpt, setup, path)
             return _start(setup, ckpt, stop_after, path)
     assert cfg is not None
     run_dir = Path(distributed.broadcast(str(_new_run_dir(cfg)) if group.main else None, group))
@@ -631,6 +632,33 @@ def _check_same_run(ckpt: checkpoint.Checkpoint, setup: Setup, path: Path) -> No
         raise UserError(f"`resume`: the dataset {setup.cfg.dataset} is not the one {path} was trained on (same "
                         "classes, but the images changed since; their content hash differs): resuming would "
                         "continue on other data; restore the original data, or start a new run with `out`")
+
+
+def _check_optimizer_fits(ckpt: checkpoint.Checkpoint, setup: Setup, path: Path) -> None:
+    """The saved optimizer state against the parameters this run trains, before anything is written: as
+    many groups, as many parameters in each, momentum buffers of their parameters' shapes (torch takes
+    any others, and the first step fails on them). The values themselves were checked on reading."""
+    assert ckpt.training is not None
+
+    def refuse(what: str) -> UserError:
+        return UserError(f"{path}: {what}; the file is damaged or was edited; start a new run instead")
+
+    saved = ckpt.training["optimizer"]
+    own = transfer.param_groups(setup.model, setup.cfg.lr, setup.cfg.backbone_lr_scale)
+    if len(saved["param_groups"]) != len(own):
+        raise refuse(f"optimizer.param_groups has {len(saved['param_groups'])} groups, but the run trains its "
+                     f"parameters in {len(own)}")
+    params: dict[int, torch.Tensor] = {}
+    for i, (theirs, ours) in enumerate(zip(saved["param_groups"], own)):
+        if len(theirs["params"]) != len(ours["params"]):
+            raise refuse(f"optimizer.param_groups[{i}] holds {len(theirs['params'])} parameters, but the run "
+                         f"trains {len(ours['params'])} in it")
+        params.update(zip(theirs["params"], ours["params"]))
+    for index, entry in saved["state"].items():
+        buffer = entry.get("momentum_buffer")
+        if isinstance(buffer, torch.Tensor) and buffer.shape != params[index].shape:
+            raise refuse(f"optimizer.state[{index}].momentum_buffer has shape {list(buffer.shape)}, but its "
+                         f"parameter {list(params[index].shape)}")
 
 
 def _write_config(setup: Setup) -> None:
