@@ -112,7 +112,7 @@ def read(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
         bad = non_finite(weights or {})
         if bad:
             raise UserError(f"{path} holds non-finite weights (NaN or infinity in {key} {bad}): it was saved "
-                            "by a run that diverged; use an earlier checkpoint, or train again with a lower --lr")
+                            "by a run that diverged; use an earlier checkpoint, or train again with a lower `lr`")
     return Checkpoint(model, spec, preprocess, classes, config, versions, train_model, training, data)
 
 
@@ -225,7 +225,7 @@ def save(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` so that a crash at any moment leaves the old file or the new one."""
     def failed(why: str) -> UserError:
         kept = f"the previous {path.name} is intact" if path.exists() else "no earlier checkpoint was written"
-        return UserError(f"cannot write checkpoint {path}: {why}; free some space or choose another --out ({kept})")
+        return UserError(f"cannot write checkpoint {path}: {why}; free some space or choose another `out` ({kept})")
 
     try:
         atomic_write(path, lambda f: torch.save(state, f))

@@ -67,11 +67,11 @@ def _is_file_like(weights: str) -> bool:
 def describe(model: str, weights: str) -> Weights:
     """What ``--weights weights`` means for ``--model model``, checked but not loaded (a file is read)."""
     if not isinstance(weights, str) or not weights:
-        raise UserError(f"--weights must be DEFAULT, a weights name or a file (got {weights!r})")
+        raise UserError(f"`weights` must be DEFAULT, a weights name or a file (got {weights!r})")
     if _is_file_like(weights):
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise UserError(f"--weights {weights}: no such file; give DEFAULT, a published weights name or a "
+            raise UserError(f"`weights` {weights}: no such file; give DEFAULT, a published weights name or a "
                             "weights file (a cnnlab checkpoint or a state dict)")
         state = _read(path)
         pre = state.get("preprocess") if _is_cnnlab_checkpoint(state) else None
@@ -80,7 +80,7 @@ def describe(model: str, weights: str) -> Weights:
         return Weights(f"file:{path}")
     if not is_external(model):
         raise UserError(f"model {model} has no published weights (only torchvision: and timm: models do); give "
-                        "--weights PATH, a cnnlab checkpoint or a state dict file")
+                        "`weights` PATH, a cnnlab checkpoint or a state dict file")
     check_external(model)
     source, arch = source_and_arch(model)
     if source == "torchvision":
@@ -97,7 +97,7 @@ def _torchvision_weights(arch: str, weights: str):
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (KeyError, ValueError):
-        raise UserError(f"torchvision publishes no weights for {arch}; give --weights PATH") from None
+        raise UserError(f"torchvision publishes no weights for {arch}; give `weights` PATH") from None
     names = [w.name for w in enum]
     if weights == "DEFAULT":
         return enum.DEFAULT
@@ -116,7 +116,7 @@ def _timm_weights(arch: str, weights: str):
     base, _, tag = arch.partition(".")
     tags = timm.list_pretrained(f"{base}.*")
     if not tags:
-        raise UserError(f"timm publishes no weights for {base}; give --weights PATH")
+        raise UserError(f"timm publishes no weights for {base}; give `weights` PATH")
     if weights == "DEFAULT":
         cfg = timm.models.get_pretrained_cfg(arch)
         name = arch if tag else f"{base}.{cfg.tag}" if cfg is not None and cfg.tag else tags[0]
@@ -235,7 +235,7 @@ def _download_timm(model: nn.Module, name: str) -> dict[str, Tensor]:
     except Exception as e:  # the Hub client's errors: offline, not cached, not found, bad checksum
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot get timm's {name} weights: {message}; on a machine without internet, put "
-                        "them in the Hugging Face cache ($HF_HOME/hub) or give --weights PATH") from None
+                        "them in the Hugging Face cache ($HF_HOME/hub) or give `weights` PATH") from None
     return pretrained.state_dict()
 
 
