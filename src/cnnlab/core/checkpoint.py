@@ -239,20 +239,19 @@ def save(state: dict[str, Any], path: Path) -> None:
         raise failed("the file could not be written in full (a file size limit, quota or full disk?)") from None
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint safely; every way it can be wrong becomes one clear UserError."""
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+def torch_load(path: Path, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """What ``torch.save`` wrote to ``path`` (``what``: "checkpoint", "weights file"), read without running
+    code; a bare pickle, damaged bytes or a refused object become one clear UserError."""
     try:
         with open(path, "rb") as f:
             magic = f.read(len(LEGACY_MAGIC))
     except OSError as e:
-        raise UserError(f"cannot read checkpoint {path}: {e.strerror}") from None
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
     if magic.startswith(PICKLE_MAGIC) and magic != LEGACY_MAGIC:
         raise UserError(f"refusing to load {path}: it is a bare Python pickle, not a file written by torch.save, "
                         "and unpickling it could run code; save the weights with torch.save instead")
     if not magic.startswith(ZIP_MAGIC) and magic != LEGACY_MAGIC:
-        raise UserError(f"cannot read checkpoint {path}: the file is truncated or corrupt "
+        raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt "
                         "(it is not a file written by torch.save)")
     try:
         with warnings.catch_warnings():  # torch's warnings about odd pickles would be a second line
@@ -263,14 +262,22 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]
         why = next((line.strip() for line in str(e).splitlines()
                     if "GLOBAL" in line or "Unsupported global" in line), None)
         if why is None:  # not a refused object but bytes that are no pickle at all
-            raise UserError(f"cannot read checkpoint {path}: the file is truncated or corrupt") from None
+            raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt") from None
         raise UserError(f"refusing to load {path}: it holds more than tensors and plain values, "
                         f"and loading it could run code ({why})") from None
     except MemoryError:
-        raise UserError(f"cannot read checkpoint {path}: it does not fit in memory") from None
+        raise UserError(f"cannot read {what} {path}: it does not fit in memory") from None
     except Exception as e:  # noqa: BLE001 - whatever damaged bytes make torch raise, the file is at fault
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({first})") from None
+        raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt ({first})") from None
+    return state
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint safely; every way it can be wrong becomes one clear UserError."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    state = torch_load(path, "checkpoint", map_location)
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{path} is not a cnnlab checkpoint (it holds no model weights)")
     return state

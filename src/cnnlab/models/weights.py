@@ -22,8 +22,6 @@ run to adopt (:func:`describe` says it without loading anything).
 from __future__ import annotations
 
 import logging
-import pickle
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cnnlab.core import checkpoint
 from cnnlab.core.checkpoint import non_finite
 from cnnlab.core.errors import UserError
 from cnnlab.models.anatomy import first_conv_path, head_path
@@ -140,20 +139,7 @@ def _read(path: Path) -> dict[str, Any]:
             return dict(load_file(str(path), device="cpu"))
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
-    try:
-        with warnings.catch_warnings():  # torch's notes on what it validates (sparse tensors) would be a second line
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = next((line.strip() for line in str(e).splitlines()
-                    if "GLOBAL" in line or "Unsupported global" in line), None)
-        if why is None:  # not a refused object but bytes that are no pickle at all
-            raise UserError(f"cannot read weights file {path}: the file is truncated or corrupt") from None
-        raise UserError(f"refusing to load {path}: it holds more than tensors and plain values, and loading it "
-                        f"could run code ({why})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read weights file {path}: the file is truncated or corrupt ({first})") from None
+    state = checkpoint.torch_load(path, "weights file")
     if not isinstance(state, dict):
         raise UserError(f"{path} holds no state dict (a {type(state).__name__}); save model.state_dict()")
     return state
