@@ -245,3 +245,49 @@ def test_the_confusion_picture_of_1000_classes_stays_a_drawable_size():
     small = confusion_figure({"confusion": torch.eye(10, dtype=torch.long).tolist(), "top1": 1.0, "n": 10},
                              [f"c{i}" for i in range(10)])
     assert [t.get_text() for t in small.axes[0].get_xticklabels()] == [f"c{i}" for i in range(10)]
+
+
+def _scored(labels, predictions, k):
+    from cnnlab.core.metrics import Scores
+
+    probabilities = torch.zeros(len(labels), k)
+    probabilities[torch.arange(len(labels)), predictions] = 0.9
+    top1 = (predictions == labels).float().mean().item()
+    return Scores(0.5, top1, predictions, labels, probabilities.amax(1), probabilities)
+
+
+@pytest.mark.parametrize("k", [10, 100_000])
+def test_the_report_finds_the_confused_pairs_of_any_number_of_classes_without_their_square(k):
+    from types import SimpleNamespace
+
+    from cnnlab.report import sections
+
+    labels = torch.tensor([0, 0, 5, 5, 5, k - 1, 7, 7])
+    predictions = torch.tensor([1, 1, 5, 2, 2, 0, 7, 7])
+    images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    classes = [f"c{i}" for i in range(k)]
+    inspection = SimpleNamespace(test_set=lambda: (images, labels), scores=lambda: _scored(labels, predictions, k),
+                                 classes=classes, run=SimpleNamespace(tta=False))
+    notes = []
+    contents = SimpleNamespace(test=None, note=lambda section, text: notes.append((section, text)))
+    sections._score_test(contents, inspection)
+    pairs = [(p.true, p.pred, p.count) for p in contents.test.pairs]
+    # Most confused first; a tie in the order of the matrix's cells, row by row.
+    assert pairs == [("c0", "c1", 2), ("c5", "c2", 2), (f"c{k - 1}", "c0", 1)]
+    assert [round(p.share, 3) for p in contents.test.pairs] == [1.0, 0.667, 1.0]
+    if k <= 1000:
+        assert contents.test.confusion is not None and notes == []
+    else:
+        assert contents.test.confusion is None
+        assert notes and notes[0][0] == "confusion" and "100,000 classes are too many" in notes[0][1]
+
+
+def test_the_explorer_has_no_confusion_matrix_for_100000_classes():
+    from types import SimpleNamespace
+
+    from cnnlab.serve.runs import confusion
+
+    result = {"predictions": [0, 1], "labels": [0, 0], "top1": 0.5}
+    status = SimpleNamespace(result=result)
+    assert confusion(status, [f"c{i}" for i in range(100_000)]) is None
+    assert confusion(status, ["a", "b"])["matrix"] == [[1, 1], [0, 0]]

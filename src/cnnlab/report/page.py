@@ -320,7 +320,7 @@ def render(c: Contents) -> str:
         "per-class": _per_class(c),
         "confusion": _pictures("Rows are the true classes, columns the predictions; the colour is the fraction "
                                "of the true class, the numbers are counts.",
-                               [c.test.confusion] if c.test else []),
+                               [c.test.confusion] if c.test and c.test.confusion else []),
         "confused-pairs": _pairs(c),
         "misclassified": _misclassified(c),
         "filters": _pictures("Every filter of the first convolution, each scaled to its own range: what colours "

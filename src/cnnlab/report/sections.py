@@ -25,7 +25,7 @@ import torch
 
 from cnnlab.config import TrainConfig, from_saved
 from cnnlab.core.errors import UserError
-from cnnlab.core.metrics import Scores, breakdown, confusion_matrix
+from cnnlab.core.metrics import DENSE_CONFUSION_CLASSES, Scores, breakdown, confusion_cells
 from cnnlab.inspect import Choices, Inspection, checks, show
 from cnnlab.inspect.inspector import spread
 from cnnlab.inspect.registry import METHODS
@@ -78,7 +78,7 @@ class TestResults:
     top1: float
     loss: float
     per_class: list[tuple[str, float | None, int]]  # class, accuracy, test images
-    confusion: Picture
+    confusion: Picture | None  # None above DENSE_CONFUSION_CLASSES classes
     pairs: list[Pair]
     wrong: list[Example]  # a spread of the misclassified images
     wrong_total: int
@@ -194,26 +194,25 @@ def _score_test(contents: Contents, inspection: Inspection) -> Scores:
     scores = inspection.scores()
     classes = inspection.classes
     result = breakdown(scores, classes)
-    matrix = confusion_matrix(scores.predictions, scores.labels, len(classes))
-    totals = matrix.sum(1)
-    per_class = [(c, result["per_class"][c], int(totals[i])) for i, c in enumerate(classes)]
-
     pred, y = scores.predictions, scores.labels
-    off = matrix.clone()
-    off.fill_diagonal_(0)
+    totals = torch.bincount(y, minlength=len(classes))
+    per_class = [(c, result["per_class"][c], int(totals[i])) for i, c in enumerate(classes)]
+    # From the matrix's nonzero cells, not the matrix: a run of 100,000 classes has no room for its square.
+    cells = [(t, p, n) for t, p, n in confusion_cells(pred, y, len(classes)) if t != p]
     pairs = []
-    for flat in off.flatten().argsort(descending=True)[:PAIRS_SHOWN].tolist():
-        t, p = divmod(flat, len(classes))
-        count = int(off[t, p])
-        if count == 0:
-            break
+    for t, p, count in sorted(cells, key=lambda cell: -cell[2])[:PAIRS_SHOWN]:
         where = ((y == t) & (pred == p)).nonzero()[:, 0].tolist()
         pairs.append(Pair(classes[t], classes[p], count, count / max(int(totals[t]), 1),
                           _examples(classes, images, scores, where[:PAIR_EXAMPLES])))
+    matrix = None
+    if result["confusion"] is not None:
+        matrix = Picture(charts.confusion(result, classes), "confusion matrix of the test set")
+    else:
+        contents.note("confusion", f"{len(classes):,} classes are too many for a confusion matrix (more than "
+                                   f"{DENSE_CONFUSION_CLASSES:,}); cnnlab evaluate lists its nonzero cells")
     wrong = (pred != y).nonzero()[:, 0].tolist()
     contents.test = TestResults(len(y), result["top1"], result["loss"], per_class,
-                                Picture(charts.confusion(result, classes), "confusion matrix of the test set"),
-                                pairs, _examples(classes, images, scores, _spread(wrong, MISCLASSIFIED_SHOWN)),
+                                matrix, pairs, _examples(classes, images, scores, _spread(wrong, MISCLASSIFIED_SHOWN)),
                                 len(wrong), inspection.run.tta)
     return scores
 

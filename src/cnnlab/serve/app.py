@@ -187,7 +187,12 @@ def run_confusion(request: Request) -> Response:
     s = _served(request)
     status = s.scores()
     state = {k: v for k, v in status.to_json().items() if k != "result"}
-    return JSONResponse({"status": state, "confusion": confusion(status, s.classes), "classes": s.classes})
+    matrix = confusion(status, s.classes)
+    answer = {"status": state, "confusion": matrix, "classes": s.classes}
+    if matrix is None and status.result is not None:
+        answer["error"] = (f"{len(s.classes):,} classes are too many for a confusion matrix; cnnlab evaluate "
+                           "lists its cells")
+    return JSONResponse(answer)
 
 
 def browse(request: Request) -> Response:

@@ -34,7 +34,7 @@ from cnnlab import run
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import remove_stale
 from cnnlab.core.images import UPLOAD_DECODED_BYTES, TooLarge
-from cnnlab.core.metrics import confusion_matrix
+from cnnlab.core.metrics import DENSE_CONFUSION_CLASSES, confusion_matrix
 from cnnlab.inspect import Inspection, checks, registry
 from cnnlab.inspect.inspector import spread
 from cnnlab.inspect.registry import EXPLAINERS
@@ -345,6 +345,8 @@ def confusion(status: Status, classes: list[str]) -> dict[str, Any] | None:
     if status.result is None:
         return None
     r = status.result
+    if len(classes) > DENSE_CONFUSION_CLASSES:  # its classes² cells would not fit (100,000 classes: 80 GB)
+        return None
     m = confusion_matrix(torch.tensor(r["predictions"]), torch.tensor(r["labels"]), len(classes))
     return {"matrix": m.tolist(), "top1": r["top1"], "n": len(r["labels"])}
 
