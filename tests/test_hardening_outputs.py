@@ -291,3 +291,15 @@ def test_the_explorer_has_no_confusion_matrix_for_100000_classes():
     status = SimpleNamespace(result=result)
     assert confusion(status, [f"c{i}" for i in range(100_000)]) is None
     assert confusion(status, ["a", "b"])["matrix"] == [[1, 1], [0, 0]]
+
+
+@pytest.mark.parametrize("preprocess", [{"size": "32"}, {"size": 32, "channels": 3, "mean": [0.5], "std": [0]}, [1]])
+def test_a_weights_checkpoint_with_a_malformed_preprocessing_is_one_line(tmp_path, preprocess):
+    from cnnlab.core.errors import UserError
+    from cnnlab.models import weights
+
+    path = tmp_path / "w.pt"
+    torch.save({"model_spec": {"name": "resnet20"}, "model": {}, "preprocess": preprocess}, path)
+    with pytest.raises(UserError, match=r"`weights` .*w\.pt: its preprocess") as err:
+        weights.describe("resnet20", str(path))
+    assert "\n" not in str(err.value)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from cnnlab.core import checkpoint
 from cnnlab.core.checkpoint import non_finite
 from cnnlab.core.errors import UserError
+from cnnlab.core.spec import Preprocess
 from cnnlab.models.anatomy import first_conv_path, head_path
 from cnnlab.models.external import TIMM, TORCHVISION, check_external, is_external, source_and_arch
 
@@ -74,8 +75,13 @@ def describe(model: str, weights: str) -> Weights:
                             "weights file (a cnnlab checkpoint or a state dict)")
         state = _read(path)
         pre = state.get("preprocess") if _is_cnnlab_checkpoint(state) else None
-        if isinstance(pre, dict):
-            return Weights(f"file:{path}", int(pre["size"]), tuple(pre["mean"]), tuple(pre["std"]))
+        if pre is not None:
+            try:
+                checked = Preprocess.from_dict(pre, "preprocess")
+            except ValueError as e:
+                raise UserError(f"`weights` {path}: its {e}; give a checkpoint that cnnlab train wrote, or a "
+                                "state dict") from None
+            return Weights(f"file:{path}", checked.size, checked.mean, checked.std)
         return Weights(f"file:{path}")
     if not is_external(model):
         raise UserError(f"model {model} has no published weights (only torchvision: and timm: models do); give "
