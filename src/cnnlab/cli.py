@@ -520,13 +520,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from cnnlab.report.compare import compare, format_table
+    from cnnlab.report.compare import compare, format_table, format_tests
 
-    out, runs = compare(args.paths, out=args.out)
+    out, runs, found = compare(args.paths, out=args.out)
     if args.json:
-        print(json.dumps({"page": str(out), "runs": [r.row() for r in runs]}))
+        print(json.dumps({"page": str(out), "runs": [r.row() for r in runs], "tests": found}))
         return 0
     print(format_table(runs))
+    if found:
+        print(format_tests(found))
     print(f"wrote {out}")
     return 0
 

@@ -13,16 +13,21 @@ from pathlib import Path
 
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write
+from cnnlab.report.group import group_page
 from cnnlab.report.page import render
 from cnnlab.report.sections import gather
+from cnnlab.train.seeds import is_group
 
 __all__ = ["report"]
 
 
 def report(run_dir: str | Path, out: str | Path | None = None, device: str = "auto") -> Path:
-    """Write the report of ``run_dir`` to ``out`` (default ``RUN_DIR/report.html``); returns its path."""
+    """Write the report of ``run_dir`` (a run, or a group of seeds) to ``out`` (default ``RUN_DIR/report.html``);
+    returns its path."""
     run_dir = Path(run_dir)
     target = Path(out) if out else run_dir / "report.html"
     if target.is_dir():
         raise UserError(f"`out` {target} is a folder; give a file name such as {target / 'report.html'}")
+    if is_group(run_dir):
+        return atomic_write(target, group_page(run_dir))
     return atomic_write(target, render(gather(run_dir, device=device)))

@@ -11,22 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
-from statistics import fmean, stdev
 from typing import Any
-
-from scipy import stats
 
 from cnnlab.config import TrainConfig, from_saved, validate
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write
+from cnnlab.core.significance import spread
 from cnnlab.train import distributed
 from cnnlab.train.engine import Result, new_run_dir, train
 from cnnlab.train.logging import read_metrics
 
-__all__ = ["FIGURES", "GroupResult", "is_group", "read_group", "spread", "summary", "train_group"]
+__all__ = ["FIGURES", "GroupResult", "is_group", "read_group", "summary", "train_group"]
 
 GROUP_FILE = "group.json"
 # The final figures a group summarises: the last epoch's, and the whole run's training time.
@@ -162,21 +159,6 @@ def _write(group_dir: Path, seeds: list[int], cfg: TrainConfig, status: dict[str
                                                           "runs": runs}, indent=2))
     except OSError as e:
         raise UserError(f"cannot write {group_dir / GROUP_FILE}: {e.strerror or e}") from None
-
-
-def spread(values: list[float]) -> dict[str, Any]:
-    """Mean, sample standard deviation (n - 1), min, max and the 95% interval of the mean (Student's t
-    over the n values) of ``values``; the deviation and interval are None for a single value."""
-    n = len(values)
-    if n == 0:
-        return {"n": 0, "mean": None, "std": None, "min": None, "max": None, "ci95": None}
-    mean = fmean(values)
-    std = stdev(values) if n > 1 else None
-    ci = None
-    if std is not None:
-        half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-        ci = [mean - half, mean + half]
-    return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values), "ci95": ci}
 
 
 def summary(group_dir: str | Path) -> dict[str, Any]:
