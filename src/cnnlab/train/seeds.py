@@ -121,16 +121,27 @@ def train_group(cfg: TrainConfig | None = None, seeds: list[int] | None = None, 
 
 
 def _new_group_dir(cfg: TrainConfig) -> Path:
-    """The group folder: ``cfg.out``, else a new name chosen by rank 0 (told to the other ranks)."""
-    if cfg.out is not None:
-        group_dir = Path(cfg.out)
-    else:
-        group = distributed.setup(cfg.device)  # joined once here; each run's ``train`` joins again
-        try:
-            chosen = str(new_run_dir(f"{cfg.recipe}-{cfg.model}-seeds")) if group.main else None
-            group_dir = Path(str(distributed.broadcast(chosen, group)))
-        finally:
-            distributed.teardown(group)
+    """The group folder, chosen and checked by rank 0 and told to the other ranks (which must not check it
+    themselves: rank 0 may have written ``group.json`` there by then)."""
+    group = distributed.setup(cfg.device)  # joined once here; each run's ``train`` joins again
+    try:
+        told: Path | UserError | None = None
+        if group.main:
+            try:
+                told = _choose_group_dir(cfg)
+            except UserError as e:
+                told = e
+        told = distributed.broadcast(told, group)  # type: ignore[assignment]
+    finally:
+        distributed.teardown(group)
+    if isinstance(told, UserError):
+        raise told
+    assert isinstance(told, Path)
+    return told
+
+
+def _choose_group_dir(cfg: TrainConfig) -> Path:
+    group_dir = Path(cfg.out) if cfg.out is not None else new_run_dir(f"{cfg.recipe}-{cfg.model}-seeds")
     if group_dir.exists() and not group_dir.is_dir():
         raise UserError(f"`out` {group_dir} is a file; give a folder for the group of runs")
     if is_group(group_dir) or (group_dir / "checkpoints").exists():
