@@ -55,7 +55,7 @@ def test_compare_page_in_a_browser(two_runs, browser, tmp_path, capsys):
 
 
 def test_compare_figures_match_the_runs(two_runs, tmp_path):
-    out, runs = compare(two_runs, out=tmp_path / "c.html")
+    out, runs, _ = compare(two_runs, out=tmp_path / "c.html")
     assert out.is_file()
     for run in runs:
         metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]

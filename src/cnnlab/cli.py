@@ -79,6 +79,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                                                        "(or give RUN_DIR/checkpoints/best.pt to continue from that)")
     p.add_argument("--stop-after", type=int, metavar="STEPS",
                    help="stop after this many steps with a checkpoint; continue later with --resume")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="train one run per seed, one after the other, into the group folder --out (OUT/seed-S "
+                        "each, and OUT/group.json), and print the mean ± std of their final figures; "
+                        "--resume OUT continues the unfinished ones")
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
@@ -293,23 +297,61 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from cnnlab.config import resolve
     from cnnlab.train.engine import train
+    from cnnlab.train.seeds import is_group, train_group
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "stop_after")}
-    stop_after = getattr(args, "stop_after", None)
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "stop_after", "seeds")}
+    stop_after, seeds = getattr(args, "stop_after", None), getattr(args, "seeds", None)
+    main = os.environ.get("RANK", "0") == "0"  # torchrun starts one copy per rank; one says it
     if "resume" in args:
-        extra = sorted(set(given) - {"device"})
+        extra = sorted(set(given) - {"device"}) + (["seeds"] if seeds is not None else [])
         if extra or "config" in args:
             flags = ", ".join("--" + k.replace("_", "-") for k in extra + (["config"] if "config" in args else []))
             raise UserError(f"--resume continues the saved configuration; drop {flags} (only --device may change)")
+        if is_group(args.resume):
+            return _print_group(train_group(resume=args.resume, device=given.get("device"), stop_after=stop_after),
+                                main)
         result = train(resume=args.resume, device=given.get("device"), stop_after=stop_after)
     else:
+        if seeds is not None and "seed" in given:
+            raise UserError("--seeds sets each run's seed; drop --seed")
         cfg = resolve(toml_path=getattr(args, "config", None), overrides=given)
-        if os.environ.get("RANK", "0") == "0":  # torchrun starts one copy per rank; one says it
+        if main:
             print(one_line("configuration: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())))
+        if seeds is not None:
+            return _print_group(train_group(cfg, seeds, stop_after=stop_after), main)
         result = train(cfg, stop_after=stop_after)
-    if os.environ.get("RANK", "0") == "0":
+    if main:
         _print_result(result)
     return 0
+
+
+def _print_group(result, main: bool) -> int:
+    """A group's end: where it stopped, or the spread of its runs' final figures."""
+    from cnnlab.train.seeds import summary
+
+    if not main:
+        return 0
+    if not result.finished:
+        print(f"stopped before every seed finished as asked; continue with: cnnlab train --resume {result.group_dir}")
+        return 0
+    print(format_spread(summary(result.group_dir)))
+    print(f"group folder: {result.group_dir}")
+    return 0
+
+
+def format_spread(s: dict[str, Any]) -> str:
+    """A group summary (:func:`cnnlab.train.seeds.summary`) as lines for the terminal: mean ± std (min–max)."""
+    n = max((f["n"] for f in s["summary"].values()), default=0)
+    lines = [f"{len(s['runs'])} seeds ({' '.join(map(str, s['seeds']))}), mean ± std over the {n} finished:"]
+    for key, f in s["summary"].items():
+        if not f["n"]:
+            continue
+        scale, unit, digits = ((1, " s", 1) if key == "seconds" else (100, "%", 2) if key.endswith("_acc")
+                               else (1, "", 4))
+        mean, std, low, high = (None if v is None else f"{scale * v:.{digits}f}"
+                                for v in (f["mean"], f["std"], f["min"], f["max"]))
+        lines.append(f"  {key:>10}  {mean}{'' if std is None else ' ± ' + std}{unit}  ({low}–{high}{unit})")
+    return "\n".join(lines)
 
 
 def _print_result(result) -> None:
@@ -482,13 +524,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from cnnlab.report.compare import compare, format_table
+    from cnnlab.report.compare import compare, format_table, format_tests
 
-    out, runs = compare(args.paths, out=args.out)
+    out, runs, found = compare(args.paths, out=args.out)
     if args.json:
-        print(json.dumps({"page": str(out), "runs": [r.row() for r in runs]}))
+        print(json.dumps({"page": str(out), "runs": [r.row() for r in runs], "tests": found}))
         return 0
     print(format_table(runs))
+    if found:
+        print(format_tests(found))
     print(f"wrote {out}")
     return 0
 

@@ -31,6 +31,7 @@ from cnnlab.inspect.inspector import spread
 from cnnlab.inspect.registry import METHODS
 from cnnlab.report import charts
 from cnnlab.run import LoadedRun
+from cnnlab.train.logging import read_metrics
 from cnnlab.visualize import render
 from cnnlab.visualize.figures import draw, sanity_figure
 from cnnlab.viz.sanity import Sanity
@@ -121,33 +122,6 @@ class Contents:
 
     def note(self, section: str, text: str) -> None:
         self.notes.setdefault(section, []).append(text)
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    """Step and epoch records of ``metrics.jsonl`` (the last record of each step or epoch wins)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no metrics.jsonl, so it is not a finished cnnlab run folder; "
-                        f"train into it first with: cnnlab train --out {run_dir}")
-    steps: dict[int, dict[str, Any]] = {}
-    epochs: dict[int, dict[str, Any]] = {}
-    bad = 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            kind = record["kind"]
-            if kind == "step":
-                steps[int(record["step"])] = record
-            elif kind == "epoch":
-                epochs[int(record["epoch"])] = record
-        except (ValueError, KeyError, TypeError):
-            bad += 1
-    if not epochs:
-        raise UserError(f"{path} records no finished epoch yet; a report needs at least one "
-                        f"(let training finish an epoch, or continue it with: cnnlab train --resume {run_dir})")
-    return [steps[k] for k in sorted(steps)], [epochs[k] for k in sorted(epochs)], bad
 
 
 def _read_info(run_dir: Path, loaded: LoadedRun) -> dict[str, Any]:

@@ -54,6 +54,7 @@ class Result:
     last: dict[str, Any]  # the final epoch record ({} when stopped before an epoch ended)
     best_val_acc: float | None
     step: int = 0  # the step training stopped at
+    started: int = 0  # the step this call started from (0, or the resumed checkpoint's)
 
 
 @dataclass
@@ -397,6 +398,7 @@ def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | Non
             run_log.hyperparameters(cfg.to_dict())
         t.save(p, "last.pt")  # so that even a run that fails in its first epoch can be resumed or inspected
     stop_at = p.step + stop_after if stop_after else None
+    started = p.step
     last: dict[str, Any] = {}
     t.model.train()
     try:
@@ -424,7 +426,7 @@ def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | Non
     finally:
         if run_log is not None:
             run_log.close()
-    return Result(run_dir, last, p.best_val, p.step)
+    return Result(run_dir, last, p.best_val, p.step, started)
 
 
 def _run_epoch(t: Trainer, p: Progress, log: RunLog | None, epoch: int, stop_at: int | None,

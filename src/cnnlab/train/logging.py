@@ -21,7 +21,7 @@ from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from cnnlab.core.errors import one_line
+from cnnlab.core.errors import UserError, one_line
 
 # Epoch-record keys → TensorBoard tags (per-step train/loss and train/acc are the assignment's curves).
 EPOCH_TAGS = {
@@ -149,3 +149,30 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Step and epoch records of ``metrics.jsonl`` (the last record of each step or epoch wins)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl, so it is not a finished cnnlab run folder; "
+                        f"train into it first with: cnnlab train --out {run_dir}")
+    steps: dict[int, dict[str, Any]] = {}
+    epochs: dict[int, dict[str, Any]] = {}
+    bad = 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            kind = record["kind"]
+            if kind == "step":
+                steps[int(record["step"])] = record
+            elif kind == "epoch":
+                epochs[int(record["epoch"])] = record
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    if not epochs:
+        raise UserError(f"{path} records no finished epoch yet; a report needs at least one "
+                        f"(let training finish an epoch, or continue it with: cnnlab train --resume {run_dir})")
+    return [steps[k] for k in sorted(steps)], [epochs[k] for k in sorted(epochs)], bad
