@@ -162,3 +162,20 @@ def _environ(pid: int) -> dict[str, str]:
     except OSError:
         return {}
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def test_a_group_of_seeds_under_torchrun_trains_each_seed_as_a_distributed_run(tmp_path):
+    # Each seed's run joins the process group and leaves it again; the next one joins afresh.
+    at = RUN.index("--seed")
+    small = RUN[:at] + RUN[at + 2:]
+    small[small.index("--limit-train") + 1] = "192"  # 128 after the validation split: two global batches
+    group = tmp_path / "group"
+    proc = two(*small, "--seeds", "1", "2", "--out", str(group), check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads((group / "group.json").read_text())
+    assert sorted(status["seeds"]) == [1, 2]
+    for seed in (1, 2):
+        run_dir = group / f"seed-{seed}"
+        info = json.loads((run_dir / "config.json").read_text())
+        assert info["world_size"] == 2 and info["config"]["seed"] == seed
+        assert [r["epoch"] for r in epochs(run_dir)] == [1] and epochs(run_dir)[0]["step"] == 2

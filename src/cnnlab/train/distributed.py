@@ -34,6 +34,7 @@ class Group:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    joined: bool = False  # this call joined the process group (and leaves it in teardown)
 
     @property
     def main(self) -> bool:
@@ -53,7 +54,7 @@ def setup(device: str) -> Group:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE
-    if dist.is_initialized():
+    if dist.is_initialized():  # joined by a caller (a group of seeds), which also leaves it
         return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and torch.cuda.is_available()
@@ -67,11 +68,14 @@ def setup(device: str) -> Group:
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout,
                             device_id=torch.device("cuda", local_rank) if use_cuda else None)
-    return Group(rank, world, local_rank)
+    return Group(rank, world, local_rank, joined=True)
 
 
 def teardown(group: Group) -> None:
-    if group.active and dist.is_initialized():
+    """Leave the process group, if ``setup`` joined it: a process group left and joined again does not
+    reconnect under torchrun (gloo's rendezvous keys are taken), so a caller that trains several runs
+    joins once around them all."""
+    if group.joined and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +93,19 @@ def train_group(cfg: TrainConfig | None = None, seeds: list[int] | None = None, 
         seeds = _check_seeds(seeds)
         for s in seeds:
             validate(dataclasses.replace(cfg, seed=s))  # each seed within the range `seed` takes
-        group_dir = _new_group_dir(cfg)
-    main = os.environ.get("RANK", "0") == "0"  # torchrun's rank; 0 when training alone
+    # Joined once for every run of the group (each run's ``train`` finds it joined and leaves it be).
+    group = distributed.setup(device or cfg.device)
+    try:
+        if resume is None:
+            group_dir = _new_group_dir(cfg, group)
+        return _train_seeds(group, group_dir, cfg, seeds, device, stop_after)
+    finally:
+        distributed.teardown(group)
+
+
+def _train_seeds(group: distributed.Group, group_dir: Path, cfg: TrainConfig, seeds: list[int],
+                 device: str | None, stop_after: int | None) -> GroupResult:
+    main = group.main
     status = {str(s): _status(member(group_dir, s), cfg.epochs) for s in seeds}
     if main:
         _write(group_dir, seeds, cfg, status)
@@ -120,20 +130,16 @@ def train_group(cfg: TrainConfig | None = None, seeds: list[int] | None = None, 
     return GroupResult(group_dir, results, all(v == "finished" for v in status.values()))
 
 
-def _new_group_dir(cfg: TrainConfig) -> Path:
+def _new_group_dir(cfg: TrainConfig, group: distributed.Group) -> Path:
     """The group folder, chosen and checked by rank 0 and told to the other ranks (which must not check it
     themselves: rank 0 may have written ``group.json`` there by then)."""
-    group = distributed.setup(cfg.device)  # joined once here; each run's ``train`` joins again
-    try:
-        told: Path | UserError | None = None
-        if group.main:
-            try:
-                told = _choose_group_dir(cfg)
-            except UserError as e:
-                told = e
-        told = distributed.broadcast(told, group)  # type: ignore[assignment]
-    finally:
-        distributed.teardown(group)
+    told: Path | UserError | None = None
+    if group.main:
+        try:
+            told = _choose_group_dir(cfg)
+        except UserError as e:
+            told = e
+    told = distributed.broadcast(told, group)  # type: ignore[assignment]
     if isinstance(told, UserError):
         raise told
     assert isinstance(told, Path)
