@@ -188,3 +188,29 @@ def test_a_changed_checkpoint_has_no_temperature(calibrated_run, tmp_path):
     finally:
         os.utime(loaded.path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert run.load(run_dir).temperature == loaded.temperature
+
+
+def test_the_report_shows_evaluates_calibration_figures(calibrated_run):
+    from cnnlab.inspect import Inspection
+    from cnnlab.report import page, sections
+
+    run_dir, result = calibrated_run
+    inspection = Inspection.open(run_dir, device="cpu")
+    contents = sections.Contents(run_dir, {}, [], [], 0, inspection.run.path, None, inspection.classes)
+    sections._score_test(contents, inspection)
+    f = contents.test.figures
+    for key in ("calibration", "calibrated", "temperature", "top1_interval", "top5", "per_class_figures"):
+        assert json.loads(json.dumps(f[key])) == json.loads(json.dumps(result[key])), key
+    html = page._calibration(contents)
+    t = result["temperature"]
+    assert f"divided by the temperature {t:.3f}" in html and f"temperature {t:.3f}</th>" in html
+    for c in (result["calibration"], result["calibrated"]):
+        assert f"{100 * c['ece']:.2f}%" in html and f"{c['nll']:.4f}" in html and f"{c['brier']:.4f}" in html
+    assert contents.test.reliability.uri.startswith("data:image/png;base64,")
+    # The misclassified images' probabilities are the calibrated ones.
+    wrong = contents.test.wrong[0]
+    images, _ = inspection.test_set()
+    with torch.no_grad():
+        z = model_logits(inspection.model, inspection.preprocess.to_input(images[wrong.index:wrong.index + 1]),
+                         inspection.run.tta)
+    assert wrong.prob == pytest.approx((z / t).softmax(1).max().item(), abs=1e-5)
