@@ -214,3 +214,23 @@ def test_the_report_shows_evaluates_calibration_figures(calibrated_run):
         z = model_logits(inspection.model, inspection.preprocess.to_input(images[wrong.index:wrong.index + 1]),
                          inspection.run.tta)
     assert wrong.prob == pytest.approx((z / t).softmax(1).max().item(), abs=1e-5)
+
+
+def test_the_explorer_predicts_with_the_kept_temperature_and_says_so(calibrated_run):
+    from starlette.testclient import TestClient
+
+    from cnnlab.serve import load_runs
+    from cnnlab.serve.app import create_app
+    from cnnlab.serve.jobs import Jobs
+
+    run_dir, result = calibrated_run
+    served = load_runs([run_dir], jobs=Jobs(idle=3.0))
+    with TestClient(create_app(served), base_url="http://127.0.0.1:8000") as client:
+        got = client.get("/api/0/predict?image=t0-0").json()
+    loaded = run.load(run_dir)
+    images, _ = loaded.test_set()
+    with torch.no_grad():
+        z = model_logits(loaded.model, loaded.preprocess.to_input(images[:1]), loaded.tta)
+    expected = (z / result["temperature"]).softmax(1)[0].sort(descending=True).values[:5]
+    assert got["temperature"] == result["temperature"]
+    assert [t["prob"] for t in got["top"]] == pytest.approx(expected.tolist(), abs=1e-5)
