@@ -28,7 +28,7 @@ def test_summary_json_reproduces_table1(capsys):
 def test_evaluate_json_matches_the_run(run_dir, capsys):
     assert main(["evaluate", str(run_dir), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert set(doc) == {"top1", "n", "per_class", "confusion"}
+    assert {"top1", "n", "per_class", "confusion", "calibration", "per_class_figures"} <= set(doc)
     assert doc["n"] == 200 and sum(map(sum, doc["confusion"])) == 200
     diagonal = sum(doc["confusion"][i][i] for i in range(10))
     assert doc["top1"] == pytest.approx(diagonal / 200)

@@ -92,7 +92,8 @@ def test_folder_with_a_text_file_predicts_the_images_and_names_the_bad_file(smal
     by_name = {r["image"].rsplit("/", 1)[1]: r["top"] for r in doc}
     assert sorted(by_name) == ["a.png", "b.jpg", "c.tiff", "d.png", "e.gif", "f-gray8.png", "g-gray16.png",
                                "h-large.png"]
-    assert all(set(r) == {"image", "top"} and len(r["top"]) == 3 for r in doc)
+    assert all(set(r) == {"image", "top", "temperature"} and len(r["top"]) == 3 for r in doc)
+    assert all(r["temperature"] is None for r in doc)  # no temperature fitted: the plain softmax
     assert all(set(t) == {"label", "prob"} and 0 <= t["prob"] <= 1 for r in doc for t in r["top"])
     label = classes[predictions[i]]
     for name in ("a.png", "c.tiff", "d.png"):  # lossless: exactly the evaluated pixels

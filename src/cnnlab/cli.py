@@ -86,16 +86,20 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="top-1, per-class accuracy and confusion matrix of a run")
+    p = sub.add_parser("evaluate", help="top-1 with its interval, per-class figures, calibration and the confusion "
+                                        "matrix of a run")
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument("--dataset", help="default: the run's dataset")
     p.add_argument("--data-dir")
     p.add_argument("--limit-test", type=int, help="default: the test images the run reported on")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", help="folder for metrics.json and confusion.png (default RUN_DIR/eval)")
+    p.add_argument("--out", help="folder for metrics.json, reliability.png and confusion.png (default RUN_DIR/eval)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction,
                    help="test-time flip augmentation: average each image's logits with its mirror image's "
                         "(default: as the run was scored while training)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit a temperature on the run's validation images and keep it in RUN_DIR/calibration.json; "
+                        "predict, report and serve then divide the logits by it")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
 
@@ -365,13 +369,17 @@ def _print_result(result) -> None:
     print(f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
 
 
+EVALUATE_JSON = ("top1", "n", "per_class", "confusion", "top1_interval", "top5", "per_class_figures", "calibration",
+                 "temperature", "calibrated", "fitted")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cnnlab.evaluate import evaluate
 
     result = evaluate(args.path, dataset=args.dataset, data_dir=args.data_dir, limit_test=args.limit_test,
-                      device=args.device, out=args.out, tta=args.tta)
+                      device=args.device, out=args.out, tta=args.tta, calibrate=args.calibrate)
     if args.json:
-        print(json.dumps({k: result[k] for k in ("top1", "n", "per_class", "confusion")}))
+        print(json.dumps({k: result[k] for k in EVALUATE_JSON}))
         return 0
     flip = ", with flip TTA" if result["tta"] else ""
     # Class names and paths come from files: escaped, so that they cannot move the cursor or forge lines.
@@ -379,8 +387,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                    f"({result['dataset']}{flip})"))
     for name, acc in result["per_class"].items():
         print(one_line(f"  {name:>20}  {'-' if acc is None else f'{100 * acc:.1f}%'}"))
+    for line in _evaluate_figures(result):
+        print(one_line(line))
     print(one_line("wrote " + ", ".join(result["outputs"])))
     return 0
+
+
+def _evaluate_figures(result: dict[str, Any]) -> list[str]:
+    """The lines of ``cnnlab evaluate`` beyond top-1 and per-class accuracy."""
+    lo, hi = result["top1_interval"]
+    lines = [f"95% interval on top-1: {100 * lo:.2f}–{100 * hi:.2f}% (percentile bootstrap over the test images)"]
+    if result["top5"] is not None:
+        lines.append(f"top-5 accuracy {100 * result['top5']:.2f}%")
+    lines.append(f"  {'class':>20}  precision  recall     F1")
+    for name, f in result["per_class_figures"].items():
+        lines.append(f"  {name:>20}  {100 * f['precision']:8.1f}%  {100 * f['recall']:5.1f}%  {100 * f['f1']:5.1f}%")
+    fitted = result["fitted"]
+    if fitted:
+        lines.append(f"fitted temperature {fitted['temperature']:.3f} on {fitted['validation_images']} validation "
+                     f"images (NLL {fitted['nll_before']:.4f} -> {fitted['nll_after']:.4f}); kept in {fitted['file']}")
+    shown = [("calibration", result["calibration"])]
+    if result["calibrated"]:
+        shown.append((f"with temperature {result['temperature']:.3f}", result["calibrated"]))
+    for name, c in shown:
+        lines.append(f"{name}: ECE {100 * c['ece']:.2f}%, MCE {100 * c['mce']:.2f}% ({len(c['bins'])} bins), "
+                     f"NLL {c['nll']:.4f}, Brier {c['brier']:.4f}")
+    return lines
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
@@ -447,7 +479,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(good))
     else:
         for r in good:
-            print(one_line(f"{r['image']}  " + "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"])))
+            scaled = f"  (temperature {r['temperature']:.3f})" if r["temperature"] is not None else ""
+            print(one_line(f"{r['image']}  " + "  ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["top"])
+                           + scaled))
     return 0 if len(good) == len(results) else 1
 
 

@@ -1,8 +1,11 @@
 """``cnnlab evaluate``: score a run or checkpoint on the test set it reported on.
 
 Writes ``eval/metrics.json`` (top-1, loss, per-class accuracy, confusion matrix; see
-:func:`cnnlab.core.metrics.breakdown`) and ``eval/confusion.png``; above ``DENSE_CONFUSION_CLASSES``
-classes the matrix is kept as its nonzero cells and not drawn, which a note says.
+:func:`cnnlab.core.metrics.breakdown`; per-class precision, recall and F1, top-5, a bootstrap interval
+on top-1 and the calibration figures; see :func:`cnnlab.core.calibration.assess`),
+``eval/reliability.png`` and ``eval/confusion.png``; above ``DENSE_CONFUSION_CLASSES`` classes the
+matrix is kept as its nonzero cells and not drawn, which a note says. ``calibrate`` first fits a
+temperature on the run's validation images and keeps it in the run (:func:`cnnlab.run.save_calibration`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from matplotlib.figure import Figure
 
 from cnnlab import run
+from cnnlab.core.calibration import assess, fit_temperature
 from cnnlab.core.device import pick_device
 from cnnlab.core.files import atomic_write
 from cnnlab.core.metrics import DENSE_CONFUSION_CLASSES, breakdown, score
@@ -28,24 +32,33 @@ MAX_FIGURE_INCHES = 60
 
 def evaluate(path: str | Path, dataset: str | None = None, data_dir: str | None = None,
              limit_test: int | None = None, device: str = "auto", out: str | Path | None = None,
-             tta: bool | None = None) -> dict[str, Any]:
-    """Score a run folder or checkpoint on its test set; write JSON and a confusion-matrix PNG.
+             tta: bool | None = None, calibrate: bool = False) -> dict[str, Any]:
+    """Score a run folder or checkpoint on its test set; write JSON, a reliability diagram and a
+    confusion-matrix PNG.
 
     ``tta``: average each image's logits with its mirror image's (see :func:`score`); by default as
-    the run scored itself, so that the number it reported is the number found again.
+    the run scored itself, so that the number it reported is the number found again. ``calibrate``: fit
+    the temperature on the run's validation images first and keep it in the run (``fitted`` in the
+    result); otherwise the temperature already kept for this checkpoint, if any, is the one reported.
     """
     loaded = run.load(path, device=pick_device(device))
-    x, y = loaded.test_set(dataset, data_dir, limit_test)
     tta = loaded.tta if tta is None else tta
+    fitted = _calibrate(loaded, data_dir, tta) if calibrate else None
+    x, y = loaded.test_set(dataset, data_dir, limit_test)
     scores = score(loaded.model, x.to(loaded.device), y.to(loaded.device), loaded.preprocess, tta=tta)
     result = breakdown(scores, loaded.classes)
+    assert scores.logits is not None
+    result.update(assess(scores.logits, scores.labels, loaded.classes, loaded.temperature))
+    result["fitted"] = fitted
     result["tta"] = tta
     result["checkpoint"] = str(loaded.path)
     result["dataset"] = dataset or loaded.config.dataset  # test_set refuses a run that does not say
 
     out_dir = Path(out) if out else (loaded.run_dir or loaded.path.parent) / "eval"
     atomic_write(out_dir / "metrics.json", json.dumps(result, indent=2))
-    result["outputs"] = [str(out_dir / "metrics.json")]
+    fig = reliability_figure(result)
+    atomic_write(out_dir / "reliability.png", lambda f: fig.savefig(f, format="png"))
+    result["outputs"] = [str(out_dir / "metrics.json"), str(out_dir / "reliability.png")]
     if result["confusion"] is None:
         k = len(loaded.classes)
         log.warning(f"the confusion matrix of {k} classes is in {out_dir / 'metrics.json'} as its nonzero cells "
@@ -56,6 +69,51 @@ def evaluate(path: str | Path, dataset: str | None = None, data_dir: str | None 
     atomic_write(out_dir / "confusion.png", lambda f: fig.savefig(f, format="png"))
     result["outputs"].append(str(out_dir / "confusion.png"))
     return result
+
+
+def _calibrate(loaded: run.LoadedRun, data_dir: str | None, tta: bool) -> dict[str, Any]:
+    """Fit the temperature on the run's validation images (scored with ``tta`` as the test set is) and
+    keep it in the run folder; what was fitted, with the validation NLL before and after."""
+    run.calibration_file(loaded)  # a checkpoint outside a run folder is refused before any image is read
+    x, y = loaded.validation_set(data_dir)
+    val = score(loaded.model, x.to(loaded.device), y.to(loaded.device), loaded.preprocess, tta=tta)
+    assert val.logits is not None
+    t = fit_temperature(val.logits, val.labels)
+    z = val.logits.double()
+    fitted = {"temperature": t, "validation_images": len(y), "tta": tta,
+              "nll_before": float(torch.nn.functional.cross_entropy(z, val.labels)),
+              "nll_after": float(torch.nn.functional.cross_entropy(z / t, val.labels))}
+    fitted["file"] = str(run.save_calibration(loaded, **fitted))
+    return fitted
+
+
+def reliability_figure(result: dict[str, Any]) -> Figure:
+    """The reliability diagram of :func:`cnnlab.core.calibration.assess`'s result: each confidence bin's
+    accuracy against the diagonal a calibrated model would follow (and after the temperature, when one
+    is kept), above the number of test images in each bin."""
+    fig = Figure(figsize=(6, 6.5), dpi=120)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="calibrated")
+    shown = [("softmax", result["calibration"], "tab:blue")]
+    if result.get("calibrated"):
+        shown.append((f"temperature {result['temperature']:.2f}", result["calibrated"], "tab:orange"))
+    width = 1 / len(result["calibration"]["bins"])
+    for n, (name, figures, color) in enumerate(shown):
+        bins = [b for b in figures["bins"] if b["count"]]
+        offset = (n - (len(shown) - 1) / 2) * width / len(shown)
+        centres = [(b["lower"] + b["upper"]) / 2 + offset for b in bins]
+        top.bar(centres, [b["accuracy"] for b in bins], width=width / len(shown), color=color, alpha=0.75,
+                edgecolor="black", linewidth=0.5, label=f"{name}: ECE {100 * figures['ece']:.1f}%")
+        bottom.bar(centres, [b["count"] for b in bins], width=width / len(shown), color=color, alpha=0.75)
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy in the bin")
+    top.set_title(f"Reliability on {result['n']} test images ({len(result['calibration']['bins'])} bins)")
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set_xlabel("confidence (probability of the predicted class)")
+    bottom.set_ylabel("images")
+    fig.tight_layout()
+    return fig
 
 
 def confusion_figure(result: dict[str, Any], classes: list[str]) -> Figure:

@@ -32,11 +32,13 @@ def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: 
     """Predict every image in ``inputs`` (files, or folders searched recursively) with a run or checkpoint.
 
     ``tta``: average each image's logits with its mirror image's before the softmax; by default as the
-    run scored itself, so that predictions agree with ``cnnlab evaluate``'s.
+    run scored itself, so that predictions agree with ``cnnlab evaluate``'s. Where ``cnnlab evaluate
+    --calibrate`` kept a temperature for the checkpoint, the probabilities are the softmax of the logits
+    divided by it (the ranking is the same).
 
-    Returns one dict per file, in order: ``{"image": path, "top": [{"label", "prob"}, …]}`` with the
-    ``top_k`` most probable classes, or ``{"image": path, "error": reason}`` for a file that is not a
-    readable image.
+    Returns one dict per file, in order: ``{"image": path, "top": [{"label", "prob"}, …], "temperature":
+    T or None}`` with the ``top_k`` most probable classes, or ``{"image": path, "error": reason}`` for a
+    file that is not a readable image.
     """
     if top_k < 1:
         raise UserError(f"`top_k` must be at least 1 (got {top_k})")
@@ -49,6 +51,7 @@ def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: 
     dev = loaded.device
     k = min(top_k, len(loaded.classes))
     tta = loaded.tta if tta is None else tta
+    temperature = loaded.temperature
 
     results: list[dict[str, Any]] = []
     for start in range(0, len(files), batch_size):
@@ -69,18 +72,20 @@ def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: 
             entries.append(entry)
         if batch:
             good = iter(e for e in entries if "error" not in e)
-            for entry, top in zip(good, ranked(loaded.model, loaded.classes, torch.cat(batch), k, tta)):
+            for entry, top in zip(good, ranked(loaded.model, loaded.classes, torch.cat(batch), k, tta, temperature)):
                 entry["top"] = [{"label": t["label"], "prob": t["prob"]} for t in top]
+                entry["temperature"] = temperature
         results.extend(entries)
     return results
 
 
 def ranked(model: torch.nn.Module, classes: Sequence[str], x: torch.Tensor, top_k: int,
-           tta: bool) -> list[list[dict[str, Any]]]:
+           tta: bool, temperature: float | None = None) -> list[list[dict[str, Any]]]:
     """The ``top_k`` most probable classes of each network input of ``x``, most probable first:
-    ``[{"label", "index", "prob"}, …]`` per image (what ``predict`` and ``cnnlab serve`` show)."""
+    ``[{"label", "index", "prob"}, …]`` per image (what ``predict`` and ``cnnlab serve`` show); the
+    probabilities are the softmax of the logits divided by ``temperature`` when one is given."""
     with torch.no_grad():
-        probs = torch.softmax(logits(model, x, tta), dim=1)
+        probs = torch.softmax(logits(model, x, tta) / (temperature or 1.0), dim=1)
     values, indices = probs.topk(min(top_k, len(classes)), dim=1)
     return [[{"label": classes[i], "index": i, "prob": v} for v, i in zip(vals, idxs)]
             for vals, idxs in zip(values.tolist(), indices.tolist())]

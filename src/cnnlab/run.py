@@ -1,12 +1,21 @@
-"""A run folder or a checkpoint back into a model, its classes, its preprocessing and its test set.
+"""A run folder or a checkpoint back into a model, its classes, its preprocessing, its test and
+validation sets, and the temperature that calibrates its probabilities.
 
 Everything after training (evaluate, visualize, predict, report, export) starts here.
+
+The temperature is what ``cnnlab evaluate --calibrate`` fitted on the run's validation images
+(:func:`cnnlab.core.calibration.fit_temperature`), kept in ``RUN_DIR/calibration.json`` with the stamp
+of the checkpoint it was fitted for: a checkpoint that has changed since (retrained, another file) has
+no temperature, and its probabilities are the plain softmax.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -14,11 +23,14 @@ import torch.nn as nn
 from cnnlab.config import TrainConfig, from_saved
 from cnnlab.core import checkpoint
 from cnnlab.core.errors import UserError
+from cnnlab.core.files import atomic_write
 from cnnlab.core.spec import ModelSpec, Preprocess
-from cnnlab.data import open_dataset
-from cnnlab.data.splits import reported_test_set
+from cnnlab.data import Dataset, open_dataset
+from cnnlab.data.splits import reported_test_set, split
 from cnnlab.data.store import PixelStore
 from cnnlab.models import build, check_name
+
+CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass
@@ -55,19 +67,82 @@ class LoadedRun:
         saved = self.config
         if dataset is None and saved is None:
             raise UserError(f"{self.path} does not say which dataset it was trained on; give a dataset or image files")
-        name = dataset or saved.dataset
         if limit_test is None and dataset is None:
             limit_test = saved.limit_test  # the same images the run reported on
-        data = open_dataset(name, data_dir=data_dir or (saved.data_dir if saved else None),
-                            skip_bad_images=saved is not None and saved.skip_bad_images,
-                            store_size=saved.store_size if saved else None,
-                            image_size=saved.image_size if saved else None)
-        check_classes(self, data.classes, name)
+        data = self._open(dataset, data_dir)
         x, y = reported_test_set(data, limit_test)
         test = (x.read() if isinstance(x, PixelStore) else x, y)  # only these images are read
         if dataset is None:
             self._test = test
         return test
+
+    def validation_set(self, data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and labels of the validation images the run held out of its training set (the
+        same draw as training's :func:`cnnlab.data.splits.split`), on the CPU."""
+        saved = self.config
+        if saved is None:
+            raise UserError(f"{self.path} does not say which dataset it was trained on, so its validation "
+                            "images cannot be found")
+        data = self._open(None, data_dir)
+        held = split(data, saved.limit_train, saved.limit_test, saved.val_split, saved.batch_size)
+        x = held.val_x
+        return (x.read() if isinstance(x, PixelStore) else x, held.val_y)
+
+    def _open(self, dataset: str | None, data_dir: str | None) -> Dataset:
+        """``dataset`` (default: the run's own), opened as the run opened it, with the run's classes."""
+        saved = self.config
+        name = dataset or saved.dataset
+        data = open_dataset(name, data_dir=data_dir or (saved.data_dir if saved else None),
+                            skip_bad_images=saved is not None and saved.skip_bad_images,
+                            store_size=saved.store_size if saved else None,
+                            image_size=saved.image_size if saved else None)
+        check_classes(self, data.classes, name)
+        return data
+
+    @property
+    def temperature(self) -> float | None:
+        """The temperature fitted for this checkpoint by ``cnnlab evaluate --calibrate``, else None."""
+        found = read_calibration(self)
+        return None if found is None else found["temperature"]
+
+
+def checkpoint_stamp(path: Path) -> dict[str, Any]:
+    """What identifies a checkpoint file as it is now: a result stamped with it is stale once it differs."""
+    st = path.stat()
+    return {"checkpoint": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def read_calibration(loaded: LoadedRun) -> dict[str, Any] | None:
+    """``RUN_DIR/calibration.json`` when it was fitted for ``loaded``'s checkpoint as it is now; None when
+    there is none, it is for another checkpoint, or it cannot be read (it is then fitted afresh)."""
+    if loaded.run_dir is None:
+        return None
+    try:
+        saved = json.loads(calibration_file(loaded).read_text())
+        t = saved["temperature"]
+        stamp = saved["stamp"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if stamp != checkpoint_stamp(loaded.path) or not isinstance(t, (int, float)) or isinstance(t, bool):
+        return None
+    if not (math.isfinite(t) and t > 0):
+        return None
+    return saved
+
+
+def calibration_file(loaded: LoadedRun) -> Path:
+    """Where ``loaded``'s temperature is kept: its run folder's ``calibration.json``."""
+    if loaded.run_dir is None:
+        raise UserError(f"{loaded.path} is not in a run folder (RUN_DIR/checkpoints/), so there is nowhere to "
+                        "keep its temperature; give the run folder, or a checkpoint in its checkpoints/")
+    return loaded.run_dir / CALIBRATION_FILE
+
+
+def save_calibration(loaded: LoadedRun, temperature: float, **details: Any) -> Path:
+    """Keep ``temperature`` (and ``details``: the validation NLL before and after, …) in the run folder,
+    stamped with the checkpoint it was fitted for; written atomically."""
+    record = {"temperature": temperature, "stamp": checkpoint_stamp(loaded.path), **details}
+    return atomic_write(calibration_file(loaded), json.dumps(record, indent=2))
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -28,6 +28,7 @@ class Scores:
     labels: torch.Tensor
     confidence: torch.Tensor | None = None  # float (N,) on the CPU: the softmax probability of each prediction
     probabilities: torch.Tensor | None = None  # float (N, classes) on the CPU: the softmax of each image's logits
+    logits: torch.Tensor | None = None  # float (N, classes) on the CPU: as the model gave them (with TTA, averaged)
 
 
 def logits(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
@@ -38,32 +39,36 @@ def logits(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor
 
 @torch.no_grad()
 def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preprocess: Preprocess, *,
-          batch_size: int = 256, amp: bool = False, channels_last: bool = False, tta: bool = False) -> Scores:
+          batch_size: int = 256, amp: bool = False, channels_last: bool = False, tta: bool = False,
+          temperature: float | None = None) -> Scores:
     """Mean cross-entropy and top-1 accuracy of ``model`` (put in eval mode) on uint8 ``images``.
 
     ``tta``: test-time flip augmentation, the logits of each image averaged with those of its mirror
-    image (a free gain for models trained with flips; twice the forward passes).
+    image (a free gain for models trained with flips; twice the forward passes). ``temperature``: the
+    probabilities (not the loss, not the predictions) are the softmax of the logits divided by it.
     """
     was_training = model.training
     model.eval()
     device = images.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     loss_sum = torch.zeros((), device=device)
-    preds, probabilities = [], []
+    preds, probabilities, raw = [], [], []
     for i in range(0, len(labels), batch_size):
         x, y = preprocess.to_input(images[i:i + batch_size], channels_last), labels[i:i + batch_size]
         with autocast:
             out = logits(model, x, tta)
         loss_sum += F.cross_entropy(out, y, reduction="sum")
         preds.append(out.argmax(1))
-        probabilities.append(out.float().softmax(1))
+        raw.append(out.float())
+        probabilities.append((out.float() / (temperature or 1.0)).softmax(1))
     model.train(was_training)
     predictions = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)
     n = max(len(labels), 1)
     y = labels.cpu()
     probs = torch.cat(probabilities).cpu() if probabilities else torch.zeros(0, 0)
     return Scores(loss_sum.item() / n, (predictions == y).sum().item() / n, predictions, y,
-                  probs.amax(1) if probabilities else torch.zeros(0), probs)
+                  probs.amax(1) if probabilities else torch.zeros(0), probs,
+                  torch.cat(raw).cpu() if raw else torch.zeros(0, 0))
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

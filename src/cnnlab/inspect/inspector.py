@@ -102,11 +102,12 @@ class Inspection:
         return self.run.test_set(data_dir=self.data_dir)
 
     def scores(self) -> Scores:
-        """The test set scored as the run scored it (flip TTA where it did): computed once."""
+        """The test set scored as the run scored it (flip TTA where it did): computed once. Its
+        probabilities are calibrated by the run's temperature, where one is kept."""
         def make() -> Scores:
             images, labels = self.test_set()
             return score(self.model, images.to(self.device), labels.to(self.device), self.preprocess,
-                         tta=self.run.tta)
+                         tta=self.run.tta, temperature=self.run.temperature)
 
         return self._keep("scores", make)
 
@@ -174,7 +175,7 @@ class Inspection:
     def _prepared(self, batch: Batch) -> Images:
         x = batch.x.to(self.device)
         with torch.no_grad():
-            probs = self.model(x).softmax(1).cpu()
+            probs = (self.model(x) / (self.run.temperature or 1.0)).softmax(1).cpu()
         images = Images(x, self.preprocess.to_pixels(x).cpu(), batch.names, batch.labels, probs, [])
         images.captions = [self.caption(images, i) for i in range(len(batch.names))]
         return images

@@ -19,7 +19,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cnnlab.evaluate import confusion_figure
+from cnnlab.evaluate import confusion_figure, reliability_figure
 
 __all__ = ["confusion", "epoch_curves", "plain_text", "png_uri", "step_curves", "thumbnail"]
 
@@ -125,6 +125,13 @@ def confusion(result: dict[str, Any], classes: list[str]) -> str:
     """The confusion matrix exactly as ``cnnlab evaluate`` draws it."""
     buffer = io.BytesIO()
     confusion_figure(result, classes).savefig(buffer, format="png")
+    return png_uri(buffer.getvalue())
+
+
+def reliability(result: dict[str, Any]) -> str:
+    """The reliability diagram exactly as ``cnnlab evaluate`` draws it."""
+    buffer = io.BytesIO()
+    reliability_figure(result).savefig(buffer, format="png")
     return png_uri(buffer.getvalue())
 
 

@@ -31,6 +31,7 @@ SECTIONS: dict[str, str] = {
     "curves": "Training curves",
     "per-class": "Accuracy per class",
     "confusion": "Confusion matrix",
+    "calibration": "Calibration",
     "confused-pairs": "Most-confused classes",
     "misclassified": "Misclassified test images",
     "filters": "First-layer filters",
@@ -216,14 +217,55 @@ def _per_class(c: Contents) -> str:
     if t is None:
         return ""
     rows = []
+    figures = t.figures.get("per_class_figures", {})
     for name, acc, n in sorted(t.per_class, key=lambda r: -1 if r[1] is None else r[1]):
         width = 0 if acc is None else round(100 * acc, 1)
+        f = figures.get(name, {})
         rows.append(f"<tr><td>{e(name)}</td><td class=\"num\">{pct(acc, 1)}</td><td class=\"num\">{n}</td>"
+                    f"<td class=\"num\">{pct(f.get('precision'), 1)}</td><td class=\"num\">{pct(f.get('f1'), 1)}</td>"
                     f"<td><div class=\"bar\" title=\"{pct(acc, 1)}\"><span style=\"width:{width}%\"></span></div>"
                     "</td></tr>")
-    return (f"<p>Top-1 accuracy of each class on the test set ({t.n} images), worst first.</p>"
+    return (f"<p>Top-1 accuracy (recall) of each class on the test set ({t.n} images), worst first, with the "
+            "precision (of the images predicted as the class, the share that are) and F1.</p>"
             "<table><thead><tr><th>class</th><th class=\"num\">accuracy</th><th class=\"num\">test images</th>"
+            "<th class=\"num\">precision</th><th class=\"num\">F1</th>"
             f"<th>0 – 100%</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _calibration(c: Contents) -> str:
+    """The calibration figures and reliability diagram of ``cnnlab evaluate``, before and after the
+    temperature where one is kept."""
+    t = c.test
+    if t is None or not t.figures:
+        return ""
+    f = t.figures
+    lo, hi = f["top1_interval"]
+    top5 = f" Top-5 accuracy {pct(f['top5'], 2)}." if f["top5"] is not None else ""
+    head = (f"<p>Top-1 {pct(t.top1, 2)}, 95% interval {pct(lo, 2)} – {pct(hi, 2)} (percentile bootstrap over the "
+            f"{t.n} test images, 1000 resamples).{top5} A calibrated model's probabilities are right as often as "
+            "they say: ECE is the mean gap between confidence and accuracy over 15 equal-width confidence bins, "
+            "weighted by their images, MCE the largest gap; NLL is the test loss, Brier the mean squared distance "
+            "of the probabilities from the one-hot label.</p>")
+    if f["temperature"] is None:
+        said = ("<p>No temperature is kept for this checkpoint: the probabilities in this report are the plain "
+                f"softmax. <code>cnnlab evaluate {e(str(c.run_dir))} --calibrate</code> fits one on the run's "
+                "validation images.</p>")
+    else:
+        said = (f"<p>The probabilities in this report (and in <code>cnnlab predict</code> and the explorer) are the "
+                f"softmax of the logits divided by the temperature {f['temperature']:.3f}, fitted by "
+                "<code>cnnlab evaluate --calibrate</code> on the run's validation images; it does not change "
+                "any prediction.</p>")
+    columns = [("softmax", f["calibration"])]
+    if f["calibrated"]:
+        columns.append((f"temperature {f['temperature']:.3f}", f["calibrated"]))
+    names = (("ece", "ECE", True), ("mce", "MCE", True), ("nll", "NLL", False), ("brier", "Brier", False))
+    rows = "".join(f"<tr><td>{label}</td>" + "".join(
+        f"<td class=\"num\">{pct(col[key], 2) if percent else f'{col[key]:.4f}'}</td>" for _, col in columns)
+        + "</tr>" for key, label, percent in names)
+    table = ("<table id=\"calibration-figures\"><thead><tr><th>on the test set</th>"
+             + "".join(f"<th class=\"num\">{e(name)}</th>" for name, _ in columns)
+             + f"</tr></thead><tbody>{rows}</tbody></table>")
+    return head + said + table + (_img(t.reliability) if t.reliability else "")
 
 
 def _thumb(x: Example, show_true: bool = True) -> str:
@@ -321,6 +363,7 @@ def render(c: Contents) -> str:
         "confusion": _pictures("Rows are the true classes, columns the predictions; the colour is the fraction "
                                "of the true class, the numbers are counts.",
                                [c.test.confusion] if c.test and c.test.confusion else []),
+        "calibration": _calibration(c),
         "confused-pairs": _pairs(c),
         "misclassified": _misclassified(c),
         "filters": _pictures("Every filter of the first convolution, each scaled to its own range: what colours "

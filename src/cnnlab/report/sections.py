@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from cnnlab.config import TrainConfig, from_saved
+from cnnlab.core.calibration import assess
 from cnnlab.core.errors import UserError
 from cnnlab.core.metrics import DENSE_CONFUSION_CLASSES, Scores, breakdown, confusion_cells
 from cnnlab.inspect import Choices, Inspection, checks, show
@@ -84,6 +85,9 @@ class TestResults:
     wrong: list[Example]  # a spread of the misclassified images
     wrong_total: int
     tta: bool = False  # scored with test-time flip augmentation, as the run scored itself
+    # cnnlab.core.calibration.assess's figures (interval, top-5, precision/recall/F1, calibration), as evaluate's
+    figures: dict[str, Any] = field(default_factory=dict)
+    reliability: Picture | None = None
 
 
 @dataclass
@@ -188,6 +192,10 @@ def _score_test(contents: Contents, inspection: Inspection) -> Scores:
     contents.test = TestResults(len(y), result["top1"], result["loss"], per_class,
                                 matrix, pairs, _examples(classes, images, scores, _spread(wrong, MISCLASSIFIED_SHOWN)),
                                 len(wrong), inspection.run.tta)
+    assert scores.logits is not None
+    figures = {"n": len(y), **assess(scores.logits, y, classes, inspection.run.temperature)}
+    contents.test.figures = figures
+    contents.test.reliability = Picture(charts.reliability(figures), "reliability diagram of the test set")
     return scores
 
 
@@ -256,7 +264,8 @@ def _pictures(contents: Contents, inspection: Inspection) -> None:
     _timed(contents, "per-class", load_test)
     if contents.test is None:
         why = contents.notes.get("per-class", ["the test set could not be read"])[-1]
-        for section in ("confusion", "confused-pairs", "misclassified", "features", "gradcam", "explanations"):
+        for section in ("confusion", "calibration", "confused-pairs", "misclassified", "features", "gradcam",
+                        "explanations"):
             contents.note(section, f"needs the run's test set, which could not be read: {why}")
 
     contents.layers = first, last = inspection.first_layer, inspection.last_layer

@@ -69,11 +69,6 @@ def png(rgb: np.ndarray) -> str:
     return charts.thumbnail(torch.from_numpy(np.ascontiguousarray(a)), most=max(a.shape[1:]))
 
 
-def _stamp_of(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"checkpoint": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def _file_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
@@ -179,14 +174,15 @@ class Served:
 
     def predict(self, image: Image, tta: bool | None) -> dict[str, Any]:
         tta = self.loaded.tta if tta is None else tta
+        temperature = self.loaded.temperature  # read each time: `evaluate --calibrate` may have fitted one since
         with self.inspector() as i:
             images = self._images(i, image)
-            (top,) = ranked(i.model, self.classes, images.x, TOP_K, tta)
+            (top,) = ranked(i.model, self.classes, images.x, TOP_K, tta, temperature)
         for t in top:
             t["percent"] = f"{100 * t['prob']:.1f}%"  # as `cnnlab predict` prints it
         size = self.loaded.preprocess.size
         return {"run": self.index, "image": image.name, "label": image.label, "tta": tta, "top": top,
-                "input": png(render.image(images.pixels[0])), "size": f"{size}×{size}"}
+                "temperature": temperature, "input": png(render.image(images.pixels[0])), "size": f"{size}×{size}"}
 
     def explain(self, image: Image, method: str, target: int | None, layer: str | None) -> dict[str, Any]:
         if method not in EXPLAINERS:
@@ -258,7 +254,7 @@ class Served:
     # --- heavy jobs ---------------------------------------------------------------------------------
 
     def _job(self, kind: str, params: dict[str, Any], file: str, compute: Callable[[Progress], dict[str, Any]]) -> Task:
-        stamp = {"kind": kind, **_stamp_of(self.loaded.path), **params}
+        stamp = {"kind": kind, **run.checkpoint_stamp(self.loaded.path), **params}
         key = f"{self.index}:{kind}:" + ":".join(f"{k}={v}" for k, v in params.items())
         return Task(key, self.explore / file, stamp, compute)
 
@@ -279,7 +275,9 @@ class Served:
             return {"predictions": s.predictions.tolist(), "labels": s.labels.tolist(),
                     "confidence": s.confidence.tolist(), "top1": s.top1}
 
-        return self.jobs.request(self._job("scores", {"tta": tta}, "scores.json", compute))
+        # The confidences are the calibrated ones where a temperature is kept: a new one makes them stale.
+        return self.jobs.request(self._job("scores", {"tta": tta, "temperature": self.loaded.temperature},
+                                           "scores.json", compute))
 
     def top_images(self, layer: str, channel: int) -> Status:
         def compute(progress: Progress) -> dict[str, Any]:

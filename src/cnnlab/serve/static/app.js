@@ -71,6 +71,11 @@
 
   // --- Image in ----------------------------------------------------------------------------------
 
+  // The top-5's probabilities are divided by the run's temperature where `cnnlab evaluate --calibrate` kept one.
+  function calibrated(d) {
+    return d.temperature == null ? "" : `; probabilities calibrated (logits divided by temperature ${d.temperature.toFixed(2)})`;
+  }
+
   function topRows(tbody, top, clickable) {
     tbody.replaceChildren();
     for (const t of top) {
@@ -95,7 +100,7 @@
     const d = r.data;
     $("input").src = d.input;
     $("input").hidden = false;
-    $("input-caption").textContent = `${d.image}${d.label ? " (true class: " + d.label + ")" : ""}: the network's input, ${d.size} after resizing and normalisation; TTA ${d.tta ? "on" : "off"}`;
+    $("input-caption").textContent = `${d.image}${d.label ? " (true class: " + d.label + ")" : ""}: the network's input, ${d.size} after resizing and normalisation; TTA ${d.tta ? "on" : "off"}` + calibrated(d);
     topRows($("top5").tBodies[0], d.top, true);
     markTarget();
   }
@@ -115,7 +120,7 @@
     const d = r.data;
     $("other-name").textContent = $("compare").selectedOptions[0].textContent;
     $("other-input").src = d.input;
-    $("other-caption").textContent = `its input, ${d.size}; TTA ${d.tta ? "on" : "off"}`;
+    $("other-caption").textContent = `its input, ${d.size}; TTA ${d.tta ? "on" : "off"}` + calibrated(d);
     topRows($("other-top5").tBodies[0], d.top, false);
     const x = await call("other-explain", `/api/${other}/explain?` + query({ image: state.image, method: $("method").value }));
     if (!x) return;
