@@ -250,10 +250,11 @@ def test_the_confusion_picture_of_1000_classes_stays_a_drawable_size():
 def _scored(labels, predictions, k):
     from cnnlab.core.metrics import Scores
 
-    probabilities = torch.zeros(len(labels), k)
-    probabilities[torch.arange(len(labels)), predictions] = 0.9
+    logits = torch.zeros(len(labels), k)
+    logits[torch.arange(len(labels)), predictions] = 5.0
+    probabilities = logits.softmax(1)
     top1 = (predictions == labels).float().mean().item()
-    return Scores(0.5, top1, predictions, labels, probabilities.amax(1), probabilities)
+    return Scores(0.5, top1, predictions, labels, probabilities.amax(1), probabilities, logits)
 
 
 @pytest.mark.parametrize("k", [10, 100_000])
@@ -267,7 +268,7 @@ def test_the_report_finds_the_confused_pairs_of_any_number_of_classes_without_th
     images = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
     classes = [f"c{i}" for i in range(k)]
     inspection = SimpleNamespace(test_set=lambda: (images, labels), scores=lambda: _scored(labels, predictions, k),
-                                 classes=classes, run=SimpleNamespace(tta=False))
+                                 classes=classes, run=SimpleNamespace(tta=False, temperature=None))
     notes = []
     contents = SimpleNamespace(test=None, note=lambda section, text: notes.append((section, text)))
     sections._score_test(contents, inspection)
