@@ -18,7 +18,8 @@ import sys
 import tarfile
 from pathlib import Path
 
-from cnnlab.data.archives import read_archive
+from cnnlab.data.archives import Member, read_archive
+from cnnlab.data.scratch import scratch_folder
 
 PER_CLASS = {"train": 500, "test": 100}
 MAX_BYTES = 3 * 2**20
@@ -26,9 +27,9 @@ MTIME = 1577836800  # 2020-01-01, the date the source archive carries
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "cnnlab" / "data" / "sample" / "cifar10-sample.tar.gz"
 
 
-def select(files: dict[str, bytes]) -> dict[str, bytes]:
+def select(files: dict[str, Member]) -> dict[str, Member]:
     """The first PER_CLASS[split] files of every ``split/class/`` folder, by sorted name."""
-    chosen: dict[str, bytes] = {}
+    chosen: dict[str, Member] = {}
     taken: dict[tuple[str, str], int] = {}
     for rel in sorted(files):
         parts = rel.split("/")
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"where to write the sample (default: {DEFAULT_OUT})")
     args = parser.parse_args(argv)
 
-    chosen = select(read_archive(args.source, keep=lambda rel: rel.lower().endswith(".jpg")).files)
+    with scratch_folder() as folder:
+        unpacked = read_archive(args.source, folder, keep=lambda rel: rel.lower().endswith(".jpg")).files
+        chosen = {rel: member.read() for rel, member in select(unpacked).items()}
     data = deterministic_tar_gz(chosen)
     if len(data) > MAX_BYTES:
         print(f"sample would be {len(data):,} bytes, over the {MAX_BYTES:,} byte limit", file=sys.stderr)

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from cnnlab.core import images
+from cnnlab.core.errors import UserError
 from cnnlab.core.spec import Preprocess
 from cnnlab.train.logging import RunLog
 
@@ -157,9 +158,172 @@ def test_a_zip_of_many_small_bombs_is_refused_before_a_member_is_inflated(tmp_pa
             zf.writestr(f"train/{'ab'[i % 2]}/{i}.png", member)
     assert path.stat().st_size < 300 * 2**10  # 120 MiB unpacked
     grew, outcome = measured("from pathlib import Path\nfrom cnnlab.data import archives",
-                             f"archives.read_archive(Path({str(path)!r}))")
+                             f"archives.read_archive(Path({str(path)!r}), Path({str(tmp_path)!r}))")
     assert outcome.startswith(f"UserError: archive {path} unpacks to more than 200 times its size on disk"), outcome
     assert grew < REFUSED_BOUND, grew
+
+
+# --- 5b. an archive's members are unpacked to disk, not held in memory ------------------------------------
+
+NOISE_MEMBERS, NOISE_SIDE = 24, 836  # 24 PNGs of 836 × 836 RGB noise, stored: 2.0 MiB each, 48 MiB in all
+UNPACKED_SHARE = 4  # reading the layout may add at most a quarter of the unpacked bytes to the peak memory
+
+READ_LAYOUT = textwrap.dedent("""
+    import os, stat
+    from contextlib import ExitStack
+    from pathlib import Path
+    from PIL import Image
+    from cnnlab.data.readers.archive import ArchiveReader
+    from cnnlab.data.store import entries_dir
+    Image.init()  # the plugins the header check imports: code, not the archive's memory
+    def read(path, sizes):
+        with ExitStack() as scratch:
+            layout = ArchiveReader(Path(path)).layout(scratch)
+            files = {rel: data for split in layout.items.values() for rel, data, _ in split}
+            folder = next(iter(files.values())).path.parent
+            assert folder.parent == entries_dir() and stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+            assert {rel: member.size for rel, member in files.items()} == sizes
+            assert (folder / "members").stat().st_size == sum(sizes.values())
+        assert not folder.exists(), folder
+""")
+
+
+def noise_members() -> dict[str, bytes]:
+    """PNGs of random noise (incompressible, as photos nearly are), in train/ and test/ class folders."""
+    rng = np.random.default_rng(0)
+    members = {}
+    for i in range(NOISE_MEMBERS):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (NOISE_SIDE, NOISE_SIDE, 3), dtype=np.uint8)).save(
+            out, "PNG", compress_level=0)
+        members[f"{'train' if i % 4 else 'test'}/{'ab'[i % 2]}/{i}.png"] = out.getvalue()
+    return members
+
+
+def write_archive(path: Path, members: dict[str, bytes]) -> Path:
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def noise() -> dict[str, bytes]:
+    return noise_members()
+
+
+@pytest.mark.parametrize("name", ["noise.zip", "noise.tar.gz"])
+def test_reading_an_archive_holds_a_few_members_in_memory_not_the_archive(tmp_path, noise, name):
+    members = noise
+    unpacked = sum(map(len, members.values()))
+    assert unpacked > 46 * MiB
+    path = write_archive(tmp_path / name, members)
+    sizes = {rel: len(data) for rel, data in members.items()}
+    grew, outcome = measured(f"{READ_LAYOUT}\nos.environ['CNNLAB_CACHE'] = {str(tmp_path / 'cache')!r}",
+                             f"read({str(path)!r}, {sizes!r})")
+    assert outcome == "ok", outcome
+    assert grew < unpacked / UNPACKED_SHARE, (grew, unpacked)
+    assert [p.name for p in (tmp_path / "cache" / "datasets").iterdir()] == []
+
+
+def test_a_full_disk_while_unpacking_is_one_line_naming_the_folder_which_is_removed(tmp_path):
+    members = {"train/a/0.png": bytes(3 * MiB), "test/a/0.png": b"x"}
+    path = write_archive(tmp_path / "big.zip", members)
+    # A file size limit makes the write fail as a full disk does (EFBIG instead of ENOSPC), in this process only.
+    limit = "import resource, signal\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n" \
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({2 * MiB}, resource.RLIM_INFINITY))"
+    _, outcome = measured(f"{READ_LAYOUT}\nos.environ['CNNLAB_CACHE'] = {str(tmp_path / 'cache')!r}\n{limit}",
+                          f"read({str(path)!r}, {{}})")
+    root = tmp_path / "cache" / "datasets"
+    assert outcome.startswith(f"UserError: cannot unpack archive {path} into {root}/.unpacked-"), outcome
+    assert outcome.endswith(": File too large; free some space on that disk or set CNNLAB_CACHE to a folder on "
+                            "another one"), outcome
+    assert list(root.iterdir()) == []
+
+
+def small_archive(path: Path) -> Path:
+    """Two classes of two 64 × 64 images per split; ``test/b/1.jpg`` is cut short (its header reads, its pixels not)."""
+    members = {}
+    for split in ("train", "test"):
+        for cls in "ab":
+            for i in range(2):
+                out = io.BytesIO()
+                Image.new("RGB", (64, 64), (i * 40, 100, 200)).save(out, "PNG")
+                members[f"{split}/{cls}/{i}.png"] = out.getvalue()
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(out, "JPEG")
+    del members["test/b/1.png"]
+    members["test/b/1.jpg"] = out.getvalue()[:len(out.getvalue()) * 3 // 4]
+    return write_archive(path, members)
+
+
+@pytest.mark.parametrize("ending", ["built", "bad image", "ctrl-c"])
+def test_the_scratch_folder_lasts_until_the_images_are_decoded_and_then_goes(tmp_path, monkeypatch, ending):
+    from cnnlab.data.dataset import load_dataset
+    from cnnlab.data.readers import decoding
+    from cnnlab.data.store import entries_dir
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    path = small_archive(tmp_path / "small.zip")
+    seen, real = [], images.decode
+
+    def decode(source, *args, **kwargs):
+        spools = entries_dir().glob(".unpacked-*/members")
+        seen.extend((spool, oct(spool.parent.stat().st_mode & 0o777)) for spool in spools)
+        if ending == "ctrl-c":
+            raise KeyboardInterrupt
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(decoding.images, "decode", decode)
+    if ending == "built":
+        data = load_dataset(f"folder:{path}", skip_bad_images=True)
+        assert data.skipped == ["test/b/1.jpg"] and data.test_x.shape == (3, 3, 64, 64)
+        assert data.train_x[:, 0, 0, 0].tolist() == [0, 40, 0, 40]
+    else:
+        with pytest.raises(UserError if ending == "bad image" else KeyboardInterrupt) as raised:
+            load_dataset(f"folder:{path}")
+        if ending == "bad image":
+            assert str(raised.value).startswith(f"{path}: cannot decode image test/b/1.jpg (cannot decode the image")
+    assert seen and {(spool.name, mode) for spool, mode in seen} == {("members", "0o700")}, seen
+    assert not seen[0][0].parent.exists()
+    assert not list(entries_dir().glob(".unpacked-*"))
+
+
+def test_a_member_that_is_no_image_is_named_by_its_place_in_the_archive_not_on_disk(tmp_path, monkeypatch):
+    from cnnlab.data.dataset import load_dataset
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    path = small_archive(tmp_path / "notes.zip")
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("test/a/notes.png", b"not an image")
+    with pytest.raises(UserError) as raised:
+        load_dataset(f"folder:{path}")
+    assert str(raised.value) == (f"{path}: cannot read image test/a/notes.png (not an image PIL can read); remove or "
+                                 "replace the file, or pass `skip_bad_images` to leave such files out")
+
+
+def test_a_scratch_folder_left_by_a_killed_process_is_removed_and_a_live_one_kept(tmp_path, monkeypatch):
+    from cnnlab.data.scratch import scratch_folder
+    from cnnlab.data.store import entries_dir
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    dead = entries_dir() / ".unpacked-dead"
+    dead.mkdir(parents=True)
+    (dead / ".lock").touch()  # nobody holds it: its process is gone
+    (dead / "0000000.png").write_bytes(b"x" * 1000)
+    with scratch_folder() as live:
+        assert not dead.exists() and live.is_dir()
+        with scratch_folder() as other:
+            assert live.is_dir() and other != live
+        assert live.is_dir() and not other.exists()
+    assert list(entries_dir().iterdir()) == []
 
 
 # --- 6. tar long-name and pax headers ---------------------------------------------------------------------
@@ -195,7 +359,7 @@ def test_a_tar_extended_header_beyond_any_real_one_is_refused_before_it_is_read(
     tar_with_extended_header(path, kind, 64 * MiB)
     assert path.stat().st_size < 2 * MiB
     grew, outcome = measured("from pathlib import Path\nfrom cnnlab.data import archives",
-                             f"archives.read_archive(Path({str(path)!r}))")
+                             f"archives.read_archive(Path({str(path)!r}), Path({str(tmp_path)!r}))")
     assert outcome.startswith(f"UserError: archive {path} has an extended header (a long name or pax record, "
                               f"type {kind.decode()!r}) of 64.0 MiB"), outcome
     assert grew < REFUSED_BOUND, grew
@@ -206,7 +370,8 @@ def test_a_long_name_of_a_real_size_still_reads(tmp_path):
     tar_with_extended_header(path, tarfile.GNUTYPE_LONGNAME, 4096)
     from cnnlab.data import archives
 
-    assert list(archives.read_archive(path).files) == ["train/a/0.png"]
+    (tmp_path / "unpacked").mkdir()
+    assert list(archives.read_archive(path, tmp_path / "unpacked").files) == ["train/a/0.png"]
 
 
 # --- 7. the CIFAR unpickler -------------------------------------------------------------------------------

@@ -69,12 +69,15 @@ def _open(source: Source) -> Image.Image:
 def header(source: Source, max_bytes: int = MAX_DECODED_BYTES) -> tuple[str, int, int]:
     """Mode, width and height (after EXIF rotation) from the header, without decoding pixels (but a PNG, whose
     EXIF block may follow its pixels); :class:`TooLarge` first if they would take more than ``max_bytes``."""
-    with _open(source) as img:
-        _check_budget(img, max_bytes)
-        width, height = img.size
-        if img.getexif().get(EXIF_ORIENTATION, 1) in ROTATED_ORIENTATIONS:
-            width, height = height, width
-        return img.mode, width, height
+    try:
+        with _open(source) as img:
+            _check_budget(img, max_bytes)
+            width, height = img.size
+            if img.getexif().get(EXIF_ORIENTATION, 1) in ROTATED_ORIENTATIONS:
+                width, height = height, width
+            return img.mode, width, height
+    except Image.UnidentifiedImageError:  # its message repeats the file's path (or a BytesIO's repr)
+        raise ValueError("not an image PIL can read") from None
 
 
 def decode(source: Source, channels: int, *, fit: tuple[int, int] | None = None,

@@ -1,13 +1,18 @@
-"""Safe, in-memory reading of .tar, .tar.gz, .tgz and .zip archives.
+"""Safe reading of .tar, .tar.gz, .tgz and .zip archives, a member at a time, into a folder of their own.
 
-Nothing is ever extracted to disk: members are read into memory, so a hostile archive cannot
-write outside any folder. Members that would be dangerous if extracted (absolute paths, ``..``
-components, links leaving the archive, device files) are still refused, because an archive that
-holds them is either broken or an attack, and a user is better told than silently served half.
+Each kept member is streamed, a block at a time, onto the end of one spool file in the caller's folder
+(a private scratch folder, :mod:`cnnlab.data.scratch`) and handed on as a :class:`Member`, its place
+in that file: memory holds a block, not the archive, and the member's own name never reaches the disk,
+so a hostile archive cannot write outside the folder. One file rather than one per member, because
+file systems make and delete small files slowly: CIFAR-10's 60,000 took minutes on a virtual disk
+(a network home folder is no faster), the spool file seconds. Members that would
+be dangerous if extracted (absolute paths, ``..`` components, links leaving the archive, device files)
+are still refused, because an archive that holds them is either broken or an attack, and a user is
+better told than silently served half.
 
-Memory is bounded before it is spent, from the headers: each member by the largest file an image
-PIL decodes can plausibly be and by the machine's memory (:func:`member_limit`), and the whole by half
-the memory; a member, or the whole archive, that compresses better than any image set does (a zip
+Sizes are bounded before anything is unpacked, from the headers: each member by the largest file an
+image PIL decodes can plausibly be and by the machine's memory (:func:`member_limit`), and the whole by
+half the memory; a member, or the whole archive, that compresses better than any image set does (a zip
 bomb) is refused by its ratio (a zip's from its central directory, before any member is inflated; a
 tar's as its headers come); a tar's extended headers (long names, pax records) may not exceed
 :data:`MAX_EXTENDED_HEADER`; and a member whose first bytes are an image header is read in full only
@@ -22,7 +27,8 @@ import re
 import stat
 import tarfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -35,6 +41,8 @@ from cnnlab.core.errors import UserError
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 MAX_TOTAL_BYTES = 16 * 2**30  # uncompressed; also never more than half the memory (total_limit)
 MAX_MEMBERS = 2_000_000
+BLOCK_BYTES = 2**20  # a member is unpacked this many bytes at a time
+SPOOL_FILE = "members"  # in the caller's folder: every kept member, one after another
 # PIL refuses to decode more than twice MAX_IMAGE_PIXELS pixels; no file of such an image, even
 # uncompressed 8-bit RGBA, is larger than this. CNNLAB_MAX_IMAGE_BYTES overrides it (either way,
 # at most an eighth of the memory: reading a member and decoding it each take as much again).
@@ -56,11 +64,27 @@ EXTENDED_HEADERS = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
+@dataclass(frozen=True)
+class Member:
+    """An unpacked member: ``size`` bytes at ``offset`` in the spool file ``path``. Whoever decodes it reads
+    it (a worker process), so that only this reference passes between processes."""
+
+    path: Path
+    offset: int
+    size: int
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+
 @dataclass
 class ArchiveContents:
-    """Regular files kept by the caller's filter, and every folder the archive names or implies."""
+    """Regular files kept by the caller's filter (where each was unpacked to, by its name in the archive),
+    and every folder the archive names or implies."""
 
-    files: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, Member] = field(default_factory=dict)
     dirs: set[str] = field(default_factory=set)
 
 
@@ -85,7 +109,9 @@ def member_limit() -> int:
 
 
 def total_limit() -> int:
-    """The most uncompressed bytes read from one archive: they are all held in memory at once."""
+    """The most uncompressed bytes unpacked from one archive. They go to disk, not to memory, but the bound
+    stays the memory's: an archive is unpacked again for every cache entry built from it (each image size),
+    so a larger set is better extracted once and read as a folder."""
     return min(MAX_TOTAL_BYTES, physical_memory() // 2)
 
 
@@ -94,21 +120,22 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def read_archive(path: Path, keep: Callable[[str], bool] = lambda name: True) -> ArchiveContents:
-    """Check every member of the archive at ``path`` and read the regular files that ``keep`` accepts.
+def read_archive(path: Path, into: Path, keep: Callable[[str], bool] = lambda name: True) -> ArchiveContents:
+    """Check every member of the archive at ``path`` and unpack the regular files that ``keep`` accepts
+    into the folder ``into`` (which the caller makes private and removes).
 
-    Paths in the result are relative POSIX paths without a leading ``./``. Raises ``UserError``
-    naming the member for anything unsafe, and for archives that are corrupt or too large.
+    Names in the result are relative POSIX paths without a leading ``./``. Raises ``UserError``
+    naming the member for anything unsafe, for archives that are corrupt or too large, and naming
+    ``into`` when it cannot take a member (a full disk).
     """
     name = path.name.lower()
+    if not name.endswith((".zip", ".tar", ".tar.gz", ".tgz")):
+        raise UserError(f"{path} is not a supported archive: use one of {', '.join(ARCHIVE_SUFFIXES)}")
     try:
-        if name.endswith(".zip"):
-            return _read_zip(path, keep)
-        if name.endswith((".tar", ".tar.gz", ".tgz")):
-            return _read_tar(path, keep)
+        with _Spool(path, into) as spool:
+            return (_read_zip if name.endswith(".zip") else _read_tar)(path, spool, keep)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
         raise UserError(f"cannot read archive {path}: {exc}; check that the file is complete and not corrupt") from None
-    raise UserError(f"{path} is not a supported archive: use one of {', '.join(ARCHIVE_SUFFIXES)}")
 
 
 def _clean_name(archive: Path, member: str) -> str:
@@ -196,42 +223,71 @@ class _Budget:
                 "use the folder)")
 
 
-def _read_member(archive: Path, member: str, handle: BinaryIO, size: int) -> bytes:
-    """A member's bytes, its head read first: a member that starts with an image header is read in full
-    only if its size fits the image the header describes (else it is a bomb dressed as an image).
-    The rest is read in blocks into one buffer of the declared size, never more than that."""
-    head = handle.read(min(size, HEADER_BYTES))
-    if len(head) < size:
+def _check_head(archive: Path, member: str, head: bytes, size: int) -> None:
+    """A member that starts with an image header is read in full only if its size fits the image the header
+    describes (else it is a bomb dressed as an image)."""
+    if len(head) >= size:
+        return
+    try:
+        _, width, height = images.header(head)
+    except Exception:  # noqa: BLE001 - hostile bytes; no header in the head: the size bounds above protect
+        return
+    plausible = width * height * MAX_BYTES_PER_PIXEL + HEADER_SLACK
+    if size > plausible:
+        raise UserError(f"archive {archive} member {member!r} is {_size(size)}, but its header describes a "
+                        f"{width}×{height} image, whose file is never larger than {_size(plausible)}; "
+                        "refusing to read it")
+
+
+class _Spool:
+    """Appends members to the spool file in ``folder``, each after the one before."""
+
+    def __init__(self, archive: Path, folder: Path) -> None:
+        self.archive, self.path, self.offset = archive, folder / SPOOL_FILE, 0
+
+    @contextmanager
+    def _disk(self) -> Iterator[None]:
+        """Turn a failure to write into the folder (a full disk, a quota) into one line naming it; a failure
+        to read the archive is left to :func:`read_archive`."""
         try:
-            _, width, height = images.header(head)
-        except Exception:  # noqa: BLE001 - hostile bytes; no header in the head: the size bounds above protect
-            pass
-        else:
-            plausible = width * height * MAX_BYTES_PER_PIXEL + HEADER_SLACK
-            if size > plausible:
-                raise UserError(
-                    f"archive {archive} member {member!r} is {_size(size)}, "
-                    f"but its header describes a {width}×{height} "
-                    f"image, whose file is never larger than {_size(plausible)}; refusing to read it")
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    view[:len(head)] = head
-    filled = len(head)
-    while filled < size:
-        block = handle.read(min(size - filled, 1 << 20))
-        if not block:
-            raise UserError(f"archive {archive} member {member!r} ends after {filled:,} of its {size:,} bytes; "
-                            "check that the file is complete and not corrupt")
-        view[filled:filled + len(block)] = block
-        filled += len(block)
-    if handle.read(1):  # a zip's declared size is what its data inflates to, and the CRC is checked here
-        raise UserError(f"archive {archive} member {member!r} holds more than the {size:,} bytes its header "
-                        "declares; the archive is corrupt or forged")
-    view.release()
-    return bytes(buffer)
+            yield
+        except OSError as e:
+            raise UserError(f"cannot unpack archive {self.archive} into {self.path.parent}: {e.strerror or e}; "
+                            "free some space on that disk or set CNNLAB_CACHE to a folder on another one") from None
+
+    def __enter__(self) -> _Spool:
+        with self._disk():
+            self.file = open(self.path, "xb")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._disk():
+            self.file.close()
+
+    def member(self, member: str, handle: BinaryIO, size: int) -> Member:
+        """Stream a member of ``size`` declared bytes from ``handle`` into the spool file, its head checked first
+        (:func:`_check_head`), then a block of at most :data:`BLOCK_BYTES` at a time, never more than ``size``."""
+        head = handle.read(min(size, HEADER_BYTES))
+        _check_head(self.archive, member, head, size)
+        block, filled = head, 0
+        while True:
+            with self._disk():
+                self.file.write(block)
+            filled += len(block)
+            if filled >= size:
+                break
+            block = handle.read(min(size - filled, BLOCK_BYTES))
+            if not block:
+                raise UserError(f"archive {self.archive} member {member!r} ends after {filled:,} of its "
+                                f"{size:,} bytes; check that the file is complete and not corrupt")
+        if handle.read(1):  # a zip's declared size is what its data inflates to, and the CRC is checked here
+            raise UserError(f"archive {self.archive} member {member!r} holds more than the {size:,} bytes its "
+                            "header declares; the archive is corrupt or forged")
+        self.offset += size
+        return Member(self.path, self.offset - size, size)
 
 
-def _read_tar(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
+def _read_tar(path: Path, spool: _Spool, keep: Callable[[str], bool]) -> ArchiveContents:
     contents, budget = ArchiveContents(), _Budget(path)
     ending: dict[str, str] = {}
     with tarfile.open(path, "r:*", tarinfo=_end_aware(ending, budget)) as tar:
@@ -254,7 +310,7 @@ def _read_tar(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
             if keep(clean):
                 handle = tar.extractfile(info)
                 assert handle is not None  # regular files always have data
-                contents.files[clean] = _read_member(path, info.name, handle, info.size)
+                contents.files[clean] = spool.member(info.name, handle, info.size)
         if ending.get("how") != "marker":
             # tarfile takes the end of the data, or a damaged header, after a complete member for the end
             # of the archive: members would silently be missing.
@@ -301,7 +357,7 @@ def _end_aware(ending: dict[str, str], budget: _Budget) -> type[tarfile.TarInfo]
     return EndAware
 
 
-def _read_zip(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
+def _read_zip(path: Path, spool: _Spool, keep: Callable[[str], bool]) -> ArchiveContents:
     contents, budget = ArchiveContents(), _Budget(path)
     with zipfile.ZipFile(path) as archive:
         infos = archive.infolist()
@@ -326,7 +382,7 @@ def _read_zip(path: Path, keep: Callable[[str], bool]) -> ArchiveContents:
             if keep(clean):
                 if info.flag_bits & 0x1:
                     raise UserError(f"archive {path} member {info.filename!r} is encrypted; decrypt the archive first")
-                # ZipExtFile stops at the declared size, so a lying header cannot inflate memory.
+                # ZipExtFile stops at the declared size, so a lying header cannot unpack more.
                 with archive.open(info) as handle:
-                    contents.files[clean] = _read_member(path, info.filename, handle, info.file_size)
+                    contents.files[clean] = spool.member(info.filename, handle, info.file_size)
     return contents

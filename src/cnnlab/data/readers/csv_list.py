@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+from contextlib import ExitStack
 from pathlib import Path
 
 from cnnlab.core.errors import UserError
@@ -100,5 +101,5 @@ class CsvReader(ImageReader):
         rows = self._read()
         return hash_files([image for _, image, _, _ in rows], hash_files([p for p, _ in self.files], "csv"))
 
-    def layout(self) -> Layout:
+    def layout(self, scratch: ExitStack) -> Layout:
         return _csv_layout(self._read(), self.path)

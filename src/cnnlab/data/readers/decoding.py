@@ -19,7 +19,7 @@ from cnnlab.core import images
 from cnnlab.core.errors import UserError
 from cnnlab.data.readers import pool
 from cnnlab.data.readers.fingerprint import cache_key
-from cnnlab.data.readers.layout import Layout, Source, check_not_emptied
+from cnnlab.data.readers.layout import Layout, Source, check_not_emptied, encoded
 from cnnlab.data.readers.probe import DecodePlan, Sizing, plan, probe_layout, read_summary, write_summary
 from cnnlab.data.store import Entry, EntryBuilder, cached, entries_dir
 
@@ -59,6 +59,7 @@ def _decode_chunk(items: list[tuple[str, Source]], plan: DecodePlan, source: str
     out = np.empty((len(items), plan.channels, plan.height, plan.width), dtype=np.uint8)
     failed = []
     for i, (rel, data) in enumerate(items):
+        data = encoded(data)
         try:
             out[i] = images.decode(data, plan.channels, fit=(plan.width, plan.height) if plan.fit else None)
         except images.DECODE_ERRORS as exc:

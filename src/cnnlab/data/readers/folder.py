@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 from cnnlab.core.errors import UserError
@@ -88,5 +89,5 @@ class FolderReader(ImageReader):
     def content(self) -> str:
         return hash_tree(self._listed())
 
-    def layout(self) -> Layout:
+    def layout(self, scratch: ExitStack) -> Layout:
         return tree_layout(self._listed(), self.path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -81,5 +82,5 @@ class HfReader(ImageReader):
                 raise not_regular(p, p.stat().st_mode)
         return hash_tree(Tree(files, set()))
 
-    def layout(self) -> Layout:
+    def layout(self, scratch: ExitStack) -> Layout:
         return _hf_layout(self.path)

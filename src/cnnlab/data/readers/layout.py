@@ -8,8 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.core.errors import UserError
+from cnnlab.data.archives import Member
 
-Source = bytes | Path  # an image's encoded bytes, or the file holding them
+Source = bytes | Path | Member  # an image's encoded bytes, the file holding them, or where an archive's is unpacked
+
+
+def encoded(data: Source) -> bytes | Path:
+    """What the decoder takes: an archive member is read here, in the process that decodes it."""
+    return data.read() if isinstance(data, Member) else data
 
 
 @dataclass

@@ -21,7 +21,7 @@ from cnnlab.core import images
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write
 from cnnlab.data.readers import pool
-from cnnlab.data.readers.layout import Layout, Source, check_not_emptied
+from cnnlab.data.readers.layout import Layout, Source, check_not_emptied, encoded
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def plan(summary: dict[str, Any], sizing: Sizing) -> DecodePlan:
 
 def _probe(rel: str, data: Source, source: str) -> tuple[str, int, int]:
     """Mode, width and height from the image header, without decoding pixels."""
+    data = encoded(data)
     try:
         return images.header(data)
     except images.DECODE_ERRORS as exc:

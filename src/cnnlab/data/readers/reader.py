@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import ExitStack
 from pathlib import Path
 
 from cnnlab.data.readers.decoding import cached_images
@@ -33,8 +34,12 @@ class ImageReader(Reader):
         self.path = path
 
     @abstractmethod
-    def layout(self) -> Layout:
-        """The classes and each split's images: asked for only when the images must be read."""
+    def layout(self, scratch: ExitStack) -> Layout:
+        """The classes and each split's images: asked for only when the images must be read.
+
+        What the images need until they are decoded (an archive's members unpacked to disk) is entered
+        into ``scratch``, which :meth:`entry` closes once the cache entry is built, or has failed."""
 
     def entry(self, content: str, skip_bad: bool, sizing: Sizing) -> Entry:
-        return cached_images(self.layout, content, self.path, skip_bad, sizing)
+        with ExitStack() as scratch:
+            return cached_images(lambda: self.layout(scratch), content, self.path, skip_bad, sizing)
