@@ -312,9 +312,14 @@ def _print_result(result) -> None:
     if not result.last or result.last.get("step") != result.step:
         print(f"stopped at step {result.step} as asked; continue with: cnnlab train --resume {result.run_dir}")
         return
-    r = result.last
-    parts = [f"{k} {r[k]:.4f}" for k in ("train_acc", "val_acc", "test_acc") if r.get(k) is not None]
-    print(f"finished {r['epoch']} epochs: " + ", ".join(parts))
+    def figures(r: dict) -> str:
+        return ", ".join(f"{k} {r[k]:.4f}" for k in ("train_acc", "val_acc", "test_acc") if r.get(k) is not None)
+
+    if result.best:  # ended by early stopping: the run's result is best.pt, not the last epoch
+        print(f"stopped after epoch {result.last['epoch']}, {result.stopped}")
+        print(f"result: best.pt, epoch {result.best['epoch']}: {figures(result.best)}")
+    else:
+        print(f"finished {result.last['epoch']} epochs: {figures(result.last)}")
     print(f"run folder: {result.run_dir}")
     print(f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
 

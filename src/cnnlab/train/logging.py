@@ -149,3 +149,19 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
+
+
+def epoch_record(run_dir: Path, epoch: int) -> dict[str, Any]:
+    """The record of ``epoch`` in the run's metrics.jsonl ({} when it is not there)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return {}
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if isinstance(record, dict) and record.get("kind") == "epoch" and record.get("epoch") == epoch:
+            return {k: v for k, v in record.items() if k != "kind"}
+    return {}
