@@ -43,14 +43,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
-def _add_settings(p: argparse.ArgumentParser) -> None:
-    """A flag for every training setting, from its declaration in :class:`cnnlab.config.TrainConfig`:
-    a switch pair (--tta/--no-tta) for a yes-or-no setting, a value otherwise; ``amp`` takes an optional
-    value (--amp, --amp force) beside --no-amp. Any other value is refused by the configuration's check."""
+def _add_settings(p: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
+    """A flag for every training setting (but those in ``leave_out``), from its declaration in
+    :class:`cnnlab.config.TrainConfig`: a switch pair (--tta/--no-tta) for a yes-or-no setting, a value
+    otherwise; ``amp`` takes an optional value (--amp, --amp force) beside --no-amp. Any other value is
+    refused by the configuration's check."""
     from cnnlab import config
 
     for name, f in config.FIELDS.items():
-        if not f.metadata["flag"]:
+        if not f.metadata["flag"] or name in leave_out:
             continue
         flag, help, kinds = "--" + name.replace("_", "-"), f.metadata["help"], config.kinds(name)
         options = config.choices(name)
@@ -83,6 +84,24 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="train one run per seed, one after the other, into the group folder --out (OUT/seed-S "
                         "each, and OUT/group.json), and print the mean ± std of their final figures; "
                         "--resume OUT continues the unfinished ones")
+
+
+def _lr_find_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lr-find", help="sweep the learning rate on a copy of the model and plot the loss against it",
+        argument_default=argparse.SUPPRESS,
+        description="The learning-rate range test (Smith 2017): train a copy of the model --steps steps with the "
+                    "learning rate growing exponentially from --start-lr to --end-lr, on the data, model and recipe "
+                    "the training flags say, until the loss diverges. Plots the smoothed loss against the rate with "
+                    "two suggestions (steepest descent, valley) and the configured --lr. Writes no run folder.")
+    p.add_argument("--config", metavar="FILE.toml", help="settings to apply over the recipe")
+    _add_settings(p, leave_out=("out",))
+    p.add_argument("--steps", type=int, default=100, help="steps of the sweep at most (default 100)")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="the first step's learning rate (default 1e-7)")
+    p.add_argument("--end-lr", type=float, default=10.0, help="the last step's learning rate (default 10)")
+    p.add_argument("--out", metavar="FILE.png", default="lr-find.png", help="the plot (default lr-find.png)")
+    p.add_argument("--json", action="store_true", default=False,
+                   help="print the curve and suggestions as one JSON document")
 
 
 def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
@@ -222,8 +241,8 @@ def build_parser() -> Parser:
     parser = Parser(prog="cnnlab", description="Train a CNN for image recognition, then see what it learned.")
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    for add in (_demo_parser, _train_parser, _evaluate_parser, _summary_parser, _models_parser, _predict_parser,
-                _export_parser, _visualize_parser, _report_parser, _compare_parser, _serve_parser):
+    for add in (_demo_parser, _train_parser, _lr_find_parser, _evaluate_parser, _summary_parser, _models_parser,
+                _predict_parser, _export_parser, _visualize_parser, _report_parser, _compare_parser, _serve_parser):
         add(sub)
     return parser
 
@@ -362,15 +381,45 @@ def _print_result(result) -> None:
     if not result.last or result.last.get("step") != result.step:
         print(f"stopped at step {result.step} as asked; continue with: cnnlab train --resume {result.run_dir}")
         return
-    r = result.last
-    parts = [f"{k} {r[k]:.4f}" for k in ("train_acc", "val_acc", "test_acc") if r.get(k) is not None]
-    print(f"finished {r['epoch']} epochs: " + ", ".join(parts))
+    def figures(r: dict) -> str:
+        return ", ".join(f"{k} {r[k]:.4f}" for k in ("train_acc", "val_acc", "test_acc") if r.get(k) is not None)
+
+    if result.best:  # ended by early stopping: the run's result is best.pt, not the last epoch
+        print(f"stopped after epoch {result.last['epoch']}, {result.stopped}")
+        print(f"result: best.pt, epoch {result.best['epoch']}: {figures(result.best)}")
+    else:
+        print(f"finished {result.last['epoch']} epochs: {figures(result.last)}")
     print(f"run folder: {result.run_dir}")
     print(f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
 
 
 EVALUATE_JSON = ("top1", "n", "per_class", "confusion", "top1_interval", "top5", "per_class_figures", "calibration",
                  "temperature", "calibrated", "fitted")
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from cnnlab.config import resolve
+    from cnnlab.train.lr_find import CAVEAT, lr_find, plot
+
+    sweep = {k: getattr(args, k) for k in ("steps", "start_lr", "end_lr", "out", "json")}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", *sweep)}
+    cfg = resolve(toml_path=getattr(args, "config", None), overrides=given)
+    result = lr_find(cfg, steps=args.steps, start_lr=args.start_lr, end_lr=args.end_lr)
+    png = plot(result, args.out)
+    if args.json:
+        print(json.dumps({**result.to_json(), "plot": str(png)}))
+        return 0
+    end = f"stopped at {result.lrs[-1]:.3g}, where the loss diverged" if result.diverged else "no divergence"
+    print(f"swept {len(result.lrs)} steps from {result.start_lr:g} to {result.lrs[-1]:.3g} ({end})")
+    if result.valley is None or result.steepest is None:
+        print("the curve is too short to suggest a rate: lower --start-lr or raise --steps")
+    else:
+        print(f"steepest descent at {result.steepest:.2g}, valley at {result.valley:.2g}; configured --lr "
+              f"{result.recipe_lr:g}")
+        print(f"suggested: --lr {result.valley:.2g} (the valley)")
+    print(f"caveat: {CAVEAT}")
+    print(one_line(f"wrote {png}"))
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -582,8 +631,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "summary": cmd_summary, "models": cmd_models,
-            "demo": cmd_demo,
+COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "evaluate": cmd_evaluate, "summary": cmd_summary,
+            "models": cmd_models, "demo": cmd_demo,
             "predict": cmd_predict, "export": cmd_export,
             "visualize": cmd_visualize, "report": cmd_report, "compare": cmd_compare, "serve": cmd_serve}
 

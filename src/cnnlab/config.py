@@ -95,6 +95,12 @@ class TrainConfig:
     ema: float = setting(0.0, "decay of a moving average of the weights, scored and saved in their place (0: off; "
                               "e.g. 0.999)", least=0, below=1)
     tta: bool = setting(False, "score validation and test images with test-time flip augmentation")
+    early_stop: int | None = setting(None, "end training when the validation figure --early-stop-metric has not "
+                                           "improved for this many epochs; best.pt is the run's result",
+                                     least=1, unit="epochs")
+    early_stop_metric: Literal["val_acc", "val_loss"] = setting(
+        "val_acc", "the validation figure that picks best.pt and that --early-stop watches: val_acc (higher is "
+                   "better) or val_loss (lower is better)")
     # execution
     device: Literal["auto", "cpu", "cuda"] = setting("auto")
     # None: on CUDA only; True: where bf16 is native (CUDA, CPUs with bf16 instructions); "force": also on
@@ -314,6 +320,9 @@ def _validate_together(cfg: TrainConfig) -> None:
     need(cfg.weights is None or bool(cfg.weights), "`weights` must be DEFAULT, a weights name or a file")
     need(cfg.freeze is None or bool(cfg.freeze), "`freeze` must be backbone or a layer name")
     need(not cfg.nesterov or cfg.momentum > 0, "`nesterov` needs a `momentum` above 0")
+    need(cfg.early_stop is None or cfg.val_split != 0,
+         "`early_stop` watches the validation split, which `val_split` 0 leaves empty; hold out images with "
+         "`val_split` N, or drop `early_stop`")
     need(len(cfg.mean) == len(cfg.std) and len(cfg.mean) in (1, 3),
          "`mean` and `std` must both have 1 or 3 values")
     need(all(s > 0 and math.isfinite(s) for s in cfg.std), "`std` values must be finite and greater than 0")

@@ -12,7 +12,10 @@ weights, only with a weight average), ``model_spec`` (:class:`ModelSpec`), ``pre
 Two optional keys were added without a new schema number (earlier readers ignore them, and files
 without them still load): ``checksum``, the sha256 of every tensor in the file (:func:`tensor_digest`),
 verified on reading, so that a flipped bit is found instead of trained on; and ``data``, a description
-of the training data (``{"hash": …}``) that ``--resume`` compares with the data it finds.
+of the training data (``{"hash": …}``) that ``--resume`` compares with the data it finds; and, while
+training, ``best``: the watched validation figure's best so far (``{"metric", "value", "epoch", "stale"}``,
+``stale`` the epochs since it improved), which early stopping resumes from (without it: from
+``best_val_acc``, no epochs stale).
 Schema 1 (no ``schema`` key): the image size inside ``model_spec``, ``normalize`` = {mean, std}.
 
 :func:`read` checks every field against the bounds of :mod:`cnnlab.core.spec` (the optimizer's and the
@@ -39,6 +42,7 @@ from cnnlab.core.spec import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, ModelSpec, Preproce
 
 SCHEMA = 2
 TRAINING_KEYS = ("optimizer", "scheduler", "epoch", "step", "best_val_acc", "partial_epoch", "rng")
+BEST_METRICS = ("val_acc", "val_loss")  # what ``best`` may watch (TrainConfig.early_stop_metric)
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 PICKLE_MAGIC = b"\x80"  # a bare pickle (protocol 2 and later) starts with PROTO
 # torch.save(_use_new_zipfile_serialization=False): a pickle that starts with torch's magic number
@@ -54,7 +58,7 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     train_model: dict[str, torch.Tensor] | None = None  # the raw weights when ``model`` is their average
-    training: dict[str, Any] | None = None  # TRAINING_KEYS: what resuming needs
+    training: dict[str, Any] | None = None  # TRAINING_KEYS (and ``best`` when known): what resuming needs
     data: dict[str, Any] = field(default_factory=dict)  # {"hash": content hash of the dataset}, when known
 
     @property
@@ -73,6 +77,8 @@ def write(ckpt: Checkpoint, path: Path) -> None:
         state["train_model"] = ckpt.train_model
     if ckpt.training is not None:
         state.update({k: ckpt.training[k] for k in TRAINING_KEYS})
+        if ckpt.training.get("best") is not None:
+            state["best"] = dict(ckpt.training["best"])
     if ckpt.data:
         state["data"] = dict(ckpt.data)
     state["checksum"] = tensor_digest(state)
@@ -166,7 +172,26 @@ def _training(state: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8:
         raise ValueError("rng holds no torch generator state")
     optim_state.check(t["optimizer"], t["scheduler"], t["step"])
+    if "best" in state:
+        t["best"] = _best(state["best"])
     return t
+
+
+def _best(best: Any) -> dict[str, Any]:
+    """The saved best-so-far of the watched validation figure, checked field by field."""
+    names = {"metric", "value", "epoch", "stale"}
+    if not isinstance(best, dict) or set(best) != names:
+        raise ValueError(f"best is not a table of {', '.join(sorted(names))}")
+    if best["metric"] not in BEST_METRICS:
+        raise ValueError(f"best watches {best['metric']!r}, not one of {', '.join(BEST_METRICS)}")
+    value = best["value"]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value)):
+        raise ValueError(f"best value is {value!r}, not a finite number")
+    for key in ("epoch", "stale"):
+        if isinstance(best[key], bool) or not isinstance(best[key], int) or best[key] < 0:
+            raise ValueError(f"best {key} is {best[key]!r}, not a whole number ≥ 0")
+    return dict(best)
 
 
 def _table(value: Any, key: str) -> dict[str, Any]:

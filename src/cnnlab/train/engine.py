@@ -41,7 +41,7 @@ from cnnlab.train import distributed
 from cnnlab.train.device import amp_choice, compiled, keep_freed_memory, use_amp, use_channels_last
 from cnnlab.train.ema import WeightAverage
 from cnnlab.train.lock import RunLock
-from cnnlab.train.logging import RunLog
+from cnnlab.train.logging import RunLog, epoch_record
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class Result:
     best_val_acc: float | None
     step: int = 0  # the step training stopped at
     started: int = 0  # the step this call started from (0, or the resumed checkpoint's)
+    stopped: str | None = None  # why the run ended ("finished", or the early stop's reason); None: it goes on
+    best: dict[str, Any] = field(default_factory=dict)  # the epoch record of best.pt, when early stopping ended it
 
 
 @dataclass
@@ -102,13 +104,42 @@ class StepStats:
 
 
 @dataclass
+class Best:
+    """The best value so far of the validation figure that picks best.pt (``early_stop_metric``), the epoch
+    that reached it, and the epochs since (what ``early_stop`` counts)."""
+
+    value: float | None = None
+    epoch: int = 0
+    stale: int = 0
+
+    def update(self, metric: str, record: dict[str, Any]) -> bool:
+        """Take in an epoch's ``record``; whether it improved on the best (strictly: a tie is no progress)."""
+        value = record.get(metric)
+        if value is None:  # no validation split
+            return False
+        if self.value is None or (value > self.value if metric == "val_acc" else value < self.value):
+            self.value, self.epoch, self.stale = value, record["epoch"], 0
+            return True
+        self.stale += 1
+        return False
+
+    def reason(self, metric: str) -> str:
+        return (f"early stop: {metric} did not improve for {self.stale} epochs "
+                f"(best {self.value:.4g} at epoch {self.epoch})")
+
+
+@dataclass
 class Progress:
     """Everything that changes while training and must survive a restart (besides the tensors' state)."""
 
     step: int = 0
-    best_val: float | None = None
+    best_val: float | None = None  # the val_acc of best.pt
     sums: EpochSums = field(default_factory=EpochSums)
     saved_step: int = 0  # the step of the last checkpoint written
+    best: Best = field(default_factory=Best)
+
+    def patience_spent(self, cfg: TrainConfig) -> bool:
+        return cfg.early_stop is not None and self.best.stale >= cfg.early_stop
 
 
 def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, device: str | None = None,
@@ -149,14 +180,14 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
             if device is not None:
                 cfg.device = device
             validate(cfg)
-            setup = _prepare(cfg, group, run_dir, fresh=False)
+            setup = prepare(cfg, group, run_dir, fresh=False)
             _check_same_run(ckpt, setup, path)
             _check_optimizer_fits(ckpt, setup, path)
             return _start(setup, ckpt, stop_after, path)
     assert cfg is not None
     run_dir = Path(distributed.broadcast(str(_new_run_dir(cfg)) if group.main else None, group))
     _refuse_existing_run(run_dir)
-    setup = _prepare(cfg, group, run_dir)
+    setup = prepare(cfg, group, run_dir)
     if group.main:
         # Only once the data and model are ready, so that a failed start leaves no empty run folder behind.
         try:
@@ -169,7 +200,7 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
         return _start(setup, None, stop_after)
 
 
-def _prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: bool = True) -> Setup:
+def prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: bool = True) -> Setup:
     """The device, the data splits and a freshly initialised model (seeded) for ``cfg``, with its
     starting weights (``--weights``, unless resuming: not ``fresh``) and frozen layers."""
     dev = distributed.device_for(group, pick_device(cfg.device))
@@ -297,7 +328,14 @@ class Trainer:
         if t["step"] > self.total_steps:
             raise UserError(f"{path} is at step {t['step']}, beyond the {self.total_steps} steps of its run; "
                             "the file is damaged or was edited")
-        return Progress(t["step"], t["best_val_acc"], EpochSums(**t["partial_epoch"]), t["step"])
+        metric = self.setup.cfg.early_stop_metric
+        # Written before early stopping: val_acc was what picked best.pt, and nothing counted epochs since.
+        best = t.get("best") or {"metric": "val_acc", "value": t["best_val_acc"], "epoch": 0, "stale": 0}
+        if best["metric"] != metric:
+            raise UserError(f"{path} tracked the best {best['metric']}, but its configuration watches {metric}; "
+                            "the file is damaged or was edited; start a new run instead")
+        return Progress(t["step"], t["best_val_acc"], EpochSums(**t["partial_epoch"]), t["step"],
+                        Best(best["value"], best["epoch"], best["stale"]))
 
     def weights_finite(self) -> torch.Tensor:
         """On the device, without waiting for it: whether no watched tensor holds NaN or +inf.
@@ -349,6 +387,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "epoch": progress.step // self.steps_per_epoch, "step": progress.step,
             "best_val_acc": progress.best_val, "partial_epoch": asdict(progress.sums),
+            "best": {"metric": setup.cfg.early_stop_metric, **asdict(progress.best)},
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if setup.device.type == "cuda" else []},
         }
@@ -392,6 +431,12 @@ def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | Non
     p = t.restore(ckpt, resumed_from or run_dir) if ckpt is not None else Progress()
     if p.step >= t.total_steps:
         raise UserError(f"the run in {run_dir} already finished all {cfg.epochs} epochs; nothing to resume")
+    if p.patience_spent(cfg):
+        raise UserError(f"the run in {run_dir} already ended ({p.best.reason(cfg.early_stop_metric)}); "
+                        "nothing to resume")
+    if cfg.early_stop is not None and not len(setup.data.val_y):
+        raise UserError(f"`early_stop` watches the validation split, but {len(setup.data.train_y)} training "
+                        "images leave none by default; hold out images with `val_split` N, or drop `early_stop`")
     run_log = RunLog(run_dir, t.total_steps, start_step=p.step, epochs=cfg.epochs) if group.main else None
     if p.step == 0 or (resumed_from is not None and resumed_from.name != "last.pt"):
         if run_log is not None and p.step == 0:
@@ -413,12 +458,14 @@ def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | Non
                 run_log.predictions(*t.last_scored[:2], t.last_scored[2], setup.data.classes, p.step)
                 run_log.epoch(record)
             p.sums, last = EpochSums(), record
-            improved = "val_acc" in record and (p.best_val is None or record["val_acc"] > p.best_val)
+            improved = p.best.update(cfg.early_stop_metric, record)
             if improved:
                 p.best_val = record["val_acc"]
             t.save(p, "last.pt")
             if improved:
                 t.save(p, "best.pt")
+            if p.patience_spent(cfg):
+                break
             if p.step < t.total_steps and stop.agreed(t, at_flush=True):
                 raise stop.interrupted(p, epoch + 1, run_dir)
             if stop_at is not None and p.step >= stop_at:
@@ -426,7 +473,21 @@ def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | Non
     finally:
         if run_log is not None:
             run_log.close()
-    return Result(run_dir, last, p.best_val, p.step, started)
+    return _ended(setup, Result(run_dir, last, p.best_val, p.step, started), p, t.total_steps)
+
+
+def _ended(setup: Setup, result: Result, p: Progress, total_steps: int) -> Result:
+    """``result`` with why the run ended (early stop, or all its epochs done), which config.json records too;
+    unchanged while the run goes on (stopped by ``stop_after``)."""
+    cfg = setup.cfg
+    if p.patience_spent(cfg):
+        result.stopped = p.best.reason(cfg.early_stop_metric)
+        result.best = epoch_record(setup.run_dir, p.best.epoch) if setup.group.main else {}
+    elif p.step >= total_steps:
+        result.stopped = "finished"
+    if result.stopped is not None and setup.group.main:
+        _write_config(setup, result.stopped)
+    return result
 
 
 def _run_epoch(t: Trainer, p: Progress, log: RunLog | None, epoch: int, stop_at: int | None,
@@ -663,7 +724,8 @@ def _check_optimizer_fits(ckpt: checkpoint.Checkpoint, setup: Setup, path: Path)
                          f"parameter {list(params[index].shape)}")
 
 
-def _write_config(setup: Setup) -> None:
+def _write_config(setup: Setup, stopped: str | None = None) -> None:
+    """The run's config.json; ``stopped`` says why the run ended (null while it goes on)."""
     cfg, dev, data, group = setup.cfg, setup.device, setup.data, setup.group
     weights = setup.weights
     if weights is None and cfg.weights:  # resumed: the weights were loaded when the run started
@@ -683,5 +745,6 @@ def _write_config(setup: Setup) -> None:
                  "val": len(data.val_y), "test": len(data.test_y), "stored_size": list(data.train_x.shape[1:]),
                  "on_device": isinstance(data.train_x, torch.Tensor),
                  "skipped_images": data.skipped},
+        "stopped": stopped,
     }
     atomic_write(setup.run_dir / "config.json", json.dumps(info, indent=2))

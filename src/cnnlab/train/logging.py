@@ -176,3 +176,9 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
         raise UserError(f"{path} records no finished epoch yet; a report needs at least one "
                         f"(let training finish an epoch, or continue it with: cnnlab train --resume {run_dir})")
     return [steps[k] for k in sorted(steps)], [epochs[k] for k in sorted(epochs)], bad
+
+
+def epoch_record(run_dir: Path, epoch: int) -> dict[str, Any]:
+    """The record of ``epoch`` in the run's metrics.jsonl, without its ``kind`` ({} when it is not there)."""
+    _, epochs, _ = read_metrics(run_dir)
+    return next(({k: v for k, v in r.items() if k != "kind"} for r in epochs if r["epoch"] == epoch), {})

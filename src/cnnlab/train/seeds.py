@@ -157,9 +157,15 @@ def _choose_group_dir(cfg: TrainConfig) -> Path:
 
 
 def _status(run_dir: Path, epochs: int) -> str:
-    """``finished`` (all epochs logged), ``stopped`` (a checkpoint to resume from) or ``pending``."""
+    """``finished`` (all epochs logged, or ended by early stopping), ``stopped`` (a checkpoint to resume
+    from) or ``pending``."""
     if not (run_dir / "checkpoints" / "last.pt").is_file():
         return "pending"
+    try:
+        if json.loads((run_dir / "config.json").read_text()).get("stopped"):
+            return "finished"  # it says why it ended: all its epochs, or early stopping
+    except (OSError, ValueError, AttributeError):
+        pass  # a run folder of an earlier cnnlab, or config.json lost: its metrics say
     try:
         _, logged, _ = read_metrics(run_dir)
     except UserError:
