@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"degradation-{kind}-{machine['date'].replace('-', '')}"
     directory = args.out or report.RESULTS_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    page, compared = compare(run_dirs, out=directory / f"{stem}.html")
+    page, compared, _ = compare(run_dirs, out=directory / f"{stem}.html")
     for run in compared:
         row = run.row()
         name = run.config.model
