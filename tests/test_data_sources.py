@@ -134,7 +134,7 @@ def test_missing_cifar10_says_where_and_how(tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
         load_dataset("cifar10", data_dir=tmp_path)
     message = str(err.value)
-    assert str(tmp_path / "cifar-10-batches-py") in message and "--download" in message and "\n" not in message
+    assert str(tmp_path / "cifar-10-batches-py") in message and "`download`" in message and "\n" not in message
 
 
 def test_unknown_spec_lists_choices() -> None:
