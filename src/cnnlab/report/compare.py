@@ -13,7 +13,6 @@ nothing fetched.
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,7 +23,6 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-import cnnlab
 from cnnlab.config import TrainConfig, from_saved
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write
@@ -32,7 +30,7 @@ from cnnlab.core.metrics import score
 from cnnlab.core.significance import mcnemar, welch
 from cnnlab.models.summary import summarize
 from cnnlab.report.charts import _fig_uri, plain_text
-from cnnlab.report.page import CSP, CSS, document_head, e
+from cnnlab.report.page import CSP, CSS, document_end, document_head, e
 from cnnlab.report.sections import read_metrics
 from cnnlab.run import load
 from cnnlab.train.seeds import is_group, summary
@@ -379,11 +377,7 @@ size (as <code>cnnlab summary</code> counts them); images/s is the mean training
 <th class="num">training time</th><th>folder</th></tr></thead><tbody>{''.join(settings)}</tbody></table>
 </section>
 </main>
-<footer>Written by cnnlab {e(cnnlab.__version__)} with torch {e(torch.__version__)} on Python
-{e(platform.python_version())}.</footer>
-</body>
-</html>
-"""
+""" + document_end()
 
 
 def compare(run_dirs: list[str | Path], out: str | Path | None = None

@@ -7,16 +7,12 @@ One self-contained HTML file, styled as the report.
 
 from __future__ import annotations
 
-import platform
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
-import cnnlab
 from cnnlab.report.compare import Group, curves, gather
-from cnnlab.report.page import CSP, CSS, document_head, e
+from cnnlab.report.page import CSP, CSS, document_end, document_head, e
 from cnnlab.train.seeds import FIGURES, summary
 
 __all__ = ["group_page"]
@@ -81,8 +77,4 @@ deviation (n − 1), the 95% interval of the mean (Student's t over the seeds) a
 <img class="plot" src="{curves(group.members)}" alt="training and test error per epoch of each seed of {e(name)}">
 </section>
 </main>
-<footer>Written by cnnlab {e(cnnlab.__version__)} with torch {e(torch.__version__)} on Python
-{e(platform.python_version())}.</footer>
-</body>
-</html>
-"""
+""" + document_end()

@@ -92,6 +92,12 @@ def document_head(title: str, links: str, csp: str | None = None) -> str:
             f'<title>{e(title)}</title>\n<link rel="icon" href="data:,">\n{links}\n</head>\n')
 
 
+def document_end(extra: str = "") -> str:
+    """The end of every written cnnlab page: what wrote it (and ``extra``, escaped here), then ``</html>``."""
+    return (f"<footer>Written by cnnlab {e(cnnlab.__version__)} with torch {e(torch.__version__)} on Python\n"
+            f"{e(platform.python_version())}.{' ' + e(extra) if extra else ''}</footer>\n</body>\n</html>\n")
+
+
 def pct(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{100 * value:.{digits}f}%"
 
@@ -391,8 +397,4 @@ final test accuracy {pct(c.last.get('test_acc'))} · written {datetime.now():%Y-
 </header>
 <main>
 {sections}</main>
-<footer>Written by cnnlab {e(cnnlab.__version__)} with torch {e(torch.__version__)} on Python
-{e(platform.python_version())}. Time spent: {e(timing)}.</footer>
-</body>
-</html>
-"""
+""" + document_end(f"Time spent: {timing}.")
