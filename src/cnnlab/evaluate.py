@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from cnnlab import run
 from cnnlab.core.calibration import assess, fit_temperature
 from cnnlab.core.device import pick_device
+from cnnlab.core.errors import one_line
 from cnnlab.core.files import atomic_write
 from cnnlab.core.metrics import DENSE_CONFUSION_CLASSES, breakdown, score
 
@@ -129,8 +130,9 @@ def confusion_figure(result: dict[str, Any], classes: list[str]) -> Figure:
     ax = fig.subplots()
     im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     if named:
-        ax.set_xticks(range(k), classes, rotation=45, ha="right")
-        ax.set_yticks(range(k), classes)
+        names = [one_line(c) for c in classes]  # a folder name's control characters have no glyph
+        ax.set_xticks(range(k), names, rotation=45, ha="right")
+        ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted class" if named else "predicted class (number)")
     ax.set_ylabel("true class" if named else "true class (number)")
     ax.set_title(f"Confusion matrix — top-1 {100 * result['top1']:.1f}% on {result['n']} test images")

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from cnnlab import run as runs
 from cnnlab.core.device import pick_device
-from cnnlab.core.errors import UserError
+from cnnlab.core.errors import UserError, one_line
 from cnnlab.core.metrics import Scores, score
 from cnnlab.core.spec import Preprocess
 from cnnlab.inspect.registry import TECHNIQUES
@@ -185,12 +185,17 @@ class Inspection:
         x = self.preprocess.to_input(pixels.to(self.device))
         return self._prepared(Batch(x, list(names), list(labels) if labels is not None else [None] * len(x)))
 
+    def _name(self, c: int) -> str:
+        """Class ``c``'s name as captions show it: control characters escaped (a folder name is the user's,
+        and a figure's font has no glyph for them)."""
+        return one_line(self.classes[c])
+
     def caption(self, images: Images, i: int, *, name: str | None = None, true: bool = True) -> str:
         """``NAME\\npred CLASS (p)``, and ``\\ntrue CLASS`` where the image's class is known and ``true``."""
         p, c = images.probabilities[i].max(0)
-        text = f"{images.names[i] if name is None else name}\npred {self.classes[int(c)]} ({float(p):.2f})"
+        text = f"{one_line(images.names[i] if name is None else name)}\npred {self._name(int(c))} ({float(p):.2f})"
         if true and images.labels[i] is not None:
-            text += f"\ntrue {self.classes[images.labels[i]]}"
+            text += f"\ntrue {self._name(images.labels[i])}"
         return text
 
     # --- the methods ----------------------------------------------------------------------------------
@@ -216,7 +221,7 @@ class Inspection:
         for r, i in enumerate(rows):
             text = images.captions[i]
             if int(t[r]) != int(images.probabilities[i].argmax()):
-                text += f"\ntarget {self.classes[int(t[r])]}"
+                text += f"\ntarget {self._name(int(t[r]))}"
             captions.append(text)
         return Explanations(images, rows, t.cpu(), layer or self.last_layer, maps,
                             {k: TECHNIQUES[k].signed for k in kinds}, captions)
@@ -290,7 +295,7 @@ class Inspection:
                                             preprocess=self.preprocess, steps=steps, progress=progress)
         with torch.no_grad():
             probs = self.model(x).softmax(1).cpu()
-        labels = [f"{self.classes[c]}\np = {float(probs[k, c]):.2f}" for k, c in enumerate(classes)]
+        labels = [f"{self._name(c)}\np = {float(probs[k, c]):.2f}" for k, c in enumerate(classes)]
         return Maximisation(None, list(classes), self.preprocess.to_pixels(x).cpu(), labels)
 
     def maximize_channels(self, layer: str, channels: Sequence[int], steps: int = 256,
