@@ -1,4 +1,4 @@
-"""``cnnlab demo``: the whole path on a laptop CPU in about a minute, offline.
+"""``cnnlab demo``: the whole path on a laptop CPU in a few minutes, offline.
 
 A width-16 ResNet-18 (CIFAR stem, 32 px) trains on the CIFAR-10 sample bundled with the package,
 then is evaluated, a small gallery of what it learned is drawn (``cnnlab visualize``) and the HTML
