@@ -68,7 +68,7 @@ def _add_settings(p: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train a small model on the bundled sample and evaluate it (CPU, about three minutes)")
+    p = sub.add_parser("demo", help="train a small model on the bundled sample and evaluate it (CPU, a few minutes)")
     p.add_argument("--out", help="the run folder (default runs/demo-TIME)")
 
 
