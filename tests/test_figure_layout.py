@@ -97,7 +97,7 @@ def fake_run(tmp_path_factory):
     from PIL import Image
 
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(photo)
-    run = LoadedRun(model, ModelSpec("resnet18-cifar", 10, 4, 3), pre, CLASSES, {}, Path("fake.pt"), None,
+    run = LoadedRun(model, ModelSpec("resnet18-cifar", 10, 4, 3), pre, CLASSES, None, Path("fake.pt"), None,
                     None, (images, torch.arange(12) % 10))
     return run, str(photo)
 

@@ -191,7 +191,10 @@ def _visualize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-labels", metavar="RUN|EPOCHS|auto|none",
                    help="sanity: a run trained on permuted labels, or epochs to train one here for the data "
                         "randomisation test (default auto: one epoch when that is cheap)")
-    p.add_argument("--json", action="store_true", help="sanity: print the table as JSON")
+    p.add_argument("--check-with", metavar="RUN_DIR", help="maximize: show the class models to this independently "
+                   "trained run (same classes and input size) and state the probability it gives each its class")
+    p.add_argument("--json", action="store_true", help="sanity: print the table as JSON; maximize: the class models' "
+                                                       "probabilities and files as JSON")
     p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/viz/METHOD)")
     p.add_argument("--tensorboard", action="store_true", help="also log the images to the run's TensorBoard")
     p.add_argument("--device", default="auto")
@@ -207,6 +210,9 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN_DIR")
     p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html); "
                                                       "folders on the way that do not exist are created")
+    p.add_argument("--check-with", metavar="RUN_DIR", help="show the class models to this independently trained run "
+                                                          "(same classes and input size) and state what it makes of "
+                                                          "them")
     p.add_argument("--device", default="auto")
 
 
@@ -548,7 +554,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _choices(args: argparse.Namespace) -> dict[str, Any]:
     """The choices of cnnlab visualize that were given, as the library takes them."""
     return {name: getattr(args, name) for name in ("image", "index", "count", "layer", "target", "channel", "kind",
-                                                   "steps") if getattr(args, name) is not None}
+                                                   "steps", "check_with") if getattr(args, name) is not None}
 
 
 def random_labels(text: str) -> str | int | Path | None:
@@ -570,11 +576,31 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
     if args.method == "sanity":
         return _sanity(args)
-    for flag, value in (("--json", args.json), ("--random-labels", args.random_labels)):
-        if value:
-            raise UserError(f"{flag} is for cnnlab visualize sanity; {args.method} does not use it")
+    if args.random_labels:
+        raise UserError(f"--random-labels is for cnnlab visualize sanity; {args.method} does not use it")
+    if args.method == "maximize":
+        return _maximize(args)
+    if args.json:
+        raise UserError(f"--json is for cnnlab visualize sanity and maximize; {args.method} does not use it")
     pngs = visualize(args.method, args.path, out=args.out, tensorboard=args.tensorboard, device=args.device,
                      data_dir=args.data_dir, **_choices(args))
+    for png in pngs:
+        print(f"wrote {png}")
+    return 0
+
+
+def _maximize(args: argparse.Namespace) -> int:
+    """cnnlab visualize maximize: the figures, and a line per check with another run (or all as JSON)."""
+    from cnnlab.visualize import shown
+
+    results, pngs = shown("maximize", args.path, out=args.out, tensorboard=args.tensorboard, device=args.device,
+                          data_dir=args.data_dir, **_choices(args))
+    if args.json:
+        print(json.dumps({"results": [r.to_json() for r in results], "files": [str(p) for p in pngs]}))
+        return 0
+    for result in results:
+        if result.check is not None:
+            print(f"class models {result.check.summary()}")
     for png in pngs:
         print(f"wrote {png}")
     return 0
@@ -602,7 +628,7 @@ def _sanity(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from cnnlab.report import report
 
-    print(f"wrote {report(args.path, out=args.out, device=args.device)}")
+    print(f"wrote {report(args.path, out=args.out, device=args.device, check_with=args.check_with)}")
     return 0
 
 

@@ -88,6 +88,17 @@ class LoadedRun:
         x = held.val_x
         return (x.read() if isinstance(x, PixelStore) else x, held.val_y)
 
+    def training_set(self, data_dir: str | None = None) -> tuple[torch.Tensor | PixelStore, torch.Tensor]:
+        """The images and labels the run trained on (its validation images held out), on the CPU: uint8
+        images, or a store whose slices read them, so that a large training set is read a part at a time."""
+        saved = self.config
+        if saved is None:
+            raise UserError(f"{self.path} does not say which dataset it was trained on, so its training "
+                            "images cannot be found")
+        held = split(self._open(None, data_dir), saved.limit_train, saved.limit_test, saved.val_split,
+                     saved.batch_size)
+        return held.train_x, held.train_y
+
     def _open(self, dataset: str | None, data_dir: str | None) -> Dataset:
         """``dataset`` (default: the run's own), opened as the run opened it, with the run's classes."""
         saved = self.config
@@ -192,10 +203,11 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
 def check_classes(loaded: LoadedRun, classes: list[str], dataset: str) -> None:
     """A model can only be scored on data whose classes are the ones it was trained on."""
     if list(classes) != loaded.classes:
-        raise UserError(f"dataset {dataset} has classes {_names(classes)} but the model was trained on "
-                        f"{_names(loaded.classes)}; evaluate it on a dataset with the same classes")
+        raise UserError(f"dataset {dataset} has classes {names_of(classes)} but the model was trained on "
+                        f"{names_of(loaded.classes)}; evaluate it on a dataset with the same classes")
 
 
-def _names(classes: list[str], most: int = 12) -> str:
+def names_of(classes: list[str], most: int = 12) -> str:
+    """Class names for a message: the first ``most``, and how many there are where that is not all."""
     shown = ", ".join(classes[:most])
     return shown + (f" … ({len(classes)} in all)" if len(classes) > most else "")

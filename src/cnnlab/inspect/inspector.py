@@ -22,6 +22,7 @@ from cnnlab.core.device import pick_device
 from cnnlab.core.errors import UserError, one_line
 from cnnlab.core.metrics import Scores, score
 from cnnlab.core.spec import Preprocess
+from cnnlab.inspect.colour import Colours, run_colours
 from cnnlab.inspect.registry import TECHNIQUES
 from cnnlab.inspect.results import (
     Dreams,
@@ -33,14 +34,16 @@ from cnnlab.inspect.results import (
     Inversions,
     Maximisation,
     Projections,
+    Transfer,
 )
+from cnnlab.inspect.transfer import check_run, transfer
 from cnnlab.models.summary import summarize
 from cnnlab.viz.cam import upsample
 from cnnlab.viz.filters import conv_filters
 from cnnlab.viz.inputs import Batch, from_files, from_test_set, parse_target
 from cnnlab.viz.invert import feature_distance
 from cnnlab.viz.layers import default_layer, feature_layers, first_layer, layer_path, require_feature_maps
-from cnnlab.viz.maximize import fourier_noise, objective
+from cnnlab.viz.maximize import STEPS, fourier_noise, objective
 from cnnlab.viz.sanity import explain
 from cnnlab.viz.shape import target_classes
 from cnnlab.viz.top_images import top_images
@@ -282,33 +285,57 @@ class Inspection:
             distances[layer] = feature_distance(self.model, x, images.x, layer).tolist()
         return Inversions(images, pixels, distances)
 
+    def colours(self) -> Colours:
+        """The colours activation maximisation decorrelates: measured on the run's training images, once."""
+        return self._keep("colours", lambda: run_colours(self.run, self.data_dir))
+
+    def check_run(self, path: str | Path) -> runs.LoadedRun:
+        """The independently trained run at ``path`` that class models are checked with, opened once (a
+        ``UserError`` where it cannot judge them: see :func:`cnnlab.inspect.transfer.check_run`)."""
+        return self._keep(f"check {Path(path).resolve()}", lambda: check_run(self.run, path))
+
     def _noise(self, n: int) -> Tensor:
         """``n`` starting images for activation maximisation, as network input."""
         pre = self.preprocess
-        pixels = fourier_noise((n, pre.channels, pre.size, pre.size)).to(self.device)
+        pixels = fourier_noise((n, pre.channels, pre.size, pre.size), color=self.colours().sqrt).to(self.device)
         return pre.normalizer().to(pixels)(pixels)
 
-    def maximize_classes(self, classes: Sequence[int], steps: int = 256,
-                         progress: Progress | None = None) -> Maximisation:
-        """Images the network takes for each of ``classes``, with the probability it gives them."""
-        x = TECHNIQUES["maximize"].function(self.model, self._noise(len(classes)), target=list(classes),
-                                            preprocess=self.preprocess, steps=steps, progress=progress)
+    def _maximize(self, start: Tensor, progress: Progress | None, options: Mapping[str, Any], **goal: Any) -> Tensor:
+        return TECHNIQUES["maximize"].function(self.model, start, preprocess=self.preprocess, progress=progress,
+                                               **{"color": self.colours().sqrt, **options}, **goal)
+
+    def maximize_classes(self, classes: Sequence[int], steps: int = STEPS, progress: Progress | None = None,
+                         check_with: str | Path | None = None, **options: Any) -> Maximisation:
+        """Images the network takes for each of ``classes``, with the probability it gives them and, with
+        ``check_with``, the probability an independently trained run gives them (:meth:`check_run`).
+        ``options``: those of :func:`cnnlab.viz.maximize.maximize`."""
+        other = self.check_run(check_with) if check_with is not None else None  # a mistake fails before the work
+        x = self._maximize(self._noise(len(classes)), progress, dict(steps=steps, **options), target=list(classes))
         with torch.no_grad():
             probs = self.model(x).softmax(1).cpu()
-        labels = [f"{self._name(c)}\np = {float(probs[k, c]):.2f}" for k, c in enumerate(classes)]
-        return Maximisation(None, list(classes), self.preprocess.to_pixels(x).cpu(), labels)
+        pixels = self.preprocess.to_pixels(x).cpu()
+        own = probs[torch.arange(len(classes)), torch.tensor(list(classes))]
+        check = transfer(other, pixels, classes) if other is not None else None
+        labels = [f"{self._name(c)}\np = {float(own[k]):.2f}" + (self._checked(check, k) if check else "")
+                  for k, c in enumerate(classes)]
+        return Maximisation(None, list(classes), pixels, labels, own, check, self.colours().source)
 
-    def maximize_channels(self, layer: str, channels: Sequence[int], steps: int = 256,
+    def _checked(self, check: Transfer, k: int) -> str:
+        """Class model ``k``'s caption line for the check run: its probability, and its top-1 class."""
+        top = "top-1" if check.top1[k] else f"top-1 {self._name(int(check.predictions[k]))}"
+        return f"\nother run p = {float(check.probabilities[k]):.2f}, {top}"
+
+    def maximize_channels(self, layer: str, channels: Sequence[int], steps: int = STEPS,
                           progress: Progress | None = None) -> Maximisation:
         """Images that maximise each channel's mean activation at ``layer``, with its value before and after."""
         start = self._noise(len(channels))
-        x = TECHNIQUES["maximize"].function(self.model, start, layer=layer, channels=list(channels),
-                                            preprocess=self.preprocess, steps=steps, progress=progress)
+        x = self._maximize(start, progress, dict(steps=steps), layer=layer, channels=list(channels))
         with torch.no_grad():
             before = objective(self.model, start, layer=layer, channels=list(channels)).cpu()
             after = objective(self.model, x, layer=layer, channels=list(channels)).cpu()
         labels = [f"ch {c}\n{float(b):.2f} → {float(a):.2f}" for c, b, a in zip(channels, before, after)]
-        return Maximisation(layer, list(channels), self.preprocess.to_pixels(x).cpu(), labels)
+        return Maximisation(layer, list(channels), self.preprocess.to_pixels(x).cpu(), labels, after, None,
+                            self.colours().source)
 
     def dream(self, images: Images, layer: str, steps: int = 20) -> Dreams:
         """DeepDream of each image at ``layer``."""

@@ -105,7 +105,8 @@ class Choices:
 
     The fields are the parameters of :func:`cnnlab.visualize.visualize` (and the flags of ``cnnlab
     visualize``): ``image`` files, ``index`` test images, ``count``, ``layer`` names, ``target`` classes
-    (names or indices), ``channel`` indices, ``kind`` (members of a family), ``steps``.
+    (names or indices), ``channel`` indices, ``kind`` (members of a family), ``steps``, and ``check_with``:
+    an independently trained run that checks class models.
     """
 
     image: tuple[str, ...] = ()
@@ -116,6 +117,7 @@ class Choices:
     channel: tuple[int, ...] = ()
     kind: tuple[str, ...] = ()
     steps: int | None = None
+    check_with: str | None = None
 
     @classmethod
     def of(cls, **given: Any) -> Choices:
@@ -130,6 +132,9 @@ class Choices:
                 continue
             if name in ("count", "steps"):
                 values[name] = int(value)
+                continue
+            if name == "check_with":
+                values[name] = str(value)
                 continue
             listed = list(value) if isinstance(value, (list, tuple)) else [value]
             convert = kinds.get(name, lambda v: v)
@@ -185,7 +190,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("top-images", frozenset({"layer", "channel", "count"}), results.Excitations),
     Method("deconv", IMAGES | {"layer", "channel"}, results.Projections, **_IMAGE_METHOD),
     Method("invert", IMAGES | {"layer", "steps"}, results.Inversions, **_IMAGE_METHOD),
-    Method("maximize", frozenset({"layer", "channel", "target", "count", "steps"}), results.Maximisation),
+    Method("maximize", frozenset({"layer", "channel", "target", "count", "steps", "check_with"}), results.Maximisation),
     Method("dream", IMAGES | {"layer", "steps"}, results.Dreams, **_IMAGE_METHOD),
     Method("cam", IMAGES | {"layer", "target", "kind"}, results.Explanations, CAMS, images=4,
            quick=dict(kind=("grad-cam",), count=4)),

@@ -15,7 +15,7 @@ from cnnlab.core.metrics import Scores
 from cnnlab.viz.sanity import Sanity
 
 __all__ = ["Dreams", "Excitations", "Explanations", "FeatureMaps", "Filters", "Images", "Inversions", "Maximisation",
-           "Projections", "Sanity", "Scores"]
+           "Projections", "Sanity", "Scores", "Transfer"]
 
 
 @dataclass
@@ -95,6 +95,35 @@ class Inversions:
 
 
 @dataclass
+class Transfer:
+    """Class models shown to an independently trained run: the probability it gives each its class, and
+    whether that class is its top-1. A picture of the class transfers; noise that fools only the network
+    it was made on scores at chance."""
+
+    run: str  # the check run's checkpoint
+    classes: list[int]  # the class of each class model
+    probabilities: Tensor  # (K,) the check run's probability of each one's class
+    predictions: Tensor  # (K,) the check run's top-1 class of each
+
+    @property
+    def top1(self) -> list[bool]:
+        return [int(p) == c for p, c in zip(self.predictions, self.classes)]
+
+    @property
+    def mean(self) -> float:
+        return float(self.probabilities.mean())
+
+    def summary(self) -> str:
+        """``checked with RUN: mean p(target) 0.85, 9 of 10 top-1``."""
+        return f"checked with {self.run}: mean p(target) {self.mean:.2f}, {sum(self.top1)} of {len(self.classes)} top-1"
+
+    def to_json(self) -> dict:
+        return {"run": self.run, "mean_p_target": self.mean, "top1": sum(self.top1), "n": len(self.classes),
+                "p_target": [float(p) for p in self.probabilities], "predicted": self.predictions.tolist(),
+                "is_top1": self.top1}
+
+
+@dataclass
 class Maximisation:
     """Images optimised to excite classes (``layer`` None) or channels of a layer."""
 
@@ -102,6 +131,16 @@ class Maximisation:
     units: list[int]  # the classes or channels
     pixels: Tensor  # (K, C, H, W)
     labels: list[str]  # "CLASS\np = 0.97" or "ch C\nbefore → after", one per unit
+    values: Tensor | None = None  # (K,) classes: the run's probability of each; channels: the activation reached
+    check: Transfer | None = None  # classes: how an independently trained run takes them
+    colour: str = ""  # where the colour decorrelation came from
+
+    def to_json(self) -> dict:
+        """The units by name (a label's first line), what the run makes of them and, for classes checked with
+        another run, what that run makes of them."""
+        return {"layer": self.layer, "units": list(self.units), "names": [t.split("\n")[0] for t in self.labels],
+                "values": None if self.values is None else [float(v) for v in self.values],
+                "check": None if self.check is None else self.check.to_json(), "colour": self.colour}
 
 
 @dataclass

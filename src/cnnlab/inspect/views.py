@@ -13,6 +13,7 @@ from cnnlab.core.errors import UserError
 from cnnlab.inspect.inspector import Inspection
 from cnnlab.inspect.registry import METHODS, Choices, Method
 from cnnlab.inspect.results import Images
+from cnnlab.viz.maximize import STEPS
 
 __all__ = ["images_for", "method", "show"]
 
@@ -56,16 +57,21 @@ def _invert(i: Inspection, c: Choices) -> list:
 
 
 def _maximize(i: Inspection, c: Choices) -> list:
-    steps = 256 if c.steps is None else c.steps
+    steps = STEPS if c.steps is None else c.steps
     if c.target:
         if c.layer or c.channel:
             raise UserError("maximize draws classes (`target`) or channels of a layer (`layer`, `channel`), "
                             "not both at once")
-        return [i.maximize_classes(i.targets(c.target), steps)]
+        return [i.maximize_classes(i.targets(c.target), steps, check_with=c.check_with)]
+    layers = c.layer or [i.last_layer]
+    if c.check_with is not None and any(layer != "fc" for layer in layers):
+        raise UserError("`check_with` checks class models (`target`, or `layer` fc); a channel of a layer has no "
+                        "class for another run to judge")
     found = []
-    for layer in c.layer or [i.last_layer]:
+    for layer in layers:
         if layer == "fc":  # its channels are the classes
-            found.append(i.maximize_classes(list(c.channel) or list(range(len(i.classes))), steps))
+            found.append(i.maximize_classes(list(c.channel) or list(range(len(i.classes))), steps,
+                                            check_with=c.check_with))
         else:
             found.append(i.maximize_channels(layer, list(c.channel) or list(range(c.count or 8)), steps))
     return found

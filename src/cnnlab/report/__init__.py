@@ -21,14 +21,19 @@ from cnnlab.train.seeds import is_group
 __all__ = ["report"]
 
 
-def report(run_dir: str | Path, out: str | Path | None = None, device: str = "auto") -> Path:
+def report(run_dir: str | Path, out: str | Path | None = None, device: str = "auto",
+           check_with: str | Path | None = None) -> Path:
     """Write the report of ``run_dir`` (a run, or a group of seeds) to ``out`` (default
-    ``RUN_DIR/report.html``), creating its folder if need be; returns its path."""
+    ``RUN_DIR/report.html``), creating its folder if need be; returns its path. ``check_with``: an
+    independently trained run that the class models are shown to (a single run's report)."""
     run_dir = Path(run_dir)
     target = Path(out) if out else run_dir / "report.html"
     if target.is_dir():
         raise UserError(f"`out` {target} is a folder; give a file name such as {target / 'report.html'}")
-    page = group_page(run_dir) if is_group(run_dir) else render(gather(run_dir, device=device))
+    group = is_group(run_dir)
+    if group and check_with is not None:
+        raise UserError(f"{run_dir} is a group of seeds; `check_with` checks the class models of one run's report")
+    page = group_page(run_dir) if group else render(gather(run_dir, device=device, check_with=check_with))
     try:
         return atomic_write(target, page)
     except OSError as err:  # a folder that cannot be made (under /proc, a file in the way), no space, no rights

@@ -358,6 +358,19 @@ def _explanations(c: Contents) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>" + "".join(_img(p) for p in c.cascade))
 
 
+def _class_models(c: Contents) -> str:
+    colour = f" Colours decorrelated as {e(c.pattern_colour)}." if c.pattern_colour else ""
+    text = (f"Images optimised from noise ({c.pattern_steps} steps, Fourier-parameterised with jitter, as in cnnlab "
+            "visualize maximize) to be classified as each class, with the probability the model gives them." + colour)
+    check = c.pattern_check
+    if check is not None:
+        text += (" Shown to an independently trained run, a picture of the class is taken for it there too, while "
+                 "noise that fools only this network scores at chance: "
+                 f'<span id="class-model-check">mean p(target) {check.mean:.2f}, {sum(check.top1)} of '
+                 f"{len(check.classes)} top-1</span> ({e(check.run)}).")
+    return _pictures(text, c.patterns)
+
+
 def render(c: Contents) -> str:
     """The whole page for the gathered ``Contents``."""
     bodies = {
@@ -379,9 +392,7 @@ def render(c: Contents) -> str:
                               "image, beside the input as the network saw it.", c.features),
         "gradcam": _gradcam(c),
         "explanations": _explanations(c),
-        "patterns": _pictures(f"Images optimised from noise ({c.pattern_steps} steps, Fourier-parameterised with "
-                              "jitter, as in cnnlab visualize maximize) to be classified as each class, with the "
-                              "probability the model gives them.", c.patterns),
+        "patterns": _class_models(c),
     }
     nav = "".join(f'<li><a href="#{sid}">{e(title)}</a></li>' for sid, title in SECTIONS.items())
     sections = "".join(f'<section id="{sid}"><h2>{e(title)}</h2>{bodies[sid]}{_notes(c, sid)}</section>\n'

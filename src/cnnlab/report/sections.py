@@ -30,6 +30,7 @@ from cnnlab.core.metrics import DENSE_CONFUSION_CLASSES, Scores, breakdown, conf
 from cnnlab.inspect import Choices, Inspection, checks, show
 from cnnlab.inspect.inspector import spread
 from cnnlab.inspect.registry import METHODS
+from cnnlab.inspect.results import Transfer
 from cnnlab.report import charts
 from cnnlab.run import LoadedRun
 from cnnlab.train.logging import read_metrics
@@ -109,6 +110,8 @@ class Contents:
     cam_wrong: list[Picture] = field(default_factory=list)
     patterns: list[Picture] = field(default_factory=list)
     pattern_steps: int = 0
+    pattern_check: Transfer | None = None  # the class models shown to an independently trained run
+    pattern_colour: str = ""  # where the class models' colour decorrelation came from
     layers: tuple[str, str] = ("conv1", "conv5_x")  # the first layer and the last spatial feature block, as found
     sanity: Sanity | None = None
     sanity_images: list[int] = field(default_factory=list)  # the test images the checks ran on
@@ -221,8 +224,9 @@ def _threads_for(contents: Contents, device: torch.device) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def gather(run_dir: Path, device: str = "auto") -> Contents:
-    """Everything the page shows for the run folder ``run_dir``."""
+def gather(run_dir: Path, device: str = "auto", check_with: str | Path | None = None) -> Contents:
+    """Everything the page shows for the run folder ``run_dir``; ``check_with``: an independently trained run
+    to show the class models to."""
     if not run_dir.exists():
         raise UserError(f"{run_dir} does not exist; give the run folder that cnnlab train wrote")
     if not run_dir.is_dir():
@@ -230,6 +234,8 @@ def gather(run_dir: Path, device: str = "auto") -> Contents:
                         "(config.json, metrics.jsonl, checkpoints/), not a single file")
     steps, epochs, bad = read_metrics(run_dir)
     inspection = Inspection.open(run_dir, device=device)
+    if check_with is not None:
+        inspection.check_run(check_with)  # a run that cannot judge the class models fails now, not as a note
     loaded = inspection.run
     training = loaded.checkpoint.training
     contents = Contents(run_dir, _read_info(run_dir, loaded), steps, epochs, bad, loaded.path,
@@ -248,11 +254,11 @@ def gather(run_dir: Path, device: str = "auto") -> Contents:
     _timed(contents, "architecture", architecture)
     _timed(contents, "curves", curves)
     with _threads_for(contents, loaded.device):
-        _pictures(contents, inspection)
+        _pictures(contents, inspection, check_with)
     return contents
 
 
-def _pictures(contents: Contents, inspection: Inspection) -> None:
+def _pictures(contents: Contents, inspection: Inspection, check_with: str | Path | None) -> None:
     """Test-set scores and everything drawn from the model."""
 
     scores: Scores | None = None
@@ -273,12 +279,19 @@ def _pictures(contents: Contents, inspection: Inspection) -> None:
         _viz(inspection, "filters", f"the filters of {first}", layer=[first])))
     if scores is not None:
         _model_pictures(contents, inspection, scores)
-    # Class models: a few optimisation steps suffice at CIFAR size; larger inputs get fewer.
+    _timed(contents, "patterns", lambda: _class_models(contents, inspection, check_with))
+
+
+def _class_models(contents: Contents, inspection: Inspection, check_with: str | Path | None) -> None:
+    """The class models, and what an independently trained run makes of them where one is given."""
+    # A few optimisation steps suffice at CIFAR size; larger inputs get fewer.
     contents.pattern_steps = 64 if inspection.preprocess.size <= 64 else 24
     classes = list(range(min(PATTERN_CLASSES, len(inspection.classes))))
-    _timed(contents, "patterns", lambda: contents.patterns.extend(
-        _viz(inspection, "maximize", "class models: images optimised to be classified as each class",
-             target=classes, steps=contents.pattern_steps)))
+    results = show(inspection, "maximize", Choices.of(target=classes, steps=contents.pattern_steps,
+                                                      check_with=check_with))
+    contents.pattern_check, contents.pattern_colour = results[0].check, results[0].colour
+    contents.patterns.extend(Picture(charts.png_uri(render.png(fig)), "class models: images optimised to be "
+                                     "classified as each class") for r in results for fig in draw(r).values())
 
 
 def _model_pictures(contents: Contents, inspection: Inspection, scores: Scores) -> None:

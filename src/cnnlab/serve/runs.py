@@ -45,6 +45,7 @@ from cnnlab.report.sections import read_metrics
 from cnnlab.serve.jobs import Jobs, Progress, Status, Task
 from cnnlab.serve.store import Image, ImageStore
 from cnnlab.visualize import render
+from cnnlab.viz.maximize import STEPS
 
 __all__ = ["METHODS", "Served", "open_run"]
 
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 TOP_K = 5
 POOL = 2  # model copies for interactive requests, per run
 TOP_IMAGES = 9  # per channel
-MAXIMIZE_STEPS = 256  # as `cnnlab visualize maximize`
+MAXIMIZE_STEPS = STEPS  # as `cnnlab visualize maximize`
 BROWSE = 60  # thumbnails per list of test images
 MAX_CHANNELS = 1024  # feature maps sent for one layer
 # The methods that take a layer (the CAMs and guided Grad-CAM); the other attributions work on the input alone.

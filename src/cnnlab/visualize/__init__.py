@@ -5,6 +5,6 @@ per result type, laid out by :mod:`cnnlab.visualize.render`); :func:`sanity` the
 table and cascade figure.
 """
 
-from cnnlab.visualize.command import sanity, visualize
+from cnnlab.visualize.command import sanity, shown, visualize
 
-__all__ = ["sanity", "visualize"]
+__all__ = ["sanity", "shown", "visualize"]

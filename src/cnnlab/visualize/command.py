@@ -25,7 +25,7 @@ from cnnlab.inspect.results import Sanity
 from cnnlab.visualize import render
 from cnnlab.visualize.figures import draw, sanity_figure
 
-__all__ = ["sanity", "visualize"]
+__all__ = ["sanity", "shown", "visualize"]
 
 
 def _out_dir(inspection: Inspection, method: str, out: str | Path | None) -> Path:
@@ -38,25 +38,32 @@ def visualize(method: str, path: str | Path, *, out: str | Path | None = None, t
     """Run visualisation ``method`` on the run folder or checkpoint ``path``; returns the PNGs written.
 
     ``choices`` are those of :class:`cnnlab.inspect.Choices` (``image``, ``index``, ``count``, ``layer``,
-    ``target``, ``channel``, ``kind``, ``steps``: one value or a sequence each). The PNGs go to
-    ``RUN_DIR/viz/<method>/`` (or ``out``) and, with ``tensorboard``, also to the run's TensorBoard as
-    images tagged ``viz/<method>/<name>``. A choice the method does not use is refused, and so are
-    values of a multi-valued one that it cannot use.
+    ``target``, ``channel``, ``kind``, ``steps``: one value or a sequence each; ``check_with``: a run). The
+    PNGs go to ``RUN_DIR/viz/<method>/`` (or ``out``) and, with ``tensorboard``, also to the run's
+    TensorBoard as images tagged ``viz/<method>/<name>``. A choice the method does not use is refused,
+    and so are values of a multi-valued one that it cannot use.
     """
-    chosen = Choices.of(**choices)
     if method == "sanity":
         return sanity(path, out=out, device=device, data_dir=data_dir, **choices)[1]
+    return shown(method, path, out=out, tensorboard=tensorboard, device=device, data_dir=data_dir, **choices)[1]
+
+
+def shown(method: str, path: str | Path, *, out: str | Path | None = None, tensorboard: bool = False,
+          device: str = "auto", data_dir: str | None = None, **choices: Any) -> tuple[list, list[Path]]:
+    """:func:`visualize` (but ``sanity``), returning the results drawn (:mod:`cnnlab.inspect.results`) as well
+    as the PNGs written: the numbers behind the figures, for a summary or JSON."""
+    chosen = Choices.of(**choices)
     views.method(method).check(chosen)  # mistakes fail before the run is loaded
     inspection = Inspection.open(path, device=device, data_dir=data_dir)
     out_dir = _out_dir(inspection, method, out)
-    pngs = {out_dir / f"{name}.png": render.png(fig)
-            for result in views.show(inspection, method, chosen) for name, fig in draw(result).items()}
+    results = views.show(inspection, method, chosen)
+    pngs = {out_dir / f"{name}.png": render.png(fig) for result in results for name, fig in draw(result).items()}
     for png, data in pngs.items():
         atomic_write(png, data)
     if tensorboard:
         log_dir = (inspection.run.run_dir / "tb") if inspection.run.run_dir else out_dir / "tb"
         _to_tensorboard(log_dir, pngs, f"viz/{method}")
-    return list(pngs)
+    return results, list(pngs)
 
 
 def _to_tensorboard(log_dir: Path, pngs: dict[Path, bytes], prefix: str) -> None:

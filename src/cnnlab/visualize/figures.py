@@ -145,8 +145,9 @@ def inversions(result: Inversions) -> Figures:
 def maximisation(result: Maximisation) -> Figures:
     panels = [Panel(p, label) for p, label in zip(_pictures(result.pixels), result.labels)]
     if result.layer is None:
+        checked = f"; {result.check.summary()}" if result.check else ""
         return {"classes": panels_figure(_wrapped(panels),
-                                         title="class models: images the network takes for each class")}
+                                         title=f"class models: images the network takes for each class{checked}")}
     units = result.units
     return {f"{_stem(result.layer)}_ch{units[0]}-{units[-1]}": panels_figure(
         _wrapped(panels), title=f"{result.layer}: images that maximise each channel's mean activation (start → end)")}

@@ -7,7 +7,9 @@ Distill 2017 (doi:10.23915/distill.00007), after Mordvintsev et al.'s lucid:
 - the image is parameterised in a decorrelated space: a Fourier spectrum scaled by 1/frequency^d
   (so every frequency is about equally easy to change; d = 1.5 rather than lucid's 1, because a
   32 px image has so few frequencies that d = 1 still leaves pixel-scale noise) and a colour space
-  whitened by the square root of ImageNet's colour correlation, squashed into [0, 1] by a sigmoid;
+  whitened by the square root of the colour covariance (:func:`color_sqrt`; lucid's constant is
+  ImageNet's, :mod:`cnnlab.inspect` estimates it from the run's own training data), squashed into
+  [0, 1] by a sigmoid;
 - before each step the image is randomly padded and jittered, scaled and rotated (transformation
   robustness), so the picture must work everywhere, not in one pixel alignment.
 
@@ -32,17 +34,43 @@ from cnnlab.core.spec import Preprocess
 from cnnlab.viz.layers import default_layer, forward_until, recording, require_channel
 from cnnlab.viz.shape import Channels, Target, per_image, pixel_space, target_classes, uses
 
-__all__ = ["FourierImage", "fourier_noise", "maximize", "objective", "random_transform"]
+__all__ = ["IMAGENET_COLOR_SQRT", "STEPS", "FourierImage", "color_sqrt", "fourier_noise", "maximize", "objective",
+           "random_transform"]
 
-# Square root of ImageNet's RGB correlation (lucid's color_correlation_svd_sqrt).
-_COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+# Square root of ImageNet's RGB correlation (lucid's color_correlation_svd_sqrt): the colours used when
+# no data is at hand.
+IMAGENET_COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+STEPS = 256  # optimisation steps of a maximisation unless told otherwise
+
+
+def color_sqrt(pixels: Tensor, chunk: int = 4096) -> Tensor:
+    """The square root ``M`` of the colour covariance of images ``pixels`` (N, C, H, W), uint8 or in
+    [0, 1], in pixel values in [0, 1]: ``M @ M.T`` is the covariance. As lucid's
+    ``color_correlation_svd_sqrt``, ``M = U·sqrt(S)`` of the covariance's SVD ``U·S·Uᵀ``. Read ``chunk``
+    images at a time, so that a large training set is never held as floats."""
+    c = pixels.shape[1]
+    total, outer, n = torch.zeros(c, dtype=torch.float64), torch.zeros(c, c, dtype=torch.float64), 0
+    scale = 255.0 if pixels.dtype == torch.uint8 else 1.0
+    for start in range(0, len(pixels), chunk):
+        values = pixels[start:start + chunk].to(torch.float64).div_(scale).transpose(0, 1).reshape(c, -1)
+        total += values.sum(1)
+        outer += values @ values.T
+        n += values.shape[1]
+    if n < 2:
+        raise ValueError("the colour covariance needs at least two pixels")
+    mean = total / n
+    cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
+    u, s, _ = torch.linalg.svd(cov)
+    u = u * torch.where(u[0] < 0, -1.0, 1.0)  # the SVD's signs are arbitrary; lucid's first row is positive
+    return (u * s.clamp_min(0).sqrt()).float()
 
 
 class FourierImage(nn.Module):
     """A batch of images held as decorrelated Fourier coefficients, starting at ``pixels``
-    (B, C, H, W) in [0, 1]; calling it gives pixels in [0, 1]."""
+    (B, C, H, W) in [0, 1]; calling it gives pixels in [0, 1]. ``color``: the square root of the colour
+    covariance (:func:`color_sqrt`; default ImageNet's, for three channels)."""
 
-    def __init__(self, pixels: Tensor, decay: float = 1.0) -> None:
+    def __init__(self, pixels: Tensor, decay: float = 1.0, color: Tensor | None = None) -> None:
         super().__init__()
         h, w = pixels.shape[-2:]
         fy = torch.fft.fftfreq(h)[:, None]
@@ -51,8 +79,12 @@ class FourierImage(nn.Module):
         # 1/f scaling, capped at the lowest non-zero frequency (with the orthonormal inverse FFT this
         # is lucid's scaling exactly).
         self.register_buffer("scale", (1.0 / freqs.clamp_min(1.0 / max(h, w)).pow(decay)).to(pixels))
-        color = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
-        self.register_buffer("color", (color if pixels.shape[1] == 3 else torch.eye(pixels.shape[1])).to(pixels))
+        if color is None:
+            color = IMAGENET_COLOR_SQRT if pixels.shape[1] == 3 else torch.eye(pixels.shape[1])
+        if color.shape != (pixels.shape[1],) * 2:
+            raise ValueError(f"`color` is {tuple(color.shape)}; the images have {pixels.shape[1]} channels")
+        # scaled as lucid scales it: its largest column of norm 1
+        self.register_buffer("color", (color / color.norm(dim=0).max()).to(pixels))
         self.size = (h, w)
         self.spectrum = nn.Parameter(self._spectrum_of(pixels.detach()))
 
@@ -72,10 +104,12 @@ class FourierImage(nn.Module):
         return torch.sigmoid(image)
 
 
-def fourier_noise(shape: Sequence[int], *, decay: float = 1.5, std: float = 0.01, seed: int = 0) -> Tensor:
+def fourier_noise(shape: Sequence[int], *, decay: float = 1.5, std: float = 0.01, seed: int = 0,
+                  color: Tensor | None = None) -> Tensor:
     """Pixels in [0, 1] of lucid's starting images: random Fourier coefficients of σ = ``std``,
-    after the same 1/frequency scaling as :class:`FourierImage`, so a faint coloured haze on grey."""
-    image = FourierImage(torch.full(tuple(shape), 0.5), decay=decay)
+    after the same 1/frequency scaling and ``color`` as :class:`FourierImage`, so a faint coloured haze
+    on grey."""
+    image = FourierImage(torch.full(tuple(shape), 0.5), decay=decay, color=color)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         image.spectrum.copy_(std * torch.randn(image.spectrum.shape, generator=g))
@@ -127,8 +161,9 @@ def objective(model: nn.Module, x: Tensor, *, target: Target = None, layer: str 
 
 @uses("target", {"layer", "channels"})
 def maximize(model: nn.Module, x: Tensor, *, target: Target = None, layer: str | None = None,
-             channels: Channels = None, preprocess: Preprocess | None = None, steps: int = 256, lr: float = 0.1,
-             transforms: bool = True, polish: float = 0.25, decay: float = 1.5, seed: int = 0,
+             channels: Channels = None, preprocess: Preprocess | None = None, steps: int = STEPS, lr: float = 0.1,
+             transforms: bool = True, jitter: int | None = None, angle: float = 5.0, scale: float = 0.05,
+             polish: float = 0.25, decay: float = 1.5, color: Tensor | None = None, seed: int = 0,
              progress: Callable[[float], None] | None = None) -> Tensor:
     """The images ``x`` changed to maximise, each, the :func:`objective`: its channel of ``layer``
     when ``channels`` are given, else its ``target`` class (default: the class it is predicted as).
@@ -137,22 +172,26 @@ def maximize(model: nn.Module, x: Tensor, *, target: Target = None, layer: str |
     The last ``polish`` fraction of the steps runs without the random transforms: by then the
     picture's structure is set, and these steps let it reach the objective at the one alignment it
     will be shown in (a small network at 32 px otherwise never gets confident about some classes).
-    ``progress`` is told the fraction of the steps done after each one.
+    The transforms jitter by up to ``jitter`` pixels (default: one per 28 of the image's side), rotate
+    by up to ``angle`` degrees and scale by up to ``scale`` either way. ``color`` is the square root of
+    the colour covariance to decorrelate by (:func:`color_sqrt`; default ImageNet's). ``progress`` is
+    told the fraction of the steps done after each one.
     """
     _one_objective(target, layer, channels)
     if channels is None:
         target = target_classes(model, x, target)  # the start's class, kept while the image changes
     space = pixel_space(preprocess, x)
-    param = FourierImage(space.to_pixels(x), decay=decay)
+    param = FourierImage(space.to_pixels(x), decay=decay, color=color)
     opt = torch.optim.Adam(param.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    jitter = max(1, x.shape[-1] // 28)
+    jitter = max(1, x.shape[-1] // 28) if jitter is None else jitter
+    scales = (1.0, 1 - scale / 2, 1 + scale / 2, 1 - scale, 1 + scale)
     with torch.enable_grad():
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
             u = param()
             if transforms and step < steps * (1 - polish):
-                u = random_transform(u, g, jitter)
+                u = random_transform(u, g, jitter, angle, scales)
             (-objective(model, space.to_input(u), target=target, layer=layer, channels=channels).sum()).backward()
             opt.step()
             if progress is not None:
