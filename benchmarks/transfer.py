@@ -154,14 +154,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="use RUN_DIR as run NAME (trained with its recipe) instead of training it")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(RUNS),
                         help="the runs whose class models are drawn")
-    parser.add_argument("--checks", nargs="+", default=list(RUNS), choices=list(RUNS),
-                        help="the runs they are shown to (default: all; the sources are left out of their own)")
-    parser.add_argument("--quick", action="store_true", help="a dry run: tiny runs of one epoch, 2 steps")
+    parser.add_argument("--checks", nargs="+", choices=list(RUNS),
+                        help="the runs they are shown to (default: all, --quick: plain20-s2; a source is left out "
+                             "of its own)")
+    parser.add_argument("--quick", action="store_true", help="a dry run: two tiny runs of one epoch, 2 steps")
     parser.add_argument("--draw-only", action="store_true",
                         help="draw (and keep) the sources' class models for every setting, and stop: no check runs "
                              "are needed yet")
     parser.add_argument("--out", type=Path, help="folder for the JSON (default benchmarks/results)")
     args = parser.parse_args(argv)
+    args.checks = args.checks or (["plain20-s2"] if args.quick else list(RUNS))
 
     from cnnlab.inspect import Inspection
     from cnnlab.report.sections import read_metrics

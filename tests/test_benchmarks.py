@@ -168,3 +168,32 @@ def test_degradation_dry_run(tmp_path, monkeypatch, one_thread):
     plain20, plain56 = document["rows"][:2]
     assert document["shape"]["plain56_trains_worse_than_plain20"] == (plain56["train_error"] > plain20["train_error"])
     assert Path(document["page"]).is_file() and "plain56" in Path(document["page"]).read_text()
+
+
+def test_transfer_dry_run(tmp_path, one_thread):
+    from benchmarks import transfer
+
+    assert transfer.main(["--quick", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("transfer-cpu-*-quick.json")
+    document = json.loads(path.read_text())
+    assert document["quick"] and set(document["runs"]) == {"r18w16-s0", "plain20-s2"}
+    assert document["before"]["setting"] == {"colour": "imagenet", "decay": 1.5, "transforms": "cnnlab", "steps": 2}
+    assert len(document["history"]) == 6  # the defaults, then each other value of colour, decay and transforms
+    [pair] = document["before"]["pairs"]
+    assert pair["source"] == "r18w16-s0" and pair["check"] == "plain20-s2" and pair["n"] == 10
+    assert pair["p_target"] == pytest.approx(sum(pair["per_class"]) / 10) and 0 <= pair["top1"] <= 10
+    assert document["after"]["setting"] == transfer.best_of(document["history"])
+    assert not Path(document["runs"]["plain20-s2"]["path"]).is_absolute()
+
+
+def test_transfer_keeps_each_lever_where_its_change_alone_was_best():
+    from benchmarks.transfer import best_of
+
+    base = {"colour": "imagenet", "decay": 1.5, "transforms": "cnnlab", "steps": 256}
+
+    def row(p, **change):
+        return {"setting": {**base, **change}, "p_target": p}
+
+    history = [row(0.5), row(0.6, colour="data"), row(0.4, decay=1.0), row(0.7, decay=2.0),
+               row(0.5, transforms="off"), row(0.3, transforms="lucid"), row(0.55, steps=512), row(0.5, steps=128)]
+    assert best_of(history) == {"colour": "data", "decay": 2.0, "transforms": "cnnlab", "steps": 512}
