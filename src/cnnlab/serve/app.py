@@ -233,7 +233,7 @@ def mistakes(request: Request) -> Response:
     return JSONResponse(out)
 
 
-def test_image(request: Request) -> Response:
+def test_set_image(request: Request) -> Response:
     """One test image's thumbnail and true class (``index``), for the map's tooltip."""
     s = _served(request)
     index = _number(request, "index")
@@ -277,7 +277,7 @@ ROUTES = [
     Route("/api/{rid}/images", browse),
     Route("/api/{rid}/embedding", embedding),
     Route("/api/{rid}/mistakes", mistakes),
-    Route("/api/{rid}/test-image", test_image),
+    Route("/api/{rid}/test-image", test_set_image),
 ]
 EXCEPTION_HANDLERS = {404: not_found, LookupError: unknown, UserError: mistake, Busy: busy}
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.colors import to_hex
 from torch import Tensor
 
 from cnnlab import run
@@ -332,7 +333,7 @@ class Served:
         def compute(progress: Progress) -> dict[str, Any]:
             self.test_set()
             found = self._worker().embedding().to_json()
-            return {**found, "colours": [_hex(c) for c in class_colours(len(self.classes))]}
+            return {**found, "colours": [to_hex(c) for c in class_colours(len(self.classes))]}
 
         # The probabilities are the calibrated ones where a temperature is kept: a new one makes them stale.
         params = {"tta": self.loaded.tta, "temperature": self.loaded.temperature, "most": whole_set.MOST}
@@ -346,10 +347,6 @@ class Served:
 
         return self.jobs.request(self._job("mistakes", {"tta": self.loaded.tta, "temperature": self.loaded.temperature},
                                            "mistakes.json", compute))
-
-
-def _hex(rgb: Any) -> str:
-    return "#" + "".join(f"{round(255 * float(v)):02x}" for v in rgb[:3])
 
 
 def _verdicts(saved: dict[str, Any]) -> dict[str, dict[str, Any]]:
