@@ -9,9 +9,12 @@ The explorer's answers are the inspector's numbers; its map is driven in Chromiu
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
 import shutil
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -31,6 +34,7 @@ from cnnlab.viz.embedding import last_linear, spread_points, tsne
 from cnnlab.viz.mistakes import confused_pairs, top_losses, typical
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ARTIFACTS = Path(os.environ.get("CNNLAB_TEST_ARTIFACTS", Path(__file__).parent / "artifacts"))
 
 
 @pytest.fixture(scope="module")
@@ -308,8 +312,8 @@ def test_the_map_in_a_browser(runs, browser):
         page.goto(server.url + "run/0", wait_until="load")
         circles = page.locator("#map-svg circle")
         circles.nth(0).wait_for(timeout=120_000)
-        result = Inspection.open(runs[0], device="cpu").embedding()
-        assert circles.count() == len(result.indices)
+        served = json.loads((runs[0] / "explore" / "embedding.json").read_text())["result"]  # what the page drew
+        assert circles.count() == len(served["indices"])
         # A point no other point covers: the pointer reaches it and nothing else.
         k = page.evaluate("""() => [...document.querySelectorAll('#map-svg circle')].findIndex(c => {
             c.scrollIntoView({block: 'center'});
@@ -318,15 +322,16 @@ def test_the_map_in_a_browser(runs, browser):
         assert k >= 0
         point = circles.nth(k)
         index = int(point.get_attribute("data-index"))
-        assert index == int(result.indices[k])
+        assert index == served["indices"][k]
         point.scroll_into_view_if_needed()
         box = point.bounding_box()
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         page.locator("#map-tip-image").wait_for(state="visible")
-        classes = result.classes
+        classes = served["classes"]
         text = page.inner_text("#map-tip-text")
-        assert text.startswith(f"#{index} true {classes[int(result.labels[k])]}, predicted "
-                               f"{classes[int(result.predictions[k])]} (")
+        head = f"#{index} true {classes[served['labels'][k]]}, predicted {classes[served['predictions'][k]]} ("
+        assert text.startswith(head) and text.endswith("%)")
+        assert abs(int(text[len(head):-2]) - 100 * served["probabilities"][k]) <= 0.5 + 1e-9  # rounded to a percent
         assert page.get_attribute("#map-tip-image", "src").startswith("data:image/png;base64,")
         assert len(page.locator("#map-legend li").all()) == len(classes)
         page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
@@ -337,6 +342,9 @@ def test_the_map_in_a_browser(runs, browser):
         page.locator("#losses figure").first.wait_for(timeout=60_000)
         assert page.locator("#losses figure").count() == 24
         assert page.locator("#typical-most figure").count() >= 1
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.locator("section#map").screenshot(path=str(ARTIFACTS / "explorer-map.png"))
+        page.locator("section#mistakes").screenshot(path=str(ARTIFACTS / "explorer-mistakes.png"))
         assert errors == []
         assert hosts <= {"127.0.0.1", "data"}, hosts
     finally:

@@ -444,15 +444,16 @@
     const xs = d.points.map((p) => p[0]);
     const ys = d.points.map((p) => p[1]);
     const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
-    const side = 600;
+    const side = 600; // the longer side of the map; the other keeps the map's proportions
     const pad = 8;
     const scale = (side - 2 * pad) / Math.max(x1 - x0, y1 - y0, 1e-9);
-    svg.setAttribute("viewBox", `0 0 ${side} ${side}`);
+    const height = 2 * pad + (y1 - y0) * scale;
+    svg.setAttribute("viewBox", `0 0 ${(2 * pad + (x1 - x0) * scale).toFixed(1)} ${height.toFixed(1)}`);
     svg.replaceChildren();
     d.points.forEach(([x, y], k) => {
       const c = document.createElementNS(SVG, "circle");
       c.setAttribute("cx", (pad + (x - x0) * scale).toFixed(1));
-      c.setAttribute("cy", (side - pad - (y - y0) * scale).toFixed(1)); // y up, as the report's figure
+      c.setAttribute("cy", (height - pad - (y - y0) * scale).toFixed(1)); // y up, as the report's figure
       c.setAttribute("r", d.points.length > 3000 ? "2" : "3.5");
       c.setAttribute("fill", d.colours[d.labels[k]]);
       c.dataset.index = d.indices[k];
