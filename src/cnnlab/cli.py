@@ -229,8 +229,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "serve", help="explore runs in the browser: predictions, CAMs, feature maps, channels, curves",
         description="Start a local web app over the runs: upload or pick an image, see the top-5 and every CAM and "
                     "attribution with its trust scores, click through the layers' feature maps and channels, and "
-                    "the training curves and confusion matrix. Offline; bound to 127.0.0.1 unless --host says "
-                    "otherwise.")
+                    "the training curves and confusion matrix, the test set as a map and its mistakes. Offline; "
+                    "bound to 127.0.0.1 unless --host says otherwise.")
     p.add_argument("paths", metavar="RUN_DIR", nargs="+")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
