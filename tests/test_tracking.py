@@ -6,6 +6,7 @@ stopped in its second seed, then resumed, then reported.
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -195,3 +196,17 @@ def test_mlflow_is_not_imported_without_the_flag(tmp_path):
             f"print(tracking.describe(Path({str(tmp_path)!r})), 'mlflow' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["None", "False"]
+
+
+def test_under_torchrun_rank_0_alone_logs(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CNNLAB_DIST_TIMEOUT": "60"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "cnnlab", "train", *FLAGS, "--mlflow", "--out", str(run)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    client, record = client_of(run)
+    assert [r.info.run_id for r in client.search_runs([record.experiment_id])] == [record.run_id]
+    assert client.get_run(record.run_id).info.status == "FINISHED"
+    assert_logged_as_metrics_jsonl(run)  # each epoch once: the other rank logged nothing
