@@ -475,7 +475,7 @@ def _epochs(t: Trainer, p: Progress, run_log: RunLog | None, tracker: tracking.T
             stop: StopSignals) -> dict[str, Any]:
     """The epochs from where ``p`` stands to the end of the run (or an early stop, or ``stop_at``); returns
     the last epoch's record ({} when none ended). Each epoch is logged to MLflow after its checkpoint, so
-    that MLflow never holds an epoch a resumed run trains again."""
+    that MLflow never holds an epoch that a run resumed from last.pt trains again."""
     setup, cfg = t.setup, t.setup.cfg
     last: dict[str, Any] = {}
     t.model.train()
