@@ -133,8 +133,8 @@ def _train_seeds(group: distributed.Group, group_dir: Path, cfg: TrainConfig, se
                     break
         finished = all(v == "finished" for v in status.values())
         if parent is not None and finished:
-            for key, f in summary(group_dir)["summary"].items():
-                parent.metrics({f"{key}_mean": f["mean"], f"{key}_std": f["std"]}, 0)
+            figures = summary(group_dir)["summary"]
+            parent.metrics({f"{k}_{stat}": f[stat] for k, f in figures.items() for stat in ("mean", "std")}, 0)
             parent.finish("finished")
     return GroupResult(group_dir, results, finished)
 
