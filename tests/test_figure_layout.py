@@ -119,6 +119,7 @@ CASES = {
     "maximize classes": ("maximize", dict(target=list(range(10)), steps=1)),
     "maximize channels": ("maximize", dict(layer=["conv4_x"], channel=[0, 1, 2], steps=1)),
     "dream": ("dream", dict(index=[2], steps=1)),
+    "embedding": ("embedding", dict(count=12)),
 }
 
 
