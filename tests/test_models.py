@@ -321,7 +321,8 @@ def test_models_command_lists_every_family(capsys):
     listed = json.loads(capsys.readouterr().out)
     entries = listed["models"]
     assert [e["name"] for e in entries] == list(MODELS)
-    assert {e["family"] for e in entries} == {"resnet", "plain", "cifar-resnet", "cifar-plain", "alexnet", "vgg"}
+    assert {e["family"] for e in entries} == {"resnet", "plain", "cifar-resnet", "cifar-plain", "alexnet", "vgg",
+                                              "airbench"}
     for e in entries:
         assert e["params"] > 0 and e["macs"] > 0 and e["image_size"] in (32, 224)
     assert "mobilenet_v3_small" in listed["torchvision"] and "resnet18" in listed["torchvision"]

@@ -31,20 +31,42 @@ class Scores:
     logits: torch.Tensor | None = None  # float (N, classes) on the CPU: as the model gave them (with TTA, averaged)
 
 
-def logits(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """float32 logits of ``model`` for inputs ``x``; with ``tta``, averaged with those of the mirror images."""
+TTA_SHIFT = 1  # pixels of the translated views of ``tta="translate"`` (airbench's tta_level 2)
+
+
+def tta_name(tta: bool | str) -> str:
+    """How a figure's test-time augmentation is said: "flip TTA", "flip and shift TTA", or "" for none."""
+    return "flip and shift TTA" if tta == "translate" else "flip TTA" if tta else ""
+
+
+def logits(model: nn.Module, x: torch.Tensor, tta: bool | str = False) -> torch.Tensor:
+    """float32 logits of ``model`` for inputs ``x``; with ``tta``, averaged with those of the mirror images.
+
+    ``tta="translate"``: airbench's six views (Jordan 2024), half the weight on the image and its mirror
+    image, half on the two copies shifted by one pixel up-left and down-right (the edge reflected in), each
+    with its mirror image too.
+    """
     out = model(x).float()
-    return (out + model(x.flip(-1)).float()) / 2 if tta else out
+    if not tta:
+        return out
+    mirrored = (out + model(x.flip(-1)).float()) / 2
+    if tta != "translate":
+        return mirrored
+    h, w, s = x.shape[-2], x.shape[-1], TTA_SHIFT
+    padded = F.pad(x, (s, s, s, s), mode="reflect")
+    shifted = [padded[..., :h, :w], padded[..., 2 * s:, 2 * s:]]
+    return (mirrored + sum(logits(model, v, True) for v in shifted) / 2) / 2
 
 
 @torch.no_grad()
 def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preprocess: Preprocess, *,
-          batch_size: int = 256, amp: bool = False, channels_last: bool = False, tta: bool = False,
+          batch_size: int = 256, amp: bool = False, channels_last: bool = False, tta: bool | str = False,
           temperature: float | None = None) -> Scores:
     """Mean cross-entropy and top-1 accuracy of ``model`` (put in eval mode) on uint8 ``images``.
 
     ``tta``: test-time flip augmentation, the logits of each image averaged with those of its mirror
-    image (a free gain for models trained with flips; twice the forward passes). ``temperature``: the
+    image (a free gain for models trained with flips; twice the forward passes); ``"translate"``: six views
+    (see :func:`logits`). ``temperature``: the
     probabilities (not the loss, not the predictions) are the softmax of the logits divided by it.
     """
     was_training = model.training
