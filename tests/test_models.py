@@ -155,6 +155,9 @@ def test_every_relu_is_its_own_module(name):
     assert len({id(m) for m in all_modules}) == len(all_modules)
 
     relus = [m for m in all_modules if isinstance(m, nn.ReLU)]
+    if not relus:  # airbench94 activates with GELUs, which the ReLU rules of guided backprop leave alone
+        assert name == "airbench94" and sum(isinstance(m, nn.GELU) for m in all_modules) == 7
+        return
     if name in NAMES:
         assert len(relus) == 17  # stem + 2 per block × 8 blocks
     assert not any(m.inplace for m in relus)
