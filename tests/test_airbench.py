@@ -21,7 +21,15 @@ from cnnlab.models import build, transfer
 from cnnlab.models.summary import summarize
 from cnnlab.train import engine
 from cnnlab.train.ema import Lookahead
-from cnnlab.train.initialise import WHITEN_EPS, dirac_init, first_conv, patches, whiten_first_conv, whitening_filters
+from cnnlab.train.initialise import (
+    WHITEN_EPS,
+    dirac_init,
+    first_conv,
+    patch_moment,
+    patches,
+    whiten_first_conv,
+    whitening_filters,
+)
 
 
 def conv_macs(side_out: int, c_out: int, c_in: int, k: int) -> int:
@@ -82,7 +90,9 @@ def test_whitening_makes_the_first_convs_outputs_on_training_patches_uncorrelate
     model = build("airbench94", width=8)
     conv = whiten_first_conv(model, sample_inputs)
     assert not conv.weight.requires_grad and bool((conv.bias == 0).all())
-    _, eigenvalues = whitening_filters(patches(sample_inputs, (2, 2)))
+    rows = patches(sample_inputs.double(), (2, 2))
+    torch.testing.assert_close(patch_moment(sample_inputs, (2, 2), chunk=64), rows.T @ rows / len(rows))
+    _, eigenvalues = whitening_filters(rows.T @ rows / len(rows))
     moment = whitened_moment(conv, sample_inputs)
     # Filter i's output has variance λ_i / (λ_i + eps): the eps airbench adds keeps the directions of almost no
     # variance from being amplified without bound. Its negative's is the same, and the two are opposite.

@@ -251,8 +251,7 @@ def _initialise(model: nn.Module, cfg: TrainConfig, data: Splits, preprocess: Pr
     if cfg.dirac_init and fresh:
         dirac_init(model)
     if cfg.whiten and fresh:
-        images = data.train_x[:WHITEN_IMAGES]
-        whiten_first_conv(model, preprocess.to_input(images if isinstance(images, torch.Tensor) else images.read()))
+        whiten_first_conv(model, preprocess.to_input(data.train_x[:WHITEN_IMAGES]))
     elif cfg.whiten:
         first_conv(model).weight.requires_grad_(False)
 

@@ -20,7 +20,8 @@ from torch import nn
 from cnnlab.core.errors import UserError
 from cnnlab.models.anatomy import first_conv_path
 
-__all__ = ["WHITEN_EPS", "WHITEN_IMAGES", "dirac_init", "patches", "whiten_first_conv", "whitening_filters"]
+__all__ = ["WHITEN_EPS", "WHITEN_IMAGES", "dirac_init", "first_conv", "patch_moment", "patches", "whiten_first_conv",
+           "whitening_filters"]
 
 WHITEN_EPS = 5e-4  # airbench's: keeps the filters of directions with almost no variance from blowing up
 WHITEN_IMAGES = 5000  # airbench estimates the covariance on the first 5,000 training images
@@ -33,12 +34,22 @@ def patches(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x.unfold(2, h, 1).unfold(3, w, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * h * w)
 
 
-def whitening_filters(rows: torch.Tensor, eps: float = WHITEN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whitening filters of patch ``rows`` (P, D), the largest eigenvalue first, as (D, D) rows, and
-    the eigenvalues of the patches' second moment (D,), in float64."""
-    rows = rows.double()
-    moment = rows.T @ rows / len(rows)
-    values, vectors = torch.linalg.eigh(moment)  # ascending
+def patch_moment(x: torch.Tensor, size: tuple[int, int], chunk: int = 256) -> torch.Tensor:
+    """The second moment (D, D) of every ``size`` patch of the images ``x``, summed in float64 a ``chunk`` of
+    images at a time (5,000 images' 2×2 patches would take half a GB at once)."""
+    total, count = None, 0
+    for i in range(0, len(x), chunk):
+        rows = patches(x[i:i + chunk].double(), size)
+        part = rows.T @ rows
+        total, count = (part if total is None else total + part), count + len(rows)
+    assert total is not None, "no images to whiten"
+    return total / count
+
+
+def whitening_filters(moment: torch.Tensor, eps: float = WHITEN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whitening filters of patches whose second moment is ``moment`` (D, D), the largest eigenvalue
+    first, as (D, D) rows, and the eigenvalues (D,), in float64."""
+    values, vectors = torch.linalg.eigh(moment.double())  # ascending
     values, vectors = values.flip(0), vectors.flip(1)
     return vectors.T / (values.clamp(min=0) + eps).sqrt().unsqueeze(1), values
 
@@ -69,7 +80,9 @@ def whiten_first_conv(model: nn.Module, images: torch.Tensor, eps: float = WHITE
     if images.shape[1] != weight.shape[1]:
         raise UserError(f"`whiten`: the images have {images.shape[1]} channels, the first convolution reads "
                         f"{weight.shape[1]}")
-    filters, _ = whitening_filters(patches(images.float().cpu(), tuple(weight.shape[2:])), eps)
+    if not len(images):
+        raise UserError("`whiten` needs training images to whiten")
+    filters, _ = whitening_filters(patch_moment(images.float().cpu(), tuple(weight.shape[2:])), eps)
     pairs = min(len(filters), weight.shape[0] // 2)
     chosen = filters[:pairs].view(pairs, *weight.shape[1:]).to(weight.dtype)
     weight[:2 * pairs] = torch.cat([chosen, -chosen]).to(weight.device)
