@@ -77,8 +77,21 @@ DEFAULT = ("fast recipe", "label smoothing 0", "label smoothing 0.2", "EMA 0.98"
 AIRBENCH_ROWS = ("fast recipe", *(name for name in VARIANTS if name.startswith(("fast +", "airbench"))))
 
 
-def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: Path) -> dict[str, Any]:
+def variant_config(changes: dict[str, Any], base: dict[str, Any], out: Path):
+    """The configuration of a variant: its recipe (fast unless ``changes`` names another) with ``base`` and
+    ``changes`` over it, scored without TTA while training (the rows score every way afterwards)."""
     from cnnlab.config import resolve
+
+    settings = {k: v for k, v in changes.items() if k not in ("recipe", "decay_weights_only")}
+    recipe = changes.get("recipe", "fast")
+    width = base.get("width") or (FAST_WIDTH if recipe == "fast" else None)  # None: the recipe model's own
+    cfg = resolve(recipe, overrides={**base, "width": width, **settings, "out": str(out), "tta": False})
+    if "translate" in settings and settings["translate"] is None:
+        cfg.translate = None  # resolve reads an override of None as "not given"
+    return cfg
+
+
+def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: Path) -> dict[str, Any]:
     from cnnlab.core.metrics import score
     from cnnlab.data import load_dataset
     from cnnlab.data.splits import split
@@ -87,14 +100,9 @@ def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: 
 
     out = runs / name.replace(" ", "-").replace(",", "")
     shutil.rmtree(out, ignore_errors=True)
-    settings = dict(changes)
-    if settings.pop("decay_weights_only", False):
+    if changes.get("decay_weights_only"):
         _decay_weights_only()
-    recipe = settings.pop("recipe", "fast")
-    width = base["width"] or (FAST_WIDTH if recipe == "fast" else None)  # None: the recipe model's own
-    cfg = resolve(recipe, overrides={**base, "width": width, **settings, "out": str(out), "tta": False})
-    if "translate" in settings and settings["translate"] is None:
-        cfg.translate = None  # resolve reads an override of None as "not given"
+    cfg = variant_config(changes, base, out)
     start = time.perf_counter()
     train(cfg)
     seconds = time.perf_counter() - start
