@@ -257,9 +257,11 @@ def test_six_view_tta_on_a_flip_invariant_model_weighs_the_shifted_views_a_quart
         torch.testing.assert_close(logits(other, x, "translate"), six)
     images = torch.randint(0, 256, (6, 3, 9, 9), dtype=torch.uint8)
     prep = Preprocess(9, 3, (0.5,), (0.25,))
-    s = score(model, images, torch.zeros(6, dtype=torch.long), prep, tta="translate")
+    s = score(model, images, torch.zeros(6, dtype=torch.long), prep, tta="translate", features=model.fc)
     with torch.no_grad():
         torch.testing.assert_close(s.logits, logits(model, prep.to_input(images), "translate"))
+        # The recorded features are weighed over the six passes as the logits are: the head maps them onto them.
+        torch.testing.assert_close(model.fc(s.features), s.logits)
 
 
 def test_the_recipe_is_airbench94s_hyper_parameters():

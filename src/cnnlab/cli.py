@@ -172,13 +172,15 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
 def _visualize_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("visualize", help="look inside a trained network: filters, feature maps, CAMs, attributions …")
     p.add_argument("method", metavar="METHOD", help="filters, features, top-images, deconv, invert, maximize, dream, "
-                                                     "cam, attribute, or sanity (how far to trust each CAM and "
-                                                     "attribution: randomisation tests, deletion, insertion, ROAD)")
+                                                     "cam, attribute, embedding (the test set on a t-SNE map, and "
+                                                     "TensorBoard's projector), or sanity (how far to trust each CAM "
+                                                     "and attribution: randomisation tests, deletion, insertion, ROAD)")
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument("--image", nargs="+", metavar="PATH", help="image files (any size or format; resized and "
                                                               "normalised as the checkpoint says)")
     p.add_argument("--index", nargs="+", type=int, metavar="N", help="images of the run's test set, by index")
-    p.add_argument("--count", type=int, metavar="K", help="how many test images (from index 0), channels or filters")
+    p.add_argument("--count", type=int, metavar="K", help="how many test images (from index 0; embedding: spread over "
+                                                          "the test set), channels or filters")
     p.add_argument("--layer", nargs="+", metavar="NAME", help="stage names (conv1, conv2_x … conv5_x, fc for the "
                    "ResNets; conv1 … conv5 for AlexNet and VGG) or module paths (layer4.1.left.3); default: "
                    "found from the model; sanity: the cascade steps to measure")
@@ -203,7 +205,8 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
         "report", help="one self-contained HTML page about a run: accuracy, curves, mistakes, what it learned",
         description="Write one HTML file that opens from disk with no server or network: what was trained, final "
                     "accuracies, Table 1, training curves, per-class accuracy, confusion matrix, most-confused "
-                    "pairs, misclassified images, conv1 filters, feature maps, Grad-CAM and class models.")
+                    "pairs, misclassified images, the test set as a map, top losses and typical images, conv1 "
+                    "filters, feature maps, Grad-CAM and class models.")
     p.add_argument("path", metavar="RUN_DIR")
     p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html); "
                                                       "folders on the way that do not exist are created")
@@ -226,8 +229,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "serve", help="explore runs in the browser: predictions, CAMs, feature maps, channels, curves",
         description="Start a local web app over the runs: upload or pick an image, see the top-5 and every CAM and "
                     "attribution with its trust scores, click through the layers' feature maps and channels, and "
-                    "the training curves and confusion matrix. Offline; bound to 127.0.0.1 unless --host says "
-                    "otherwise.")
+                    "the training curves and confusion matrix, the test set as a map and its mistakes. Offline; "
+                    "bound to 127.0.0.1 unless --host says otherwise.")
     p.add_argument("paths", metavar="RUN_DIR", nargs="+")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
