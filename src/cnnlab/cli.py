@@ -46,8 +46,8 @@ class Parser(argparse.ArgumentParser):
 def _add_settings(p: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
     """A flag for every training setting (but those in ``leave_out``), from its declaration in
     :class:`cnnlab.config.TrainConfig`: a switch pair (--tta/--no-tta) for a yes-or-no setting, a value
-    otherwise; ``amp`` takes an optional value (--amp, --amp force) beside --no-amp. Any other value is
-    refused by the configuration's check."""
+    otherwise; ``amp`` and ``mlflow`` take an optional value (--amp, --amp force; --mlflow, --mlflow URI) beside
+    --no-amp and --no-mlflow. Any other value is refused by the configuration's check."""
     from cnnlab import config
 
     for name, f in config.FIELDS.items():
@@ -57,8 +57,8 @@ def _add_settings(p: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -
         options = config.choices(name)
         if options and help is None:
             help = " or ".join([", ".join(options[:-1]), options[-1]] if len(options) > 1 else options)
-        if bool in kinds and options:
-            p.add_argument(flag, nargs="?", const=True, metavar="|".join(options), help=help)
+        if bool in kinds and (options or str in kinds):  # --amp [force], --mlflow [URI]
+            p.add_argument(flag, nargs="?", const=True, metavar="|".join(options) or f.metadata["metavar"], help=help)
             p.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=False, help="off")
         elif bool in kinds:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
@@ -95,7 +95,7 @@ def _lr_find_parser(sub: argparse._SubParsersAction) -> None:
                     "the training flags say, until the loss diverges. Plots the smoothed loss against the rate with "
                     "two suggestions (steepest descent, valley) and the configured --lr. Writes no run folder.")
     p.add_argument("--config", metavar="FILE.toml", help="settings to apply over the recipe")
-    _add_settings(p, leave_out=("out",))
+    _add_settings(p, leave_out=("out", "mlflow"))
     p.add_argument("--steps", type=int, default=100, help="steps of the sweep at most (default 100)")
     p.add_argument("--start-lr", type=float, default=1e-7, help="the first step's learning rate (default 1e-7)")
     p.add_argument("--end-lr", type=float, default=10.0, help="the last step's learning rate (default 10)")
@@ -362,6 +362,7 @@ def _print_group(result, main: bool) -> int:
         return 0
     print(format_spread(summary(result.group_dir)))
     print(f"group folder: {result.group_dir}")
+    _print_mlflow(result.group_dir)
     return 0
 
 
@@ -394,6 +395,16 @@ def _print_result(result) -> None:
         print(f"finished {result.last['epoch']} epochs: {figures(result.last)}")
     print(f"run folder: {result.run_dir}")
     print(f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
+    _print_mlflow(result.run_dir)
+
+
+def _print_mlflow(folder: Path) -> None:
+    """Where a run or group that logs to MLflow (``--mlflow``) can be seen; nothing for one that does not."""
+    from cnnlab.train.tracking import describe
+
+    seen = describe(folder)
+    if seen is not None:
+        print(one_line(f"  MLflow: {seen}"))
 
 
 EVALUATE_JSON = ("top1", "n", "per_class", "confusion", "top1_interval", "top5", "per_class_figures", "calibration",
