@@ -112,7 +112,8 @@ class TrainConfig:
                               "e.g. 0.999)", least=0, below=1)
     lookahead: int = setting(0, "every N steps, blend a weight average toward the weights and continue from it, at "
                                 "a rate that falls over the run (airbench's; 0: off)", least=0, unit="steps")
-    lookahead_from: int = setting(0, "with --lookahead: the epoch the blending starts at", least=0, unit="epochs")
+    lookahead_from: int = setting(0, "with --lookahead: the epochs trained before the blending starts", least=0,
+                                  unit="epochs")
     tta: bool | Literal["translate"] = setting(
         False, "score validation and test images with test-time flip augmentation; --tta translate: also with "
                "1-pixel shifts up-left and down-right (6 views, airbench's)")
