@@ -11,6 +11,8 @@ Rows, each in a fresh process (see :mod:`benchmarks.isolate`) so that its peak m
 * ``fast`` and ``fast N epochs``: the ``fast`` recipe at its default and at a longer schedule (the
   recipe scores with test-time flip augmentation); each run's final weights are also scored without
   the flips, to show what they add;
+* ``airbench``: the ``airbench`` recipe (airbench94's network and method, Jordan 2024, who reports 94% in
+  about 3 s on an A100), scored with its six-view TTA, its final weights also without;
 * ``MFU``: resnet18 (Table 1) at 224 px, batch 256, bf16 autocast, channels-last, eager and
   compiled: FLOPs per step = 3 × counted forward MACs × 2 × batch, divided by the step time and by
   the measured matmul rate.
@@ -68,6 +70,7 @@ class Plan:
             "seed 20 epochs": ["--recipe", "seed", "--epochs", "20", *data],
             "fast": ["--recipe", "fast", *data, *(["--epochs", str(self.fast_epochs)] if self.fast_epochs else [])],
             f"fast {self.fast_long_epochs} epochs": ["--recipe", "fast", "--epochs", str(self.fast_long_epochs), *data],
+            "airbench": ["--recipe", "airbench", *data],
         }
         return {name: args + self.train_flags.get(name.split()[0], []) for name, args in rows.items()}
 
@@ -75,7 +78,7 @@ class Plan:
 def card_plan(dataset: str, fast_long_epochs: int) -> Plan:
     # Extra flags let a lever (say --compile) be tried without editing this file.
     flags = {recipe: shlex.split(os.environ.get(f"CNNLAB_BENCH_{recipe.upper()}_FLAGS", ""))
-             for recipe in ("seed", "fast")}
+             for recipe in ("seed", "fast", "airbench")}
     return Plan(device="cuda", dataset=dataset, train_flags=flags, fast_long_epochs=fast_long_epochs)
 
 
@@ -85,7 +88,9 @@ def dry_plan(dataset: str) -> Plan:
                 mfu_batch=8, mfu_warmup=1, mfu_steps=2, mfu_compile=os.environ.get("CNNLAB_BENCH_DRY_COMPILE") == "1",
                 fast_epochs=2, fast_long_epochs=3,  # 1 epoch of 4 steps: OneCycleLR divides by zero
                 train_flags={"seed": [*tiny, "--image-size", "32", "--limit-train", "128", "--epochs", "1"],
-                             "fast": [*tiny, "--limit-train", "256", "--batch-size", "64"]})
+                             "fast": [*tiny, "--limit-train", "256", "--batch-size", "64"],
+                             "airbench": [*tiny, "--limit-train", "256", "--batch-size", "64", "--epochs", "2",
+                                          "--lookahead-from", "1", "--whiten-bias-epochs", "1"]})
 
 
 # --- rows that run in a child process ---------------------------------------------------------------
@@ -269,11 +274,11 @@ def run(plan: Plan, budget_s: float = BUDGET_S, progress=print) -> dict[str, Any
 
     matmul = add("bf16 matmul", "TFLOP/s", isolate.run("benchmarks.gpu", {**job, "section": "matmul"}, left(120)))
     add("decode", "s (first load)", isolate.run("benchmarks.gpu", {**job, "section": "decode"}, left(180)))
-    caps = {"seed 20 epochs": 300.0, "fast": 90.0}  # seconds a row may take at most; the rest: 150
+    caps = {"seed 20 epochs": 300.0, "fast": 90.0, "airbench": 90.0}  # seconds a row may take at most; the rest: 150
     for name, args in plan.recipe_rows().items():
         row = add(name, "test acc", train_row(name, args, left(caps.get(name, 150.0))))
-        if name.startswith("fast") and "error" not in row:
-            add(f"{name}, no flip TTA", "test acc",
+        if name.startswith(("fast", "airbench")) and "error" not in row:
+            add(f"{name}, no {'TTA' if name == 'airbench' else 'flip TTA'}", "test acc",
                 isolate.run("benchmarks.gpu", {**job, "section": "tta", "run_dir": row["run_dir"]}, left(60)))
     for compiled in (False, True) if plan.mfu_compile else (False,):
         name = "MFU resnet18 compiled" if compiled else "MFU resnet18 eager"

@@ -2,12 +2,17 @@
 
 Every variant is the ``fast`` recipe with one setting changed, trained from the same seed on the same
 split. Each run is scored on the validation split (what chooses) and on the test set (reported only),
-with and without test-time flip augmentation, from its final weights (the weight average, when the
-variant keeps one). Wall time is the training call's. Each variant runs in a fresh process, so its
-peak host memory (and peak GPU memory, on a GPU) is its own.
+with and without test-time flip augmentation and with the six-view TTA (flips and 1-pixel shifts), from
+its final weights (the weight average, when the variant keeps one). Wall time is the training call's.
+Each variant runs in a fresh process, so its peak host memory (and peak GPU memory, on a GPU) is its own.
+
+The parts of airbench94's method (Jordan 2024) are measured one change at a time both ways (``--airbench``):
+each added to the ``fast`` recipe (does it carry over to ResNet-18?), and each taken out of the
+``airbench`` recipe (what does it bring there?).
 
     python -m benchmarks.recipe                     # CPU scale (width 16, 10 epochs): ~25 min on 2 cores
     python -m benchmarks.recipe --width 64 --epochs 18 --device cuda   # the recipe's own scale, on a GPU
+    python -m benchmarks.recipe --airbench           # the airbench rows (fast at width 16, airbench94 at 64)
 
 bf16 autocast is on by default where bf16 is native (CUDA, or a CPU with bf16 instructions) and off
 elsewhere; ``--amp``/``--no-amp`` choose, and each row records what its run trained in.
@@ -32,7 +37,10 @@ from benchmarks import isolate, report
 from cnnlab.core.device import pick_device
 from cnnlab.train.device import amp_choice
 
-# Row → changes to the fast recipe (the recipe itself is the first row, whatever it currently is).
+# Row → changes to the fast recipe (the recipe itself is the first row, whatever it currently is); "recipe"
+# names another recipe to change instead.
+FAST_WIDTH = 16  # the fast rows' default width on a CPU; the airbench rows keep airbench94's own
+AIRBENCH = {"recipe": "airbench"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "fast recipe": {},
     "label smoothing 0": {"label_smoothing": 0.0},
@@ -46,12 +54,44 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cosine schedule": {"schedule": "cosine"},
     # Not a cnnlab setting: the benchmark splits the optimizer's groups itself (see _decay_weights_only).
     "no weight decay on BN and biases": {"decay_weights_only": True},
+    # airbench's parts, one at a time, added to the fast recipe ...
+    "fast + whitening": {"whiten": True},
+    "fast + identity init": {"dirac_init": True},
+    "fast + alternating flips": {"alternate_flips": True},
+    "fast + 2-px reflected shifts": {"translate": 2},
+    "fast + Lookahead": {"lookahead": 5, "lookahead_from": 3},
+    "fast + BN lr x64": {"norm_lr_scale": 64.0},
+    "fast + label smoothing 0.2": {"label_smoothing": 0.2},
+    # ... and taken out of the airbench recipe.
+    "airbench recipe": {**AIRBENCH},
+    "airbench - whitening": {**AIRBENCH, "whiten": False},
+    "airbench - identity init": {**AIRBENCH, "dirac_init": False},
+    "airbench - alternating flips": {**AIRBENCH, "alternate_flips": False},
+    "airbench, 4-px zero-padded crops": {**AIRBENCH, "translate": None},
+    "airbench - Lookahead": {**AIRBENCH, "lookahead": 0},
+    "airbench - BN lr x64": {**AIRBENCH, "norm_lr_scale": 1.0},
+    "airbench - label smoothing": {**AIRBENCH, "label_smoothing": 0.0},
+    "airbench - triangle schedule": {**AIRBENCH, "schedule": "onecycle"},
 }
 DEFAULT = ("fast recipe", "label smoothing 0", "label smoothing 0.2", "EMA 0.98", "EMA 0.995")  # others: --variants
+AIRBENCH_ROWS = ("fast recipe", *(name for name in VARIANTS if name.startswith(("fast +", "airbench"))))
+
+
+def variant_config(changes: dict[str, Any], base: dict[str, Any], out: Path):
+    """The configuration of a variant: its recipe (fast unless ``changes`` names another) with ``base`` and
+    ``changes`` over it, scored without TTA while training (the rows score every way afterwards)."""
+    from cnnlab.config import resolve
+
+    settings = {k: v for k, v in changes.items() if k not in ("recipe", "decay_weights_only")}
+    recipe = changes.get("recipe", "fast")
+    width = base.get("width") or (FAST_WIDTH if recipe == "fast" else None)  # None: the recipe model's own
+    cfg = resolve(recipe, overrides={**base, "width": width, **settings, "out": str(out), "tta": False})
+    if "translate" in settings and settings["translate"] is None:
+        cfg.translate = None  # resolve reads an override of None as "not given"
+    return cfg
 
 
 def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: Path) -> dict[str, Any]:
-    from cnnlab.config import resolve
     from cnnlab.core.metrics import score
     from cnnlab.data import load_dataset
     from cnnlab.data.splits import split
@@ -60,10 +100,9 @@ def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: 
 
     out = runs / name.replace(" ", "-").replace(",", "")
     shutil.rmtree(out, ignore_errors=True)
-    settings = dict(changes)
-    if settings.pop("decay_weights_only", False):
+    if changes.get("decay_weights_only"):
         _decay_weights_only()
-    cfg = resolve("fast", overrides={**base, **settings, "out": str(out), "tta": False})
+    cfg = variant_config(changes, base, out)
     start = time.perf_counter()
     train(cfg)
     seconds = time.perf_counter() - start
@@ -73,11 +112,14 @@ def run_variant(name: str, changes: dict[str, Any], base: dict[str, Any], runs: 
     device = next(run.model.parameters()).device
     row: dict[str, Any] = {"name": name, "changes": changes, "train_s": seconds, "amp": amp, **_gpu_peak(device),
                            "settings": {k: getattr(cfg, k) for k in ("label_smoothing", "nesterov", "ema", "lr",
-                                                                     "epochs", "batch_size", "width")}}
+                                                                     "epochs", "batch_size", "width", "recipe",
+                                                                     "model", "whiten", "dirac_init",
+                                                                     "alternate_flips", "translate", "lookahead",
+                                                                     "norm_lr_scale", "schedule")}}
     for split_name, (x, y) in {"val": (data.val_x, data.val_y), "test": (data.test_x, data.test_y)}.items():
-        for tta in (False, True):
+        for tta, suffix in ((False, ""), (True, "_tta"), ("translate", "_tta6")):
             s = score(run.model, x.to(device), y.to(device), run.preprocess, tta=tta)
-            row[f"{split_name}{'_tta' if tta else ''}"] = 100 * s.top1
+            row[f"{split_name}{suffix}"] = 100 * s.top1
     row["n_val"], row["n_test"] = len(data.val_y), len(data.test_y)
     return row
 
@@ -89,9 +131,9 @@ def _decay_weights_only() -> None:
 
     grouped = transfer.param_groups
 
-    def param_groups(model: torch.nn.Module, lr: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+    def param_groups(model: torch.nn.Module, lr: float, *scales: float, **named: float) -> list[dict]:
         groups = []
-        for group in grouped(model, lr, backbone_lr_scale):
+        for group in grouped(model, lr, *scales, **named):
             matrices = [p for p in group["params"] if p.ndim > 1]
             vectors = [p for p in group["params"] if p.ndim <= 1]
             groups += [{**group, "params": matrices}, {**group, "params": vectors, "weight_decay": 0.0}]
@@ -112,22 +154,25 @@ def _child_rows() -> dict:
     return {"variant": variant}
 
 
-COLUMNS = [("name", "variant"), ("val", "val %"), ("val_tta", "val % flip TTA"), ("test", "test %"),
-           ("test_tta", "test % flip TTA"), ("train_s", "train s"), ("host_rss_peak_mb", "host peak MiB"),
-           ("gpu_peak_mb", "GPU peak MiB")]
+COLUMNS = [("name", "variant"), ("val", "val %"), ("val_tta", "val % flip TTA"), ("val_tta6", "val % 6-view TTA"),
+           ("test", "test %"), ("test_tta", "test % flip TTA"), ("test_tta6", "test % 6-view TTA"),
+           ("train_s", "train s"), ("host_rss_peak_mb", "host peak MiB"), ("gpu_peak_mb", "GPU peak MiB")]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.recipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default=None, help="default: folder:$CNNLAB_CIFAR10_JPEG, else the bundled sample")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--width", type=int, help=f"default: {FAST_WIDTH} for the fast rows, airbench94's 64 for "
+                                                   "the airbench rows")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--limit-train", type=int)
     parser.add_argument("--seed", type=int, default=0, help="the seed of every variant (initial weights, batch order)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction,
                         help="bf16 autocast (default: where bf16 is native, i.e. CUDA or a CPU with bf16 instructions)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS))
+    parser.add_argument("--airbench", action="store_true",
+                        help="the rows of airbench's parts, added to fast and taken out of airbench")
     parser.add_argument("--out", type=Path, help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--runs", type=Path, default=Path(__file__).parent / "runs" / "recipe",
                         help="folder for the variants' run folders (default benchmarks/runs/recipe)")
@@ -145,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs
     started = time.perf_counter()
     rows = []
-    for name in args.variants:
+    for name in args.variants or (AIRBENCH_ROWS if args.airbench else DEFAULT):
         job = {"section": "variant", "name": name, "base": base, "runs": str(runs.resolve())}
         rows.append({"name": name, **isolate.run("benchmarks.recipe", job, timeout_s=6 * 3600)})
         print(report.format_table(rows[-1:], COLUMNS).splitlines()[-1], file=sys.stderr, flush=True)

@@ -73,6 +73,39 @@ def test_recipe_ablation_document(tmp_path, monkeypatch):
     assert scored["test_acc"] * 100 == pytest.approx(averaged["test"])  # the run's own score, without TTA
 
 
+def test_the_airbench_rows_change_one_part_each(tmp_path):
+    from cnnlab.config import resolve
+
+    base = {"dataset": "sample", "device": "cpu", "width": None, "epochs": 10, "limit_train": None, "amp": False,
+            "seed": 0}
+    fast, airbench = (recipe.variant_config(recipe.VARIANTS[name], base, tmp_path)
+                      for name in ("fast recipe", "airbench recipe"))
+    assert (fast.model, fast.width, airbench.model, airbench.width) == ("resnet18-cifar", 16, "airbench94", 64)
+    assert airbench.to_dict() == {**resolve("airbench").to_dict(), "dataset": "sample", "device": "cpu", "epochs": 10,
+                                  "amp": False, "out": str(tmp_path), "tta": False}
+    for name in recipe.AIRBENCH_ROWS[2:]:
+        changes = recipe.VARIANTS[name]
+        against = airbench if changes.get("recipe") == "airbench" else fast
+        cfg = recipe.variant_config(changes, base, tmp_path).to_dict()
+        differ = {k for k, v in cfg.items() if v != against.to_dict()[k]}
+        assert differ == set(changes) - {"recipe"}, name
+    assert recipe.variant_config(recipe.VARIANTS["airbench, 4-px zero-padded crops"], base, tmp_path).translate is None
+
+
+def test_the_anchors_rates_are_airbench94s():
+    from benchmarks import airbench_anchor
+    from cnnlab.models import build
+
+    model = build("airbench94", width=8)
+    norm_biases, others = airbench_anchor.optimiser(model, 1024).param_groups
+    kilostep = 1024 * (1 + 1 / 0.15)
+    assert others["lr"] == pytest.approx(11.5 / kilostep) and norm_biases["lr"] == pytest.approx(64 * 11.5 / kilostep)
+    for group in (norm_biases, others):  # decoupled: the same decay per step, 0.0153 per 1,024 images
+        assert group["lr"] * group["weight_decay"] == pytest.approx(0.0153 * 1024 / kilostep)
+    assert len(norm_biases["params"]) == 6 and all(p.ndim == 1 for p in norm_biases["params"])
+    assert any(p is model.whiten[0].bias for p in others["params"])
+
+
 def test_decay_weights_only_leaves_batchnorm_and_biases_undecayed(monkeypatch):
     from cnnlab.models import build, transfer
 

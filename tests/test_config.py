@@ -73,14 +73,17 @@ def test_every_setting_is_a_flag_and_a_toml_key_of_its_own_type(tmp_path):
     toml.write_text("tta = true\nbatch-size = 32\nschedule = \"cosine\"\nlimit-test = 7\n")
     cfg = resolve("fast", toml_path=toml)
     assert (cfg.tta, cfg.batch_size, cfg.schedule, cfg.limit_test) == (True, 32, "cosine", 7)
-    assert choices("schedule") == ("constant", "cosine", "onecycle") and choices("amp") == ("force",)
+    assert choices("schedule") == ("constant", "cosine", "onecycle", "triangle") and choices("amp") == ("force",)
+    assert choices("tta") == ("translate",)
 
 
 def test_types_come_from_the_annotations():
     assert coerce("lr", 1) == 1.0 and isinstance(coerce("lr", 1), float)
     assert coerce("mean", [0, 1, 0.5]) == (0.0, 1.0, 0.5)
     assert coerce("amp", "force") == "force" and coerce("amp", None) is None and coerce("amp", False) is False
-    for name, value, words in [("epochs", 2.5, "whole number"), ("tta", 1, "true or false"),
+    assert coerce("tta", "translate") == "translate" and coerce("tta", True) is True
+    for name, value, words in [("epochs", 2.5, "whole number"), ("nesterov", 1, "true or false"),
+                               ("tta", "yes", 'true, false or "translate"'),
                                ("amp", "yes", 'true, false or "force"'), ("width", None, None),
                                ("epochs", None, "must be set"), ("mean", ["a"], "list of numbers"),
                                ("augment", "flip", "choose one of: none, flip-crop")]:

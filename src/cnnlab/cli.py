@@ -450,7 +450,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: result[k] for k in EVALUATE_JSON}))
         return 0
-    flip = ", with flip TTA" if result["tta"] else ""
+    from cnnlab.core.metrics import tta_name
+
+    flip = f", with {tta_name(result['tta'])}" if result["tta"] else ""
     # Class names and paths come from files: escaped, so that they cannot move the cursor or forge lines.
     print(one_line(f"top-1 accuracy {100 * result['top1']:.2f}% on {result['n']} test images "
                    f"({result['dataset']}{flip})"))

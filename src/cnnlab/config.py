@@ -46,8 +46,8 @@ def setting(default: Any, help: str | None = None, *, least: float | None = None
 
 @dataclass
 class TrainConfig:
-    recipe: str = setting("seed", "seed (the assignment), paper, fast or finetune (published weights, lower "
-                                  "backbone learning rate)")
+    recipe: str = setting("seed", "seed (the assignment), paper, fast, finetune (published weights, lower "
+                                  "backbone learning rate) or airbench (Jordan 2024's method and network)")
     # data
     dataset: str = setting("cifar10", "cifar10, cifar100, mnist, fashion-mnist, svhn, stl10, sample or folder:PATH "
                                       "(a folder or .tar/.tar.gz/.zip of train/<class>/ and test/<class>/, or a CSV "
@@ -91,12 +91,32 @@ class TrainConfig:
     momentum: float = setting(0.9, least=0, below=1)
     nesterov: bool = setting(False)
     weight_decay: float = setting(5e-4, least=0)
-    schedule: Literal["constant", "cosine", "onecycle"] = setting("constant")
+    norm_lr_scale: float = setting(1.0, "learning rate of the BatchNorm parameters as a multiple of --lr, their "
+                                        "weight decay per step unchanged (airbench: 64)", above=0)
+    schedule: Literal["constant", "cosine", "onecycle", "triangle"] = setting(
+        "constant", "constant, cosine, onecycle or triangle (airbench's: linear from 0.2× up to --lr at 23%% of the "
+                    "steps, down to 0.07× at the end)")
     label_smoothing: float = setting(0.0, least=0, below=1)
     augment: Literal["none", "flip-crop"] = setting("none")
+    alternate_flips: bool = setting(False, "with --augment flip-crop: flip each image on alternate epochs (a random "
+                                           "half on even epochs, the other half on odd ones) instead of at random")
+    translate: int | None = setting(None, "with --augment flip-crop: shift by up to N pixels, padding by reflection "
+                                          "(default: 4, padding with zeros)", least=0, most=16, unit="pixels")
+    whiten: bool = setting(False, "initialise the first convolution to whiten the patches of the first 5,000 "
+                                  "training images, its filters then fixed")
+    whiten_bias_epochs: int | None = setting(None, "with --whiten: epochs the first convolution's bias trains "
+                                                   "before it is fixed too (default: all)", least=0, unit="epochs")
+    dirac_init: bool = setting(False, "initialise every convolution but the first as the identity on its first "
+                                      "input channels")
     ema: float = setting(0.0, "decay of a moving average of the weights, scored and saved in their place (0: off; "
                               "e.g. 0.999)", least=0, below=1)
-    tta: bool = setting(False, "score validation and test images with test-time flip augmentation")
+    lookahead: int = setting(0, "every N steps, blend a weight average toward the weights and continue from it, at "
+                                "a rate that falls over the run (airbench's; 0: off)", least=0, unit="steps")
+    lookahead_from: int = setting(0, "with --lookahead: the epochs trained before the blending starts", least=0,
+                                  unit="epochs")
+    tta: bool | Literal["translate"] = setting(
+        False, "score validation and test images with test-time flip augmentation; --tta translate: also with "
+               "1-pixel shifts up-left and down-right (6 views, airbench's)")
     early_stop: int | None = setting(None, "end training when the validation figure --early-stop-metric has not "
                                            "improved for this many epochs; best.pt is the run's result",
                                      least=1, unit="epochs")
@@ -127,7 +147,8 @@ class TrainConfig:
 
 
 # The assignment exactly; He et al. (2015) §4.2 hyper-parameters at 224 px; a short modern schedule at 32 px
-# (its label smoothing and flip TTA chosen on the validation split, BENCHMARKS.md; a weight average did not help).
+# (its label smoothing and flip TTA chosen on the validation split, BENCHMARKS.md; a weight average did not help);
+# airbench94's method (Jordan 2024) with its network.
 RECIPES: dict[str, dict[str, Any]] = {
     "seed": dict(
         model="resnet18-seed", image_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
@@ -150,6 +171,19 @@ RECIPES: dict[str, dict[str, Any]] = {
         model="torchvision:resnet18", weights="DEFAULT", image_size=224, mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225), epochs=10, batch_size=64, lr=0.01, momentum=0.9, nesterov=True,
         weight_decay=1e-4, schedule="cosine", augment="flip-crop", label_smoothing=0.1, backbone_lr_scale=0.1,
+    ),
+    # airbench94.py's hyper-parameters in cnnlab's terms. Its loss is summed over the batch and its rates are
+    # "per 1024 images", divided by 1024·(1 + 1/(1 − momentum)); for a mean loss at batch 1024 that is
+    # lr = 11.5 / (1 + 1/0.15) = 1.5, and its decay per step, 0.0153·1024 / (1024·(1 + 1/0.15)) = lr × 2·0.0153/23.
+    # 10 epochs for its 9.9; its alternating flips, 2-pixel reflected shifts, whitened first layer (bias
+    # trained 3 epochs), identity-initialised convolutions, Lookahead average every 5 steps from epoch 3 and
+    # six-view TTA.
+    "airbench": dict(
+        model="airbench94", image_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+        epochs=10, batch_size=1024, lr=1.5, momentum=0.85, nesterov=True, weight_decay=2 * 0.0153 / 23,
+        norm_lr_scale=64.0, schedule="triangle", augment="flip-crop", alternate_flips=True, translate=2,
+        label_smoothing=0.2, whiten=True, whiten_bias_epochs=3, dirac_init=True, lookahead=5, lookahead_from=3,
+        tta="translate",
     ),
 }
 
@@ -326,6 +360,9 @@ def _validate_together(cfg: TrainConfig) -> None:
     need(cfg.weights is None or bool(cfg.weights), "`weights` must be DEFAULT, a weights name or a file")
     need(cfg.freeze is None or bool(cfg.freeze), "`freeze` must be backbone or a layer name")
     need(not cfg.nesterov or cfg.momentum > 0, "`nesterov` needs a `momentum` above 0")
+    need(not (cfg.ema and cfg.lookahead), "`ema` and `lookahead` are two weight averages; choose one")
+    need(not (cfg.whiten and cfg.weights), "`whiten` initialises the first convolution afresh, and `weights` "
+                                           "loads it; choose one")
     need(cfg.early_stop is None or cfg.val_split != 0,
          "`early_stop` watches the validation split, which `val_split` 0 leaves empty; hold out images with "
          "`val_split` N, or drop `early_stop`")

@@ -33,7 +33,7 @@ MAX_FIGURE_INCHES = 60
 
 def evaluate(path: str | Path, dataset: str | None = None, data_dir: str | None = None,
              limit_test: int | None = None, device: str = "auto", out: str | Path | None = None,
-             tta: bool | None = None, calibrate: bool = False) -> dict[str, Any]:
+             tta: bool | str | None = None, calibrate: bool = False) -> dict[str, Any]:
     """Score a run folder or checkpoint on its test set; write JSON, a reliability diagram and a
     confusion-matrix PNG.
 
@@ -72,7 +72,7 @@ def evaluate(path: str | Path, dataset: str | None = None, data_dir: str | None 
     return result
 
 
-def _calibrate(loaded: run.LoadedRun, data_dir: str | None, tta: bool) -> dict[str, Any]:
+def _calibrate(loaded: run.LoadedRun, data_dir: str | None, tta: bool | str) -> dict[str, Any]:
     """Fit the temperature on the run's validation images (scored with ``tta`` as the test set is) and
     keep it in the run folder; what was fitted, with the validation NLL before and after."""
     run.calibration_file(loaded)  # a checkpoint outside a run folder is refused before any image is read

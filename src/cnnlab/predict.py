@@ -28,7 +28,7 @@ BATCH_SIZE = 64
 
 
 def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: int = 5,
-            device: str = "auto", batch_size: int = BATCH_SIZE, tta: bool | None = None) -> list[dict[str, Any]]:
+            device: str = "auto", batch_size: int = BATCH_SIZE, tta: bool | str | None = None) -> list[dict[str, Any]]:
     """Predict every image in ``inputs`` (files, or folders searched recursively) with a run or checkpoint.
 
     ``tta``: average each image's logits with its mirror image's before the softmax; by default as the
@@ -80,7 +80,7 @@ def predict(path: str | Path, inputs: str | Path | Sequence[str | Path], top_k: 
 
 
 def ranked(model: torch.nn.Module, classes: Sequence[str], x: torch.Tensor, top_k: int,
-           tta: bool, temperature: float | None = None) -> list[list[dict[str, Any]]]:
+           tta: bool | str, temperature: float | None = None) -> list[list[dict[str, Any]]]:
     """The ``top_k`` most probable classes of each network input of ``x``, most probable first:
     ``[{"label", "index", "prob"}, …]`` per image (what ``predict`` and ``cnnlab serve`` show); the
     probabilities are the softmax of the logits divided by ``temperature`` when one is given."""

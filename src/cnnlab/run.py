@@ -46,9 +46,9 @@ class LoadedRun:
     _test: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
-    def tta(self) -> bool:
-        """Whether the run scored with test-time flip augmentation: what evaluate, predict and report
-        do by default, so that they find the numbers the run reported."""
+    def tta(self) -> bool | str:
+        """The test-time augmentation the run scored with (False, True: flips, "translate": flips and shifts):
+        what evaluate, predict and report do by default, so that they find the numbers the run reported."""
         return self.config is not None and self.config.tta
 
     @property

@@ -32,23 +32,45 @@ class Scores:
     features: torch.Tensor | None = None  # float (N, D) on the CPU: the input of `score`'s `features` module
 
 
-def logits(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """float32 logits of ``model`` for inputs ``x``; with ``tta``, averaged with those of the mirror images."""
+TTA_SHIFT = 1  # pixels of the translated views of ``tta="translate"`` (airbench's tta_level 2)
+
+
+def tta_name(tta: bool | str) -> str:
+    """How a figure's test-time augmentation is said: "flip TTA", "flip and shift TTA", or "" for none."""
+    return "flip and shift TTA" if tta == "translate" else "flip TTA" if tta else ""
+
+
+def logits(model: nn.Module, x: torch.Tensor, tta: bool | str = False) -> torch.Tensor:
+    """float32 logits of ``model`` for inputs ``x``; with ``tta``, averaged with those of the mirror images.
+
+    ``tta="translate"``: airbench's six views (Jordan 2024), half the weight on the image and its mirror
+    image, half on the two copies shifted by one pixel up-left and down-right (the edge reflected in), each
+    with its mirror image too.
+    """
     out = model(x).float()
-    return (out + model(x.flip(-1)).float()) / 2 if tta else out
+    if not tta:
+        return out
+    mirrored = (out + model(x.flip(-1)).float()) / 2
+    if tta != "translate":
+        return mirrored
+    h, w, s = x.shape[-2], x.shape[-1], TTA_SHIFT
+    padded = F.pad(x, (s, s, s, s), mode="reflect")
+    shifted = [padded[..., :h, :w], padded[..., 2 * s:, 2 * s:]]
+    return (mirrored + sum(logits(model, v, True) for v in shifted) / 2) / 2
 
 
 @torch.no_grad()
 def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preprocess: Preprocess, *,
-          batch_size: int = 256, amp: bool = False, channels_last: bool = False, tta: bool = False,
+          batch_size: int = 256, amp: bool = False, channels_last: bool = False, tta: bool | str = False,
           temperature: float | None = None, features: nn.Module | None = None) -> Scores:
     """Mean cross-entropy and top-1 accuracy of ``model`` (put in eval mode) on uint8 ``images``.
 
     ``tta``: test-time flip augmentation, the logits of each image averaged with those of its mirror
-    image (a free gain for models trained with flips; twice the forward passes). ``temperature``: the
+    image (a free gain for models trained with flips; twice the forward passes); ``"translate"``: six views
+    (see :func:`logits`). ``temperature``: the
     probabilities (not the loss, not the predictions) are the softmax of the logits divided by it.
     ``features``: a module of ``model`` whose input is recorded for every image in the same pass, flattened
-    and, with ``tta``, averaged over the two passes as the logits are (for the last linear layer, its
+    and, with ``tta``, averaged over the passes as the logits are (for the last linear layer, its
     output on these features is then the logits).
     """
     was_training = model.training
@@ -66,7 +88,7 @@ def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preproce
             with autocast:
                 out = logits(model, x, tta)
             if taken:
-                recorded.append(torch.stack(taken).mean(0).cpu())
+                recorded.append(_views_averaged(taken, tta).cpu())
                 taken.clear()
             loss_sum += F.cross_entropy(out, y, reduction="sum")
             preds.append(out.argmax(1))
@@ -83,6 +105,15 @@ def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preproce
     return Scores(loss_sum.item() / n, (predictions == y).sum().item() / n, predictions, y,
                   probs.amax(1) if probabilities else torch.zeros(0), probs,
                   torch.cat(raw).cpu() if raw else torch.zeros(0, 0), torch.cat(recorded) if recorded else None)
+
+
+def _views_averaged(views: list[torch.Tensor], tta: bool | str) -> torch.Tensor:
+    """What :func:`logits` does to its passes' logits, done to anything else recorded per pass (in call order:
+    the image, its mirror image, then each shifted copy and its mirror image)."""
+    if tta == "translate":  # half on the unshifted pair, a quarter on each shifted pair
+        weights = (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
+        return sum(w * v for w, v in zip(weights, views, strict=True))
+    return torch.stack(views).mean(0)
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

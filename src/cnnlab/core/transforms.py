@@ -19,17 +19,32 @@ def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def pad_crop(x: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
-    """Zero-pad by ``pad`` pixels and crop back to (H, W) at per-image ``offsets`` (B, 2) in [0, 2·pad].
+def pad_crop(x: torch.Tensor, offsets: torch.Tensor, pad: int, reflect: bool = False) -> torch.Tensor:
+    """Pad by ``pad`` pixels (zeros, or ``reflect``: mirrored about the edge pixels) and crop back to (H, W)
+    at per-image ``offsets`` (B, 2) in [0, 2·pad].
 
-    Gathering rows and columns by index crops every image of the batch in one op.
+    Gathering rows and columns by index crops every image of the batch in one op; reflected padding is
+    only a different index, so it works on uint8 images as zero padding does.
     """
     b, c, h, w = x.shape
+    if reflect:
+        if pad >= min(h, w):
+            raise ValueError(f"reflected padding of {pad} pixels needs images larger than {pad} pixels")
+        rows = _reflected(offsets[:, 0:1] - pad + torch.arange(h, device=x.device), h)
+        out = x.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w))
+        cols = _reflected(offsets[:, 1:2] - pad + torch.arange(w, device=x.device), w)
+        return out.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = (offsets[:, 0:1] + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
     out = padded.gather(2, rows)
     cols = (offsets[:, 1:2] + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
     return out.gather(3, cols)
+
+
+def _reflected(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices in [-(n-1), 2(n-1)] mirrored into [0, n): -1 → 1, n → n - 2 (``F.pad``'s "reflect")."""
+    index = index.abs()
+    return torch.where(index > n - 1, 2 * (n - 1) - index, index)
 
 
 def to_input(x: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float],

@@ -37,6 +37,15 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def alternate_flips(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """Which of ``n`` images are mirrored in ``epoch`` with alternating flips (airbench, Jordan 2024): a random
+    half, drawn once per run, on even epochs and the other half on odd ones, so each image is seen both
+    ways every two epochs."""
+    # A stream of its own, apart from every epoch's: the (seed, epoch) streams start at seed · 1_000_003.
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed * 1_000_003 - 1)) < 0.5
+    return first ^ bool(epoch % 2)
+
+
 class Pixels(Protocol):
     """Where a training set's uint8 images (N, C, H, W) are read from, a batch at a time."""
 
@@ -119,6 +128,8 @@ class TrainBatches:
     rank: int = 0
     world: int = 1
     merge_single: bool = True  # a last batch of one image joins the one before (for BatchNorm models)
+    alternate: bool = False  # with flip-crop: alternating rather than random flips
+    translate: int | None = None  # with flip-crop: pixels of reflected shift (None: CROP_PAD, zero padding)
     plan: BatchPlan = field(init=False)
     source: Pixels = field(init=False)
 
@@ -144,8 +155,12 @@ class TrainBatches:
         # Drawn on the CPU so the stream is the same on every device. Each image's label and draws are put
         # in the epoch's order and moved once: a batch's are then a slice of each.
         order = torch.randperm(n, generator=g)
-        flips = (torch.rand(n, generator=g) < 0.5)[order].to(device)
-        offsets = torch.randint(0, 2 * CROP_PAD + 1, (n, 2), generator=g)[order].to(device)
+        flips = torch.rand(n, generator=g) < 0.5  # drawn either way: the shifts come from the same stream
+        if self.alternate:
+            flips = alternate_flips(self.seed, epoch, n)
+        flips = flips[order].to(device)
+        pad = CROP_PAD if self.translate is None else self.translate
+        offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)[order].to(device)
         labels = self.labels[order.to(device)]
         spans = self.plan.spans(start)
         parts = [self.plan.part(span, self.rank) for span in spans]
@@ -153,7 +168,7 @@ class TrainBatches:
         for (first, end), (lo, hi), x in zip(spans, parts, pixels):
             if self.augment == "flip-crop":
                 x = transforms.flip(x, flips[lo:hi])
-                x = transforms.pad_crop(x, offsets[lo:hi], CROP_PAD)
+                x = transforms.pad_crop(x, offsets[lo:hi], pad, reflect=self.translate is not None)
             yield self.prepare(x), labels[lo:hi], end - first
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:

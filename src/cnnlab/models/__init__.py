@@ -2,8 +2,9 @@
 
 cnnlab's own networks (the registry :data:`MODELS`): every column of Table 1 of He et al. 2015 and its
 plain nets, the CIFAR-10 ResNets and plain nets of its Sec. 4.2, the assignment's ResNet-18 variants,
-AlexNet and VGG-11/16 with batch norm, at 224 and 32 px. Besides them, any torchvision classification
-model as ``torchvision:NAME`` and any timm model as ``timm:NAME`` (:mod:`cnnlab.models.external`).
+AlexNet and VGG-11/16 with batch norm, at 224 and 32 px, and airbench94's network (Jordan 2024). Besides
+them, any torchvision classification model as ``torchvision:NAME`` and any timm model as ``timm:NAME``
+(:mod:`cnnlab.models.external`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable
 from torch import nn
 
 from cnnlab.core.errors import UserError
-from cnnlab.models import classic, resnet
+from cnnlab.models import airbench, classic, resnet
 from cnnlab.models.anatomy import feature_blocks, first_conv_path, has_submodule, head_path, layer_name, stage_paths
 from cnnlab.models.external import TIMM, TORCHVISION, build_external, check_external, is_external
 from cnnlab.models.resnet import BasicBlock, Bottleneck, CifarResNet, ResNet, resnet18, resnet18_cifar, resnet18_seed
@@ -67,6 +68,8 @@ MODELS: dict[str, ModelInfo] = {
     "vgg16": ModelInfo(classic.vgg16, "vgg", 224, 64, "Simonyan & Zisserman 2015, config D, batch norm"),
     "vgg11-cifar": ModelInfo(classic.vgg11_cifar, "vgg", 32, 64, "VGG-11 (batch norm) for 32 px"),
     "vgg16-cifar": ModelInfo(classic.vgg16_cifar, "vgg", 32, 64, "VGG-16 (batch norm) for 32 px"),
+    "airbench94": ModelInfo(airbench.airbench94, "airbench", 32, 64,
+                            "Jordan 2024: whitening 2x2 conv, three conv groups, --recipe airbench"),
 }
 
 FAMILIES: dict[str, str] = {
@@ -76,6 +79,7 @@ FAMILIES: dict[str, str] = {
     "cifar-plain": "the CIFAR-10 plain nets of He et al. 2015, Sec. 4.2 (Fig. 6)",
     "alexnet": "AlexNet (Krizhevsky et al. 2012)",
     "vgg": "VGG with batch norm (Simonyan & Zisserman 2015)",
+    "airbench": "airbench94's network (Jordan 2024, \"94% on CIFAR-10 in 3.29 seconds\")",
     "torchvision": "any torchvision classification model: torchvision:NAME",
     "timm": "any timm model (pip install 'cnnlab[timm]'): timm:NAME",
 }

@@ -7,6 +7,8 @@ gradient and frozen batch-norm layers keep the statistics they came with (they r
 while the rest trains), so the frozen part computes exactly what it did before.
 
 ``--backbone-lr-scale S`` gives every trainable parameter outside the head the learning rate × S (e.g. 0.1).
+``--norm-lr-scale S`` gives the BatchNorm parameters the learning rate × S, with their weight decay divided
+by S so that each step decays them by as much as the others (airbench's bias scaler, 64).
 """
 
 from __future__ import annotations
@@ -71,16 +73,31 @@ def freeze(model: nn.Module, what: str | None) -> list[str]:
     return sorted(frozen)
 
 
-def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float = 1.0, norm_lr_scale: float = 1.0,
+                 weight_decay: float = 0.0) -> list[dict]:
     """Optimizer parameter groups: the head at ``lr`` first (the learning rate a run logs), then the rest
-    at ``lr × backbone_lr_scale``; frozen parameters are left out."""
+    at ``lr × backbone_lr_scale``; frozen parameters are left out. With a ``norm_lr_scale`` other than 1, the
+    BatchNorm parameters of each follow it in a group of their own at that multiple of its rate, and with
+    ``weight_decay`` ÷ ``norm_lr_scale``: the same decay per step."""
     head = head_path(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     in_head = [p for n, p in trainable if head and n.startswith(head + ".")]
     rest = [p for n, p in trainable if not (head and n.startswith(head + "."))]
     if backbone_lr_scale == 1.0 or not in_head:  # one group, in the model's order (as runs before this had it)
-        return [{"params": [p for _, p in trainable], "lr": lr}] if trainable else []
-    groups = [{"params": in_head, "lr": lr}]
-    if rest:
-        groups.append({"params": rest, "lr": lr * backbone_lr_scale})
-    return groups
+        groups = [{"params": [p for _, p in trainable], "lr": lr}] if trainable else []
+    else:
+        groups = [{"params": in_head, "lr": lr}]
+        if rest:
+            groups.append({"params": rest, "lr": lr * backbone_lr_scale})
+    if norm_lr_scale == 1.0:
+        return groups
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for p in m.parameters(recurse=False)}
+    split = []
+    for group in groups:
+        own = [p for p in group["params"] if id(p) not in norms]
+        theirs = [p for p in group["params"] if id(p) in norms]
+        split += [{"params": own, "lr": group["lr"]}] if own else []
+        split += [{"params": theirs, "lr": group["lr"] * norm_lr_scale,
+                   "weight_decay": weight_decay / norm_lr_scale}] if theirs else []
+    return split

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import cnnlab
+from cnnlab.core.metrics import tta_name
 from cnnlab.report.charts import ASSIGNMENT_TEST, ASSIGNMENT_TRAIN
 from cnnlab.report.sections import Contents, Example, Loss, Picture
 from cnnlab.viz.sanity import MAX_RANDOMISED_RHO
@@ -190,9 +191,10 @@ def _accuracy(c: Contents) -> str:
              "20 epochs on the full CIFAR-10 on a GPU. A short run on a subset or at small width is not expected "
              "to reach them.</p>")
     if c.test is not None:
+        augmented = f", with {tta_name(c.test.tta)} as the run scored itself" if c.test.tta else ""
         html_ += (f"<p>The scored checkpoint ({e(c.checkpoint.name)}) gets <strong id=\"scored-test-acc\">"
                   f"{pct(c.test.top1)}</strong> top-1 on the {c.test.n} test images the run reported on "
-                  f"(mean loss {c.test.loss:.3f}{', with flip TTA as the run scored itself' if c.test.tta else ''}); "
+                  f"(mean loss {c.test.loss:.3f}{augmented}); "
                   "the sections below are about that checkpoint.</p>")
     return html_
 

@@ -103,7 +103,7 @@ class TestResults:
     pairs: list[Pair]
     wrong: list[Example]  # a spread of the misclassified images
     wrong_total: int
-    tta: bool = False  # scored with test-time flip augmentation, as the run scored itself
+    tta: bool | str = False  # scored with test-time augmentation (core.metrics.logits), as the run scored itself
     # cnnlab.core.calibration.assess's figures (interval, top-5, precision/recall/F1, calibration), as evaluate's
     figures: dict[str, Any] = field(default_factory=dict)
     reliability: Picture | None = None

@@ -8,6 +8,7 @@ goes through :func:`html.escape`, attributes included.
 
 from __future__ import annotations
 
+from cnnlab.core.metrics import tta_name
 from cnnlab.report.page import document_head, e
 from cnnlab.serve.runs import LAYERED, METHODS, Served
 from cnnlab.viz.cam import CAMS
@@ -90,7 +91,8 @@ def _image_in(s: Served) -> str:
 <div class="column" id="this-run">
 <figure><img id="input" alt="the network's input" hidden>\
 <figcaption id="input-caption">no image yet</figcaption></figure>
-<label><input type="checkbox" id="tta"{" checked" if s.loaded.tta else ""}> flip test-time augmentation (TTA)</label>
+<label><input type="checkbox" id="tta"{" checked" if s.loaded.tta else ""}> \
+{tta_name(s.loaded.tta or True).removesuffix(" TTA")} test-time augmentation (TTA)</label>
 <table id="top5" class="top"><caption>top-5 (click a row to explain that class)</caption>
 <thead><tr><th>class</th><th>probability</th></tr></thead><tbody></tbody></table>
 </div>

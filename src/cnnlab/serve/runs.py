@@ -176,7 +176,8 @@ class Served:
     # --- the panels ---------------------------------------------------------------------------------
 
     def predict(self, image: Image, tta: bool | None) -> dict[str, Any]:
-        tta = self.loaded.tta if tta is None else tta
+        # On: the augmentation the run scored with (flips, or airbench's flips and shifts), else flips.
+        tta = self.loaded.tta if tta is None or (tta and self.loaded.tta) else tta
         temperature = self.loaded.temperature  # read each time: `evaluate --calibrate` may have fitted one since
         with self.inspector() as i:
             images = self._images(i, image)

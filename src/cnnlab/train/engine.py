@@ -18,6 +18,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ from cnnlab.models import build, default_width, transfer
 from cnnlab.models import weights as pretrained
 from cnnlab.train import distributed, tracking
 from cnnlab.train.device import amp_choice, compiled, keep_freed_memory, use_amp, use_channels_last
-from cnnlab.train.ema import WeightAverage
+from cnnlab.train.ema import Lookahead, WeightAverage
+from cnnlab.train.initialise import WHITEN_IMAGES, dirac_init, first_conv, whiten_first_conv
 from cnnlab.train.lock import RunLock
 from cnnlab.train.logging import RunLog, epoch_record
 
@@ -240,7 +242,23 @@ def prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: bo
     weights = pretrained.load(model, cfg.model, cfg.weights).to_dict() if cfg.weights and fresh else None
     frozen = transfer.freeze(model, cfg.freeze)
     preprocess = Preprocess(cfg.image_size, in_channels, cfg.mean, cfg.std)
+    _initialise(model, cfg, data, preprocess, fresh)
     return Setup(cfg, dev, data, model, spec, preprocess, run_dir, group, weights, len(frozen))
+
+
+def _initialise(model: nn.Module, cfg: TrainConfig, data: Splits, preprocess: Preprocess, fresh: bool) -> None:
+    """airbench's initialisations that ``cfg`` asks for (a resumed run's weights come from its checkpoint, but
+    its whitening filters stay fixed all the same), after checking that its shifts fit the images."""
+    side = min(data.train_x.shape[-2:])
+    if cfg.augment == "flip-crop" and cfg.translate is not None and cfg.translate >= side:
+        raise UserError(f"`translate` {cfg.translate} reflects more pixels than the {side}-pixel training images "
+                        f"have; use at most {side - 1}")
+    if cfg.dirac_init and fresh:
+        dirac_init(model)
+    if cfg.whiten and fresh:
+        whiten_first_conv(model, preprocess.to_input(data.train_x[:WHITEN_IMAGES]))
+    elif cfg.whiten:
+        first_conv(model).weight.requires_grad_(False)
 
 
 def _check_input_size(model: nn.Module, cfg: TrainConfig, channels: int) -> None:
@@ -287,17 +305,27 @@ class Trainer:
         data = setup.data
         self.batches = TrainBatches(data.train_x.to(dev), data.train_y.to(dev), cfg.batch_size, setup.preprocess,
                                     cfg.augment, cfg.seed, self.channels_last, group.rank, group.world,
-                                    merge_single=has_batchnorm(self.model))
+                                    merge_single=has_batchnorm(self.model), alternate=cfg.alternate_flips,
+                                    translate=cfg.translate)
         self.scored = {"val": (data.val_x.to(dev), data.val_y.to(dev))} if len(data.val_y) else {}
         self.scored["test"] = (data.test_x.to(dev), data.test_y.to(dev))
         self.steps_per_epoch = len(self.batches)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         # The average is of the plain model (before sync-BN conversion): it only ever runs in eval mode.
-        self.ema = WeightAverage(self.model, cfg.ema) if cfg.ema else None
+        self.ema: WeightAverage | None = None
+        if cfg.ema:
+            self.ema = WeightAverage(self.model, cfg.ema)
+        elif cfg.lookahead:
+            self.ema = Lookahead(self.model, cfg.lookahead, cfg.lookahead_from * self.steps_per_epoch + 1,
+                                 self.total_steps)
+        # The whitening layer's bias, which trains for the first whiten_bias_epochs epochs only.
+        self.whiten_bias = (first_conv(self.model).bias if cfg.whiten and cfg.whiten_bias_epochs is not None
+                            else None)
         # What is scored, logged and saved as "model": the average when there is one.
         self.reported = self.ema.module if self.ema is not None else self.model
         forward = distributed.wrap(self.model, group, dev, cfg.sync_bn)  # before the optimizer sees the parameters
-        self.optimizer = torch.optim.SGD(transfer.param_groups(self.model, cfg.lr, cfg.backbone_lr_scale),
+        self.optimizer = torch.optim.SGD(transfer.param_groups(self.model, cfg.lr, cfg.backbone_lr_scale,
+                                                               cfg.norm_lr_scale, cfg.weight_decay),
                                          lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
                                          fused=dev.type == "cuda" or None)
@@ -360,6 +388,8 @@ class Trainer:
             loss_sum = self.criterion(logits.float(), y)
         self.optimizer.zero_grad(set_to_none=True)
         (loss_sum * (self.setup.group.world / n_global)).backward()
+        if self.whiten_bias is not None and (step - 1) // self.steps_per_epoch >= self.setup.cfg.whiten_bias_epochs:
+            self.whiten_bias.grad = None  # fixed from then on: SGD leaves a parameter without a gradient alone
         self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
@@ -483,6 +513,8 @@ def _epochs(t: Trainer, p: Progress, run_log: RunLog | None, tracker: tracking.T
         lr = _run_epoch(t, p, run_log, epoch, stop_at, stop)
         if p.step < (epoch + 1) * t.steps_per_epoch:
             break  # stopped mid-epoch by --stop-after, with a checkpoint
+        if t.ema is not None:
+            t.ema.end_epoch(p.step)
         t.check_finite(p)  # before scoring and logging weights that could not be saved
         record = t.evaluate(p.sums.record(epoch + 1, p.step, lr))
         if run_log is not None:
@@ -666,7 +698,18 @@ def _scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: 
         return sched.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total_steps,
                                 pct_start=max(0.25, 1.5 / total_steps), anneal_strategy="linear",
                                 cycle_momentum=False)
+    if cfg.schedule == "triangle":
+        return sched.LambdaLR(optimizer, partial(triangle, total=total_steps))
     return sched.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def triangle(step: int, total: int, start: float = 0.2, peak_at: float = 0.23, end: float = 0.07) -> float:
+    """airbench's schedule (Jordan 2024): the multiple of the peak rate at ``step`` of ``total``, linear from
+    ``start`` up to 1 at step ``int(peak_at · total)`` and down to ``end`` at ``total``."""
+    peak = int(peak_at * total)
+    if step < peak:
+        return start + (1 - start) * step / peak
+    return 1 + (end - 1) * (step - peak) / max(total - peak, 1)
 
 
 def new_run_dir(prefix: str, parent: str | Path = "runs") -> Path:
@@ -738,7 +781,8 @@ def _check_optimizer_fits(ckpt: checkpoint.Checkpoint, setup: Setup, path: Path)
         return UserError(f"{path}: {what}; the file is damaged or was edited; start a new run instead")
 
     saved = ckpt.training["optimizer"]
-    own = transfer.param_groups(setup.model, setup.cfg.lr, setup.cfg.backbone_lr_scale)
+    cfg = setup.cfg
+    own = transfer.param_groups(setup.model, cfg.lr, cfg.backbone_lr_scale, cfg.norm_lr_scale, cfg.weight_decay)
     if len(saved["param_groups"]) != len(own):
         raise refuse(f"optimizer.param_groups has {len(saved['param_groups'])} groups, but the run trains its "
                      f"parameters in {len(own)}")
