@@ -22,6 +22,7 @@ from cnnlab.core.device import pick_device
 from cnnlab.core.errors import UserError, one_line
 from cnnlab.core.metrics import Scores, score
 from cnnlab.core.spec import Preprocess
+from cnnlab.inspect import units as unit_pages
 from cnnlab.inspect.registry import TECHNIQUES
 from cnnlab.inspect.results import (
     Dreams,
@@ -33,6 +34,7 @@ from cnnlab.inspect.results import (
     Inversions,
     Maximisation,
     Projections,
+    Units,
 )
 from cnnlab.models.summary import summarize
 from cnnlab.viz.cam import upsample
@@ -282,7 +284,7 @@ class Inspection:
             distances[layer] = feature_distance(self.model, x, images.x, layer).tolist()
         return Inversions(images, pixels, distances)
 
-    def _noise(self, n: int) -> Tensor:
+    def noise(self, n: int) -> Tensor:
         """``n`` starting images for activation maximisation, as network input."""
         pre = self.preprocess
         pixels = fourier_noise((n, pre.channels, pre.size, pre.size)).to(self.device)
@@ -291,7 +293,7 @@ class Inspection:
     def maximize_classes(self, classes: Sequence[int], steps: int = 256,
                          progress: Progress | None = None) -> Maximisation:
         """Images the network takes for each of ``classes``, with the probability it gives them."""
-        x = TECHNIQUES["maximize"].function(self.model, self._noise(len(classes)), target=list(classes),
+        x = TECHNIQUES["maximize"].function(self.model, self.noise(len(classes)), target=list(classes),
                                             preprocess=self.preprocess, steps=steps, progress=progress)
         with torch.no_grad():
             probs = self.model(x).softmax(1).cpu()
@@ -301,7 +303,7 @@ class Inspection:
     def maximize_channels(self, layer: str, channels: Sequence[int], steps: int = 256,
                           progress: Progress | None = None) -> Maximisation:
         """Images that maximise each channel's mean activation at ``layer``, with its value before and after."""
-        start = self._noise(len(channels))
+        start = self.noise(len(channels))
         x = TECHNIQUES["maximize"].function(self.model, start, layer=layer, channels=list(channels),
                                             preprocess=self.preprocess, steps=steps, progress=progress)
         with torch.no_grad():
@@ -309,6 +311,14 @@ class Inspection:
             after = objective(self.model, x, layer=layer, channels=list(channels)).cpu()
         labels = [f"ch {c}\n{float(b):.2f} → {float(a):.2f}" for c, b, a in zip(channels, before, after)]
         return Maximisation(layer, list(channels), self.preprocess.to_pixels(x).cpu(), labels)
+
+    def units(self, layer: str, channels: Sequence[int] = (), *, top_k: int = 9, variants: int = 4, steps: int = 64,
+              diversity: float = unit_pages.DIVERSITY, progress: Progress | None = None) -> Units:
+        """Unit pages of ``channels`` (default: all) of ``layer``: each one's top test images with the strongest
+        unit's receptive field, class means and selectivity, activation histogram, filter, and ``variants``
+        diverse activation maximisations (:mod:`cnnlab.inspect.units`)."""
+        return unit_pages.units(self, layer, channels, top_k=top_k, variants=variants, steps=steps,
+                                diversity=diversity, progress=progress)
 
     def dream(self, images: Images, layer: str, steps: int = 20) -> Dreams:
         """DeepDream of each image at ``layer``."""
