@@ -71,9 +71,15 @@ def folder_assets() -> Assets:
 # --- the pictures -------------------------------------------------------------------------------------------
 
 
-def _png(a: np.ndarray) -> str:
+PICTURE = 128  # pixels a side at most of a maximised image (a 224 px one is shrunk: 512 units' pages stay small)
+
+
+def _png(a: np.ndarray, most: int | None = None) -> str:
+    img = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+    if most is not None and max(img.size) > most:
+        img.thumbnail((most, most))
     buffer = io.BytesIO()
-    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buffer, format="PNG")
+    img.save(buffer, format="PNG")
     return png_uri(buffer.getvalue())
 
 
@@ -91,8 +97,8 @@ def boxed(pixels: Tensor, box: tuple[int, int, int, int]) -> str:
 
 
 def _picture(pixels: Tensor) -> str:
-    """An image (C, H, W) in [0, 1] as a PNG ``data:`` URI at its own size."""
-    return _png((pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+    """An image (C, H, W) in [0, 1] as a PNG ``data:`` URI, at its own size up to :data:`PICTURE` pixels."""
+    return _png((pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy(), PICTURE)
 
 
 def _filter_tiles(weight: Tensor, most: int = 64) -> list[str]:
