@@ -30,7 +30,7 @@ from cnnlab.serve.app import create_app
 from cnnlab.serve.jobs import Jobs
 from cnnlab.viz.features import feature_maps
 from cnnlab.viz.layers import capture
-from cnnlab.viz.maximize import fourier_noise, gram_similarity, maximize
+from cnnlab.viz.maximize import fourier_noise, gram_similarity, maximize, objective
 from cnnlab.viz.units import receptive_fields, selectivity, unit_filters, unit_statistics
 
 LAYER = "conv5_x"  # the small run's last stage (resnet18-cifar at 32 px, width 8: 64 channels of 4×4)
@@ -154,6 +154,12 @@ def test_unit_pages_on_every_family(name, layer, size, one_thread):
     assert ((boxes[..., 0] < boxes[..., 2]) & (boxes[..., 1] < boxes[..., 3])).all()
     assert boxes.min() >= 0 and boxes.max() <= size
     assert torch.isfinite(result.selectivity).all()
+    # The quality figure: what the variants reach (measured again here) over the best test image's activation.
+    x = inspection.preprocess.normalizer()(result.variants.flatten(0, 1))
+    with torch.no_grad():
+        again = objective(inspection.model, x, layer=layer, channels=[0, 0, 3, 3]).reshape(2, 2)
+    torch.testing.assert_close(result.reached, again, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(result.quality, again.mean(1) / result.best_mean, rtol=1e-3, atol=1e-3)
     found = unit_filters(inspection.model, layer, result.count)
     if found is not None:
         torch.testing.assert_close(result.filters, found[1][[0, 3]])

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +137,8 @@ class _Support(TorchFunctionMode):
     averages its window, activations and batch norms pass their input on, max pools average theirs. The
     gradient of a unit is then positive exactly on the pixels some path connects to it."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Callable[..., Any], types: tuple[type, ...], args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = dict(kwargs or {})
         name = getattr(func, "__name__", "")
         if name in _PASS_THROUGH:
