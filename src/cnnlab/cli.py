@@ -173,8 +173,10 @@ def _visualize_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("visualize", help="look inside a trained network: filters, feature maps, CAMs, attributions …")
     p.add_argument("method", metavar="METHOD", help="filters, features, top-images, deconv, invert, maximize, dream, "
                                                      "cam, attribute, embedding (the test set on a t-SNE map, and "
-                                                     "TensorBoard's projector), or sanity (how far to trust each CAM "
-                                                     "and attribution: randomisation tests, deletion, insertion, ROAD)")
+                                                     "TensorBoard's projector), sanity (how far to trust each CAM "
+                                                     "and attribution: randomisation tests, deletion, insertion, "
+                                                     "ROAD), or dossier (a folder of unit pages: one per channel of a "
+                                                     "layer)")
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument("--image", nargs="+", metavar="PATH", help="image files (any size or format; resized and "
                                                               "normalised as the checkpoint says)")
@@ -189,7 +191,8 @@ def _visualize_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kind", nargs="+", metavar="KIND", help="cam: grad-cam grad-cam++ score-cam layer-cam; "
                    "attribute: saliency guided-backprop guided-grad-cam integrated-gradients smoothgrad occlusion; "
                    "sanity: any of these (default: all)")
-    p.add_argument("--steps", type=int, help="optimisation steps (invert, maximize, dream) or integration steps")
+    p.add_argument("--steps", type=int, help="optimisation steps (invert, maximize, dream; dossier: 64 by default) "
+                                            "or integration steps")
     p.add_argument("--random-labels", metavar="RUN|EPOCHS|auto|none",
                    help="sanity: a run trained on permuted labels, or epochs to train one here for the data "
                         "randomisation test (default auto: one epoch when that is cheap)")
@@ -197,7 +200,11 @@ def _visualize_parser(sub: argparse._SubParsersAction) -> None:
                    "trained run (same classes and input size) and state the probability it gives each its class")
     p.add_argument("--json", action="store_true", help="sanity: print the table as JSON; maximize: the class models' "
                                                        "probabilities and files as JSON")
-    p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/viz/METHOD)")
+    p.add_argument("--units", nargs="+", type=int, metavar="N", help="dossier: the channels to write pages for "
+                                                                    "(default: every channel of the layer)")
+    p.add_argument("--variants", type=int, help="dossier: diverse maximised images per unit (default 4)")
+    p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/viz/METHOD; dossier: its pages, default "
+                                 "RUN_DIR/viz/dossier/LAYER)")
     p.add_argument("--tensorboard", action="store_true", help="also log the images to the run's TensorBoard")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", help="where the run's dataset is, for --index and top-images")
@@ -592,6 +599,11 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
     if args.method == "sanity":
         return _sanity(args)
+    if args.method == "dossier":
+        return _dossier(args)
+    for flag, value in (("--units", args.units), ("--variants", args.variants)):
+        if value is not None:
+            raise UserError(f"{flag} is for cnnlab visualize dossier; {args.method} does not use it")
     if args.random_labels:
         raise UserError(f"--random-labels is for cnnlab visualize sanity; {args.method} does not use it")
     if args.method == "maximize":
@@ -619,6 +631,29 @@ def _maximize(args: argparse.Namespace) -> int:
             print(f"class models {result.check.summary()}")
     for png in pngs:
         print(f"wrote {png}")
+    return 0
+
+
+def _dossier(args: argparse.Namespace) -> int:
+    from cnnlab.report.dossier import dossier
+
+    given = [name for name in ("image", "index", "count", "target", "channel", "kind", "random_labels", "json",
+                               "tensorboard", "check_with") if getattr(args, name)]
+    if given:
+        raise UserError(f"dossier does not use --{given[0].replace('_', '-')}; it takes --layer (one), --units, "
+                        "--variants, --steps and --out")
+    if args.layer and len(args.layer) > 1:
+        raise UserError("dossier writes the pages of one layer; give one --layer")
+
+    def say(fraction: float) -> None:
+        print(f"\r… {100 * fraction:3.0f}%", end="", file=sys.stderr, flush=True)
+
+    files = dossier(args.path, args.layer[0] if args.layer else None, out=args.out, units=args.units or (),
+                    variants=4 if args.variants is None else args.variants,
+                    steps=64 if args.steps is None else args.steps, device=args.device, data_dir=args.data_dir,
+                    progress=say)
+    print(file=sys.stderr)
+    print(f"wrote {files[0]} and {len(files) - 1} unit page{'s' if len(files) != 2 else ''} beside it")
     return 0
 
 

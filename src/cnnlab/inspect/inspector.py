@@ -22,6 +22,7 @@ from cnnlab.core.device import pick_device
 from cnnlab.core.errors import UserError, one_line
 from cnnlab.core.metrics import Scores, score
 from cnnlab.core.spec import Preprocess
+from cnnlab.inspect import units as unit_pages
 from cnnlab.inspect.colour import Colours, run_colours
 from cnnlab.inspect.registry import TECHNIQUES
 from cnnlab.inspect.results import (
@@ -37,6 +38,7 @@ from cnnlab.inspect.results import (
     Mistakes,
     Projections,
     Transfer,
+    Units,
 )
 from cnnlab.inspect.transfer import check_run, transfer
 from cnnlab.inspect.whole_set import embed, find_mistakes
@@ -301,7 +303,7 @@ class Inspection:
         ``UserError`` where it cannot judge them: see :func:`cnnlab.inspect.transfer.check_run`)."""
         return self._keep(f"check {Path(path).resolve()}", lambda: check_run(self.run, path))
 
-    def _noise(self, n: int) -> Tensor:
+    def noise(self, n: int) -> Tensor:
         """``n`` starting images for activation maximisation, as network input."""
         pre = self.preprocess
         pixels = fourier_noise((n, pre.channels, pre.size, pre.size), color=self.colours().sqrt).to(self.device)
@@ -317,7 +319,7 @@ class Inspection:
         ``check_with``, the probability an independently trained run gives them (:meth:`check_run`).
         ``options``: those of :func:`cnnlab.viz.maximize.maximize`."""
         other = self.check_run(check_with) if check_with is not None else None  # a mistake fails before the work
-        x = self._maximize(self._noise(len(classes)), progress, dict(steps=steps, **options), target=list(classes))
+        x = self._maximize(self.noise(len(classes)), progress, dict(steps=steps, **options), target=list(classes))
         with torch.no_grad():
             probs = self.model(x).softmax(1).cpu()
         pixels = self.preprocess.to_pixels(x).cpu()
@@ -335,7 +337,7 @@ class Inspection:
     def maximize_channels(self, layer: str, channels: Sequence[int], steps: int = STEPS,
                           progress: Progress | None = None) -> Maximisation:
         """Images that maximise each channel's mean activation at ``layer``, with its value before and after."""
-        start = self._noise(len(channels))
+        start = self.noise(len(channels))
         x = self._maximize(start, progress, dict(steps=steps), layer=layer, channels=list(channels))
         with torch.no_grad():
             before = objective(self.model, start, layer=layer, channels=list(channels)).cpu()
@@ -343,6 +345,14 @@ class Inspection:
         labels = [f"ch {c}\n{float(b):.2f} → {float(a):.2f}" for c, b, a in zip(channels, before, after)]
         return Maximisation(layer, list(channels), self.preprocess.to_pixels(x).cpu(), labels, after, None,
                             self.colours().source)
+
+    def units(self, layer: str, channels: Sequence[int] = (), *, top_k: int = 9, variants: int = 4, steps: int = 64,
+              diversity: float = unit_pages.DIVERSITY, progress: Progress | None = None) -> Units:
+        """Unit pages of ``channels`` (default: all) of ``layer``: each one's top test images with the strongest
+        unit's receptive field, class means and selectivity, activation histogram, filter, and ``variants``
+        diverse activation maximisations (:mod:`cnnlab.inspect.units`)."""
+        return unit_pages.units(self, layer, channels, top_k=top_k, variants=variants, steps=steps,
+                                diversity=diversity, progress=progress)
 
     def dream(self, images: Images, layer: str, steps: int = 20) -> Dreams:
         """DeepDream of each image at ``layer``."""

@@ -16,7 +16,8 @@ from cnnlab.viz.mistakes import ConfusedPair, Typical
 from cnnlab.viz.sanity import Sanity
 
 __all__ = ["ConfusedPair", "Dreams", "Embedding", "Excitations", "Explanations", "FeatureMaps", "Filters", "Images",
-           "Inversions", "Maximisation", "Mistakes", "Projections", "Sanity", "Scores", "Transfer", "Typical"]
+           "Inversions", "Maximisation", "Mistakes", "Projections", "Sanity", "Scores", "Transfer", "Typical",
+           "Units"]
 
 
 @dataclass
@@ -149,6 +150,44 @@ class Dreams:
     images: Images
     layer: str
     pixels: Tensor  # (B, C, H, W)
+
+
+@dataclass
+class Units:
+    """Unit pages of a layer (see :mod:`cnnlab.viz.units` and :mod:`cnnlab.inspect.units`): ``U`` channels,
+    ``K`` top test images and ``V`` maximised variants each."""
+
+    layer: str
+    classes: list[str]
+    channels: list[int]  # (U,) the channels of the layer shown, in order
+    count: int  # how many channels the layer has
+    map_size: tuple[int, int]  # (h, w) of the layer's maps
+    top_indices: Tensor  # (U, K) into the test set, best first by the channel's strongest activation
+    top_scores: Tensor  # (U, K) that strongest activation on each
+    top_labels: Tensor  # (U, K) each top image's true class
+    boxes: Tensor  # (U, K, 4) (top, left, bottom, right): the strongest unit's receptive field, in input pixels
+    class_means: Tensor  # (U, classes) mean spatial-mean activation over each class's test images
+    selectivity: Tensor  # (U,) Morcos et al.'s class selectivity index
+    histogram: Tensor  # (U, bins) test images per bin of the spatial-mean activation
+    edges: Tensor  # (U, bins + 1)
+    best_mean: Tensor  # (U,) the highest spatial-mean activation of any test image
+    variants: Tensor  # (U, V, C, H, W) in [0, 1]: images maximising the channel's mean activation, made diverse
+    reached: Tensor  # (U, V) the channel's spatial-mean activation on each variant
+    similarity: Tensor  # (U,) mean Gram-matrix cosine similarity between a channel's variants at the layer
+    filter_path: str | None  # the convolution that makes the channels, whose weights `filters` are
+    filters: Tensor | None  # (U, in, kh, kw)
+    steps: int  # of the maximisation
+    diversity: float  # the weight of its diversity term
+
+    @property
+    def preferred(self) -> Tensor:
+        """(U,) the class whose test images excite each channel most on average."""
+        return self.class_means.argmax(1)
+
+    @property
+    def quality(self) -> Tensor:
+        """(U,) the maximisation's quality: the variants' mean activation over the best test image's."""
+        return self.reached.mean(1) / self.best_mean.where(self.best_mean > 0, float("nan"))
 
 
 @dataclass

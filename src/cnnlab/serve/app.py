@@ -30,7 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from cnnlab.core.errors import UserError
-from cnnlab.serve import pages
+from cnnlab.serve import pages, units
 from cnnlab.serve.jobs import Busy
 from cnnlab.serve.middleware import CSP, LOOPBACK, SameOrigin, SecurityHeaders, ServerErrors, error
 from cnnlab.serve.runs import Served, choose, confusion, thumbnails
@@ -207,6 +207,24 @@ def browse(request: Request) -> Response:
                          "images": thumbnails(s, status, indices)})
 
 
+def unit_index(request: Request) -> Response:
+    """Every unit of a layer (``/run/{rid}/units/{layer}``), as ``cnnlab visualize dossier``'s index.html."""
+    try:
+        s = _served(request)
+    except LookupError:
+        return error(404, "not found")
+    return units.index(s, request.path_params["layer"])
+
+
+def unit(request: Request) -> Response:
+    """One unit's page (``/run/{rid}/unit/{layer}/{channel}``), as ``cnnlab visualize dossier`` writes it."""
+    try:
+        s = _served(request)
+    except LookupError:
+        return error(404, "not found")
+    return units.page(s, request.path_params["layer"], whole_number(request.path_params["channel"]))
+
+
 def embedding(request: Request) -> Response:
     """The test set's map: the task's state until it is done, then every point."""
     return JSONResponse(_served(request).embedding().to_json())
@@ -265,6 +283,8 @@ async def busy(request: Request, exc: Exception) -> Response:
 ROUTES = [
     Route("/", home),
     Route("/run/{rid}", page),
+    Route("/run/{rid}/units/{layer}", unit_index),
+    Route("/run/{rid}/unit/{layer}/{channel}", unit),
     Route("/static/{name}", asset),
     Route("/api/{rid}/upload", upload, methods=["POST"]),
     Route("/api/{rid}/predict", predict),
@@ -292,5 +312,5 @@ def create_app(runs: list[Served], hosts: Iterable[str] = LOOPBACK, port: int | 
     app.state.images = runs[0].images
     app.state.jobs = runs[0].jobs
     app.state.static = {name: resources.files("cnnlab.serve").joinpath("static", name).read_bytes()
-                        for name in ("app.js", "app.css")}
+                        for name in ("app.js", "app.css")} | units.STATIC
     return app

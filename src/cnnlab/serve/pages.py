@@ -134,6 +134,7 @@ def _inside(s: Served) -> str:
     return f"""<section id="inside">
 <h2>Inside</h2>
 {_architecture(s)}
+{_unit_links(s)}
 <h3 id="maps-title">Feature maps: click a layer</h3>
 <div id="maps" class="tiles"></div>
 <div id="channel" hidden>
@@ -147,6 +148,12 @@ def _inside(s: Served) -> str:
 </div>
 </div>
 </section>"""
+
+
+def _unit_links(s: Served) -> str:
+    """Links to the unit pages of each layer with feature maps (see :mod:`cnnlab.serve.units`)."""
+    links = " · ".join(f'<a href="/run/{s.index}/units/{e(layer)}">{e(layer)}</a>' for layer in s.layers)
+    return f'<p id="unit-links">Unit pages (a page per channel: top images, maximisation, selectivity): {links}</p>'
 
 
 # The same for every run: the script fills it in.

@@ -42,6 +42,7 @@ from cnnlab.inspect.registry import EXPLAINERS
 from cnnlab.inspect.results import Images
 from cnnlab.predict import ranked
 from cnnlab.report import charts
+from cnnlab.report.dossier import contents
 from cnnlab.report.sections import read_metrics
 from cnnlab.serve.jobs import Jobs, Progress, Status, Task
 from cnnlab.serve.store import Image, ImageStore
@@ -59,6 +60,8 @@ TOP_IMAGES = 9  # per channel
 MAXIMIZE_STEPS = STEPS  # as `cnnlab visualize maximize`
 BROWSE = 60  # thumbnails per list of test images
 MAX_CHANNELS = 1024  # feature maps sent for one layer
+UNIT_STEPS = 64  # of a unit page's maximisation, as `cnnlab visualize dossier`
+UNIT_VARIANTS = 4  # maximised images per unit, as `cnnlab visualize dossier`
 # The methods that take a layer (the CAMs and guided Grad-CAM); the other attributions work on the input alone.
 LAYERED = frozenset(name for name, t in EXPLAINERS.items() if "layer" in t.uses)
 METHODS = list(EXPLAINERS)  # the explorer's explanations: the registry's CAMs and attributions
@@ -301,6 +304,19 @@ class Served:
         return self.jobs.request(self._job("maximize", {"layer": layer, "channel": channel, "steps": MAXIMIZE_STEPS},
                                            f"maximize/{_file_part(layer)}-{channel}.json", compute))
 
+    def units(self, layer: str) -> Status:
+        """The unit pages of every channel of ``layer`` (:func:`cnnlab.report.dossier.contents`), as
+        ``cnnlab visualize dossier`` writes them."""
+        steps, variants = UNIT_STEPS, UNIT_VARIANTS
+
+        def compute(progress: Progress) -> dict[str, Any]:
+            images, _ = self.test_set()
+            found = self._worker().units(layer, variants=variants, steps=steps, progress=progress)
+            return contents(found, images, self.name)
+
+        return self.jobs.request(self._job("units", {"layer": layer, "steps": steps, "variants": variants},
+                                           f"units/{_file_part(layer)}.json", compute))
+
     def trust(self) -> Status:
         """The explanations' checks: ``cnnlab visualize sanity``'s result when the run has one, else the
         report's shorter version on a few test images."""
@@ -422,7 +438,7 @@ def open_run(index: int, path: str | Path, jobs: Jobs, images: ImageStore, taken
     if name in taken:
         name = f"{name} ({index + 1})"
     taken.add(name)
-    for folder in (path / "explore", path / "explore" / "top-images", path / "explore" / "maximize"):
+    for folder in (path / "explore", *(path / "explore" / kind for kind in ("top-images", "maximize", "units"))):
         if folder.is_dir():
             remove_stale(folder)  # what a server stopped mid-write left behind
     served = Served(index, name, inspection, jobs, images)

@@ -39,8 +39,8 @@ from cnnlab.core.spec import Preprocess
 from cnnlab.viz.layers import default_layer, forward_until, recording, require_channel
 from cnnlab.viz.shape import Channels, Target, per_image, pixel_space, target_classes, uses
 
-__all__ = ["IMAGENET_COLOR_SQRT", "STEPS", "FourierImage", "color_sqrt", "fourier_noise", "maximize", "objective",
-           "random_transform"]
+__all__ = ["IMAGENET_COLOR_SQRT", "STEPS", "FourierImage", "color_sqrt", "fourier_noise", "gram_similarity",
+           "maximize", "objective", "random_transform"]
 
 # Square root of ImageNet's RGB correlation (lucid's color_correlation_svd_sqrt): the colours used when
 # no data is at hand.
@@ -151,17 +151,38 @@ def objective(model: nn.Module, x: Tensor, *, target: Target = None, layer: str 
               channels: Channels = None) -> Tensor:
     """Per-image objective: each image's channel's mean activation at ``layer`` when ``channels`` are
     given, else the log-probability of its ``target`` class."""
+    return _objective(model, x, target=target, layer=layer, channels=channels)[0]
+
+
+def _objective(model: nn.Module, x: Tensor, *, target: Target, layer: str | None, channels: Channels,
+               at: str | None = None) -> tuple[Tensor, Tensor | None]:
+    """:func:`objective`, and the activations of layer ``at`` from the same forward pass (None: not kept)."""
     _one_objective(target, layer, channels)
     if channels is None:
-        return model(x).log_softmax(1).gather(1, target_classes(model, x, target)[:, None])[:, 0]
+        with recording(model, [at] if at else [], detach=False) as store:
+            value = model(x).log_softmax(1).gather(1, target_classes(model, x, target)[:, None])[:, 0]
+        return value, store.get(at) if at else None
     layer = layer or default_layer(model, x)
     picks = per_image(channels, x, "channels")
-    with recording(model, [layer], detach=False, stop=True) as store:
+    names = [layer] if at in (None, layer) else [layer, at]
+    with recording(model, names, detach=False, stop=True) as store:
         forward_until(model, x, store)
     acts = store[layer]
     require_channel(acts, layer, picks)
     picked = acts[torch.arange(len(x), device=acts.device), picks]
-    return picked.flatten(1).mean(1) if picked.ndim > 1 else picked
+    return (picked.flatten(1).mean(1) if picked.ndim > 1 else picked), store.get(at) if at else None
+
+
+def gram_similarity(acts: Tensor, groups: Tensor) -> Tensor:
+    """Lucid's diversity objective (``objectives.diversity``), per image: the summed cosine similarity of its
+    Gram matrix of ``acts`` (B, C, h, w) with those of the other images of its group (``groups`` (B,): the
+    images that maximise the same unit), divided by the group's size. Its sum over a group is lucid's value
+    for a batch of that group alone; maximising with it subtracted pushes the group's images apart in style."""
+    flat = acts.flatten(2)
+    grams = F.normalize((flat @ flat.transpose(1, 2)).flatten(1), dim=1, eps=1e-10)
+    others = (groups[:, None] == groups[None, :]) & ~torch.eye(len(groups), dtype=torch.bool, device=groups.device)
+    sizes = others.sum(1, keepdim=True) + 1
+    return ((grams @ grams.T) * others / sizes).sum(1)
 
 
 @uses("target", {"layer", "channels"})
@@ -169,7 +190,7 @@ def maximize(model: nn.Module, x: Tensor, *, target: Target = None, layer: str |
              channels: Channels = None, preprocess: Preprocess | None = None, steps: int = STEPS, lr: float = 0.1,
              transforms: bool = True, jitter: int | None = None, angle: float = 10.0, scale: float = 0.1,
              polish: float = 0.25, decay: float = 1.0, color: Tensor | None = None, seed: int = 0,
-             progress: Callable[[float], None] | None = None) -> Tensor:
+             diversity: float = 0.0, progress: Callable[[float], None] | None = None) -> Tensor:
     """The images ``x`` changed to maximise, each, the :func:`objective`: its channel of ``layer``
     when ``channels`` are given, else its ``target`` class (default: the class it is predicted as).
 
@@ -179,8 +200,11 @@ def maximize(model: nn.Module, x: Tensor, *, target: Target = None, layer: str |
     will be shown in (a small network at 32 px otherwise never gets confident about some classes).
     The transforms jitter by up to ``jitter`` pixels (default: one per 16 of the image's side), rotate
     by up to ``angle`` degrees and scale by up to ``scale`` either way. ``color`` is the square root of
-    the colour covariance to decorrelate by (:func:`color_sqrt`; default ImageNet's). ``progress`` is
-    told the fraction of the steps done after each one.
+    the colour covariance to decorrelate by (:func:`color_sqrt`; default ImageNet's).
+    ``diversity`` > 0 subtracts that multiple of :func:`gram_similarity` at ``layer`` (for a class: the
+    last spatial feature block) from the objective, so the images that maximise the same unit (channel or
+    class) in one batch become different pictures of it (Olah et al. 2017, "Diversity").
+    ``progress`` is told the fraction of the steps done after each one.
     """
     _one_objective(target, layer, channels)
     if channels is None:
@@ -191,13 +215,19 @@ def maximize(model: nn.Module, x: Tensor, *, target: Target = None, layer: str |
     g = torch.Generator().manual_seed(seed)
     jitter = max(1, x.shape[-1] // 16) if jitter is None else jitter
     scales = (1.0, 1 - scale / 2, 1 + scale / 2, 1 - scale, 1 + scale)
+    at = (layer or default_layer(model, x)) if diversity else None
+    groups = per_image(channels if channels is not None else target, x, "channels")
     with torch.enable_grad():
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
             u = param()
             if transforms and step < steps * (1 - polish):
                 u = random_transform(u, g, jitter, angle, scales)
-            (-objective(model, space.to_input(u), target=target, layer=layer, channels=channels).sum()).backward()
+            value, acts = _objective(model, space.to_input(u), target=target, layer=layer, channels=channels, at=at)
+            loss = -value.sum()
+            if acts is not None:
+                loss = loss + diversity * gram_similarity(acts, groups).sum()
+            loss.backward()
             opt.step()
             if progress is not None:
                 progress((step + 1) / steps)
