@@ -22,6 +22,7 @@ from cnnlab.core.device import pick_device
 from cnnlab.core.errors import UserError, one_line
 from cnnlab.core.metrics import Scores, score
 from cnnlab.core.spec import Preprocess
+from cnnlab.inspect import labels
 from cnnlab.inspect.registry import TECHNIQUES
 from cnnlab.inspect.results import (
     Dreams,
@@ -31,6 +32,7 @@ from cnnlab.inspect.results import (
     Filters,
     Images,
     Inversions,
+    LabelIssues,
     Maximisation,
     Projections,
 )
@@ -320,3 +322,22 @@ class Inspection:
         """Where DeepDream looks by default: the stage before the last, where there are stages."""
         stages = self.feature_layers
         return (stages[-2:-1] if len(stages) > 2 else stages[-1:])[0]
+
+    # --- the data -------------------------------------------------------------------------------------
+
+    def label_issues(self, folds: int | None = None, progress: Progress | None = None) -> LabelIssues:
+        """Training images whose label is likely wrong, by confident learning on out-of-sample probabilities:
+        the validation split's, or with ``folds`` K, K-fold cross-validation's on the training split (trains K
+        copies of the run; see :mod:`cnnlab.inspect.labels`)."""
+        if folds is None:
+            return labels.on_validation(self.run, self.data_dir)
+        return labels.cross_validated(self.run, folds, self.data_dir, progress)
+
+    def kept_label_issues(self) -> LabelIssues:
+        """What ``cnnlab labels`` kept in the run folder for this checkpoint, else :meth:`label_issues` on the
+        validation split (computed once)."""
+        return self._keep("label-issues", lambda: labels.kept(self.run) or self.label_issues())
+
+    def training_images(self, index: Tensor) -> Tensor:
+        """uint8 images of the run's dataset at positions ``index`` among its training images."""
+        return self.run.training_images(index, self.data_dir)
