@@ -26,9 +26,6 @@ def labels(path: str | Path, folds: int | None = None, device: str = "auto",
     """Find the run folder ``path``'s likely label errors: on its validation split, or with ``folds`` K by
     K-fold cross-validation on its training split. Writes ``RUN_DIR/label_issues.json`` and returns what it
     holds, with ``file`` its path."""
-    if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
-        raise UserError(f"`folds` must be a whole number of at least 2 (got {folds!r}): K-fold cross-validation "
-                        "trains K copies of the run, each on K − 1 folds of its training images")
     loaded = run.load(path, device=pick_device(device))
     if loaded.run_dir is None:
         raise UserError(f"{path} is not a run folder (nor a checkpoint in one's checkpoints/); cnnlab labels "

@@ -94,11 +94,13 @@ class LoadedRun:
         data = self._open(None, data_dir)
         return split(data, saved.limit_train, saved.limit_test, saved.val_split, saved.batch_size)
 
-    def training_images(self, index: torch.Tensor, data_dir: str | None = None) -> torch.Tensor:
-        """uint8 images of the run's dataset at positions ``index`` among its training images, on the CPU."""
+    def training_images(self, index: torch.Tensor, data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and labels of the run's dataset at positions ``index`` among its training images, on the
+        CPU (an ``IndexError`` for a position it does not have)."""
         data = self._open(None, data_dir)
+        y = data.train_y[index]
         x = take(data.train_x, index)
-        return x.read() if isinstance(x, PixelStore) else x
+        return (x.read() if isinstance(x, PixelStore) else x), y
 
     def _open(self, dataset: str | None, data_dir: str | None) -> Dataset:
         """``dataset`` (default: the run's own), opened as the run opened it, with the run's classes."""

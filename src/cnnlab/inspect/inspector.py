@@ -335,9 +335,9 @@ class Inspection:
 
     def kept_label_issues(self) -> LabelIssues:
         """What ``cnnlab labels`` kept in the run folder for this checkpoint, else :meth:`label_issues` on the
-        validation split (computed once)."""
-        return self._keep("label-issues", lambda: labels.kept(self.run) or self.label_issues())
+        validation split (computed once; the kept file is read each time, as ``cnnlab labels`` may rewrite it)."""
+        return labels.kept(self.run) or self._keep("label-issues", self.label_issues)
 
-    def training_images(self, index: Tensor) -> Tensor:
-        """uint8 images of the run's dataset at positions ``index`` among its training images."""
+    def training_images(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 images and labels of the run's dataset at positions ``index`` among its training images."""
         return self.run.training_images(index, self.data_dir)

@@ -189,10 +189,12 @@ def kept(loaded: runs.LoadedRun) -> LabelIssues | None:
     checkpoint or it cannot be read."""
     if loaded.run_dir is None:
         return None
+    path = loaded.run_dir / LABEL_ISSUES_FILE
     try:
-        found = LabelIssues.from_json(json.loads((loaded.run_dir / LABEL_ISSUES_FILE).read_text()))
+        found = LabelIssues.from_json(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
     if found.stamp != runs.checkpoint_stamp(loaded.path) or found.classes != loaded.classes:
         return None
+    found.file = str(path)
     return found

@@ -134,6 +134,7 @@ class LabelIssues:
     confident_joint: Tensor  # (classes, classes): images given label i (row) confidently of class j (column)
     fold_accuracy: list[float] = field(default_factory=list)  # each fold model's top-1 on the images it held out
     stamp: dict[str, Any] = field(default_factory=dict)  # the checkpoint the result belongs to
+    file: str | None = None  # the label_issues.json it was read from; None when computed here
 
     def to_json(self) -> dict[str, Any]:
         """The result as ``label_issues.json`` holds it and ``cnnlab labels --json`` prints it."""

@@ -37,12 +37,13 @@ from cnnlab.visualize import render
 from cnnlab.visualize.figures import draw, sanity_figure
 from cnnlab.viz.sanity import Sanity
 
-__all__ = ["Contents", "Example", "Pair", "Picture", "TestResults", "gather", "read_metrics"]
+__all__ = ["BadLabel", "BadLabels", "Contents", "Example", "Pair", "Picture", "TestResults", "gather", "read_metrics"]
 
 MISCLASSIFIED_SHOWN = 40  # test images in the grid of mistakes
 PAIRS_SHOWN = 6  # most-confused (true, predicted) pairs
 PAIR_EXAMPLES = 6  # images shown for each pair
 PATTERN_CLASSES = 10  # class models drawn
+BAD_LABELS_SHOWN = 40  # candidate label errors shown (label_issues.json holds them all)
 SMALL_MODEL_MACS = 100_000_000  # per image; below this the report runs on one CPU thread
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,28 @@ class TestResults:
 
 
 @dataclass
+class BadLabel:
+    """A training image whose label is likely wrong."""
+
+    rank: int
+    index: int  # among the dataset's training images
+    uri: str
+    given: str
+    suggested: str
+    self_confidence: float  # the out-of-sample probability of the given label
+
+
+@dataclass
+class BadLabels:
+    source: str  # "validation" or "cross-validation"
+    folds: int | None
+    examined: int
+    found: int
+    kept: bool  # read from the run's label_issues.json (cnnlab labels), not computed for the report
+    shown: list[BadLabel]
+
+
+@dataclass
 class Contents:
     run_dir: Path
     info: dict[str, Any]  # config.json
@@ -113,6 +136,7 @@ class Contents:
     sanity: Sanity | None = None
     sanity_images: list[int] = field(default_factory=list)  # the test images the checks ran on
     cascade: list[Picture] = field(default_factory=list)
+    bad_labels: BadLabels | None = None
     notes: dict[str, list[str]] = field(default_factory=dict)  # section id → why something is missing
     seconds: dict[str, float] = field(default_factory=dict)  # time spent on each section
 
@@ -249,7 +273,21 @@ def gather(run_dir: Path, device: str = "auto") -> Contents:
     _timed(contents, "curves", curves)
     with _threads_for(contents, loaded.device):
         _pictures(contents, inspection)
+        _timed(contents, "bad-labels", lambda: _bad_labels(contents, inspection))
     return contents
+
+
+def _bad_labels(contents: Contents, inspection: Inspection) -> None:
+    """The training images whose label is likely wrong: what ``cnnlab labels`` kept for this checkpoint, else
+    confident learning on the validation split, computed here the same way."""
+    found = inspection.kept_label_issues()
+    shown = list(range(min(BAD_LABELS_SHOWN, len(found.index))))
+    images = inspection.training_images(found.index[shown])[0] if shown else None
+    classes = found.classes
+    contents.bad_labels = BadLabels(
+        found.source, found.folds, found.examined, len(found.index), found.file is not None,
+        [BadLabel(k + 1, int(found.index[k]), charts.thumbnail(images[k]), classes[int(found.given[k])],
+                  classes[int(found.suggested[k])], float(found.self_confidence[k])) for k in shown])
 
 
 def _pictures(contents: Contents, inspection: Inspection) -> None:

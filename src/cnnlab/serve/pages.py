@@ -43,7 +43,8 @@ def page(runs: list[Served], index: int) -> str:
     s = runs[index]
     tta = "1" if s.loaded.tta else "0"
     head = document_head(f"cnnlab serve: {s.name}",
-                         '<link rel="stylesheet" href="/static/app.css">\n<script src="/static/app.js" defer></script>')
+                         '<link rel="stylesheet" href="/static/app.css">\n<script src="/static/app.js" defer></script>'
+                         '\n<script src="/static/labels.js" defer></script>')
     return head + f"""<body data-run="{index}" data-tta="{tta}" data-layered="{e(' '.join(sorted(LAYERED)))}">
 {_header(runs, index)}
 <main>
@@ -51,6 +52,7 @@ def page(runs: list[Served], index: int) -> str:
 {_why(s)}
 {_inside(s)}
 {RUN_PANEL}
+{BAD_LABELS_PANEL}
 </main>
 </body>
 </html>
@@ -153,4 +155,12 @@ RUN_PANEL = """<section id="run">
 <p id="confusion-caption"></p>
 <table id="confusion"></table>
 <div id="cell-images" class="thumbs"></div>
+</section>"""
+
+
+# The training images whose label is likely wrong; static/labels.js fills it in.
+BAD_LABELS_PANEL = """<section id="labels">
+<h2>Bad labels <progress id="labels-progress" max="1" hidden></progress></h2>
+<p id="labels-caption"></p>
+<div id="bad-labels" class="thumbs"></div>
 </section>"""
