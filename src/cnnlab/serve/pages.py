@@ -1,9 +1,9 @@
-"""The explorer's page, rendered on the server: the four panels' frames, with every name escaped.
+"""The explorer's page, rendered on the server: the five panels' frames, with every name escaped.
 
 The page holds no script and no style of its own (the Content-Security-Policy forbids both inline);
-``static/app.js`` fills the panels from the JSON endpoints, writing names with ``textContent`` only.
-Class names, run names and layer names come from files the user did not necessarily write, so each
-goes through :func:`html.escape`, attributes included.
+``static/app.js`` (and ``static/labels.js``, the bad labels) fills the panels from the JSON endpoints,
+writing names with ``textContent`` only. Class names, run names and layer names come from files the user
+did not necessarily write, so each goes through :func:`html.escape`, attributes included.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _architecture(s: Served) -> str:
 
 
 def page(runs: list[Served], index: int) -> str:
-    """The page of run ``index``: four panels whose contents the script fills in from the API."""
+    """The page of run ``index``: five panels whose contents the scripts fill in from the API."""
     s = runs[index]
     tta = "1" if s.loaded.tta else "0"
     head = document_head(f"cnnlab serve: {s.name}",
