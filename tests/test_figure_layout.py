@@ -97,7 +97,7 @@ def fake_run(tmp_path_factory):
     from PIL import Image
 
     Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(photo)
-    run = LoadedRun(model, ModelSpec("resnet18-cifar", 10, 4, 3), pre, CLASSES, {}, Path("fake.pt"), None,
+    run = LoadedRun(model, ModelSpec("resnet18-cifar", 10, 4, 3), pre, CLASSES, None, Path("fake.pt"), None,
                     None, (images, torch.arange(12) % 10))
     return run, str(photo)
 
@@ -119,6 +119,7 @@ CASES = {
     "maximize classes": ("maximize", dict(target=list(range(10)), steps=1)),
     "maximize channels": ("maximize", dict(layer=["conv4_x"], channel=[0, 1, 2], steps=1)),
     "dream": ("dream", dict(index=[2], steps=1)),
+    "embedding": ("embedding", dict(count=12)),
 }
 
 

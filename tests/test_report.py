@@ -78,7 +78,7 @@ def test_report_in_a_browser(small_run, small_report, browser, tmp_path):
             text = section.inner_text()
             assert title in text and len(text) > len(title) + 20, f"section {sid} is empty: {text!r}"
             assert "could not" not in text, f"section {sid}: {text}"
-        for sid in ("curves", "confusion", "filters", "features", "patterns", "explanations"):
+        for sid in ("curves", "confusion", "filters", "features", "patterns", "explanations", "embedding"):
             assert page.locator(f"section#{sid} img.plot").count() >= 1, sid
         # Every CAM and attribution method is checked, beside the random-map baseline.
         rows = page.locator("section#explanations table#sanity tbody tr")
@@ -88,6 +88,8 @@ def test_report_in_a_browser(small_run, small_report, browser, tmp_path):
         assert page.locator("section#gradcam img.plot").count() == 2  # right and wrong predictions
         assert page.locator("section#misclassified figure.thumb img").count() >= 10
         assert page.locator("section#confused-pairs h3").count() >= 1
+        assert page.locator("section#mistakes #top-losses figure.thumb img").count() == 24
+        assert page.locator("section#mistakes table#typical tbody tr").count() == 10
 
         # The numbers on the page are the run's.
         epochs = [json.loads(line) for line in (small_run / "metrics.jsonl").read_text().splitlines()]

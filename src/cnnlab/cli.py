@@ -46,8 +46,8 @@ class Parser(argparse.ArgumentParser):
 def _add_settings(p: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
     """A flag for every training setting (but those in ``leave_out``), from its declaration in
     :class:`cnnlab.config.TrainConfig`: a switch pair (--tta/--no-tta) for a yes-or-no setting, a value
-    otherwise; ``amp`` takes an optional value (--amp, --amp force) beside --no-amp. Any other value is
-    refused by the configuration's check."""
+    otherwise; ``amp`` and ``mlflow`` take an optional value (--amp, --amp force; --mlflow, --mlflow URI) beside
+    --no-amp and --no-mlflow. Any other value is refused by the configuration's check."""
     from cnnlab import config
 
     for name, f in config.FIELDS.items():
@@ -57,8 +57,8 @@ def _add_settings(p: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -
         options = config.choices(name)
         if options and help is None:
             help = " or ".join([", ".join(options[:-1]), options[-1]] if len(options) > 1 else options)
-        if bool in kinds and options:
-            p.add_argument(flag, nargs="?", const=True, metavar="|".join(options), help=help)
+        if bool in kinds and (options or str in kinds):  # --amp [force], --mlflow [URI]
+            p.add_argument(flag, nargs="?", const=True, metavar="|".join(options) or f.metadata["metavar"], help=help)
             p.add_argument("--no-" + flag[2:], dest=name, action="store_const", const=False, help="off")
         elif bool in kinds:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
@@ -95,7 +95,7 @@ def _lr_find_parser(sub: argparse._SubParsersAction) -> None:
                     "the training flags say, until the loss diverges. Plots the smoothed loss against the rate with "
                     "two suggestions (steepest descent, valley) and the configured --lr. Writes no run folder.")
     p.add_argument("--config", metavar="FILE.toml", help="settings to apply over the recipe")
-    _add_settings(p, leave_out=("out",))
+    _add_settings(p, leave_out=("out", "mlflow"))
     p.add_argument("--steps", type=int, default=100, help="steps of the sweep at most (default 100)")
     p.add_argument("--start-lr", type=float, default=1e-7, help="the first step's learning rate (default 1e-7)")
     p.add_argument("--end-lr", type=float, default=10.0, help="the last step's learning rate (default 10)")
@@ -188,13 +188,15 @@ def _labels_parser(sub: argparse._SubParsersAction) -> None:
 def _visualize_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("visualize", help="look inside a trained network: filters, feature maps, CAMs, attributions …")
     p.add_argument("method", metavar="METHOD", help="filters, features, top-images, deconv, invert, maximize, dream, "
-                                                     "cam, attribute, or sanity (how far to trust each CAM and "
-                                                     "attribution: randomisation tests, deletion, insertion, ROAD)")
+                                                     "cam, attribute, embedding (the test set on a t-SNE map, and "
+                                                     "TensorBoard's projector), or sanity (how far to trust each CAM "
+                                                     "and attribution: randomisation tests, deletion, insertion, ROAD)")
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument("--image", nargs="+", metavar="PATH", help="image files (any size or format; resized and "
                                                               "normalised as the checkpoint says)")
     p.add_argument("--index", nargs="+", type=int, metavar="N", help="images of the run's test set, by index")
-    p.add_argument("--count", type=int, metavar="K", help="how many test images (from index 0), channels or filters")
+    p.add_argument("--count", type=int, metavar="K", help="how many test images (from index 0; embedding: spread over "
+                                                          "the test set), channels or filters")
     p.add_argument("--layer", nargs="+", metavar="NAME", help="stage names (conv1, conv2_x … conv5_x, fc for the "
                    "ResNets; conv1 … conv5 for AlexNet and VGG) or module paths (layer4.1.left.3); default: "
                    "found from the model; sanity: the cascade steps to measure")
@@ -219,7 +221,8 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
         "report", help="one self-contained HTML page about a run: accuracy, curves, mistakes, what it learned",
         description="Write one HTML file that opens from disk with no server or network: what was trained, final "
                     "accuracies, Table 1, training curves, per-class accuracy, confusion matrix, most-confused "
-                    "pairs, misclassified images, conv1 filters, feature maps, Grad-CAM and class models.")
+                    "pairs, misclassified images, the test set as a map, top losses and typical images, conv1 "
+                    "filters, feature maps, Grad-CAM and class models.")
     p.add_argument("path", metavar="RUN_DIR")
     p.add_argument("--out", metavar="FILE.html", help="where to write it (default RUN_DIR/report.html); "
                                                       "folders on the way that do not exist are created")
@@ -242,8 +245,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "serve", help="explore runs in the browser: predictions, CAMs, feature maps, channels, curves",
         description="Start a local web app over the runs: upload or pick an image, see the top-5 and every CAM and "
                     "attribution with its trust scores, click through the layers' feature maps and channels, and "
-                    "the training curves and confusion matrix. Offline; bound to 127.0.0.1 unless --host says "
-                    "otherwise.")
+                    "the training curves and confusion matrix, the test set as a map and its mistakes. Offline; "
+                    "bound to 127.0.0.1 unless --host says otherwise.")
     p.add_argument("paths", metavar="RUN_DIR", nargs="+")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -376,6 +379,7 @@ def _print_group(result, main: bool) -> int:
         return 0
     print(format_spread(summary(result.group_dir)))
     print(f"group folder: {result.group_dir}")
+    _print_mlflow(result.group_dir)
     return 0
 
 
@@ -408,6 +412,16 @@ def _print_result(result) -> None:
         print(f"finished {result.last['epoch']} epochs: {figures(result.last)}")
     print(f"run folder: {result.run_dir}")
     print(f"  TensorBoard: tensorboard --logdir {result.run_dir / 'tb'}")
+    _print_mlflow(result.run_dir)
+
+
+def _print_mlflow(folder: Path) -> None:
+    """Where a run or group that logs to MLflow (``--mlflow``) can be seen; nothing for one that does not."""
+    from cnnlab.train.tracking import describe
+
+    seen = describe(folder)
+    if seen is not None:
+        print(one_line(f"  MLflow: {seen}"))
 
 
 EVALUATE_JSON = ("top1", "n", "per_class", "confusion", "top1_interval", "top5", "per_class_figures", "calibration",

@@ -32,14 +32,16 @@ MAX_SEED = 2**63 - 1
 
 
 def setting(default: Any, help: str | None = None, *, least: float | None = None, most: float | None = None,
-            above: float | None = None, below: float | None = None, unit: str = "", flag: bool = True) -> Any:
+            above: float | None = None, below: float | None = None, unit: str = "", flag: bool = True,
+            metavar: str | None = None) -> Any:
     """A field of :class:`TrainConfig` with what the command line and :func:`validate` need to know.
 
     ``least``/``most``: inclusive bounds; ``above``/``below``: exclusive ones; ``unit`` words the bound
-    ("images"); ``flag``: whether the command line offers it (else only TOML and Python set it).
+    ("images"); ``flag``: whether the command line offers it (else only TOML and Python set it);
+    ``metavar``: how its help names the free text a yes-or-no setting may take instead (``--mlflow [URI]``).
     """
     return dataclasses.field(default=default, metadata=dict(help=help, least=least, most=most, above=above,
-                                                            below=below, unit=unit, flag=flag))
+                                                            below=below, unit=unit, flag=flag, metavar=metavar))
 
 
 @dataclass
@@ -115,6 +117,10 @@ class TrainConfig:
     seed: int = setting(0, least=0, most=MAX_SEED)
     checkpoint_every: int = setting(0, "also write last.pt every N steps", least=0, unit="steps")
     out: str | None = setting(None, "the run folder (default runs/RECIPE-MODEL-TIME)")
+    # tracking (TensorBoard, in RUN_DIR/tb, is always written)
+    mlflow: bool | str = setting(False, "also log the settings, each epoch's figures, the checkpoints and the report "
+                                        "to MLflow: to a store in the run folder (RUN_DIR/mlflow), or to the tracking "
+                                        "URI given; needs: pip install 'cnnlab[mlflow]'", metavar="URI")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -327,3 +333,6 @@ def _validate_together(cfg: TrainConfig) -> None:
          "`mean` and `std` must both have 1 or 3 values")
     need(all(s > 0 and math.isfinite(s) for s in cfg.std), "`std` values must be finite and greater than 0")
     need(all(math.isfinite(m) for m in cfg.mean), "`mean` values must be finite numbers")
+    need(not isinstance(cfg.mlflow, str) or bool(cfg.mlflow.strip()),
+         "`mlflow` must be a tracking URI (sqlite:///FILE.db, http://HOST:PORT), or given alone for the store in the "
+         "run folder")

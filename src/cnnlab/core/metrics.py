@@ -29,6 +29,7 @@ class Scores:
     confidence: torch.Tensor | None = None  # float (N,) on the CPU: the softmax probability of each prediction
     probabilities: torch.Tensor | None = None  # float (N, classes) on the CPU: the softmax of each image's logits
     logits: torch.Tensor | None = None  # float (N, classes) on the CPU: as the model gave them (with TTA, averaged)
+    features: torch.Tensor | None = None  # float (N, D) on the CPU: the input of `score`'s `features` module
 
 
 def logits(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
@@ -40,27 +41,40 @@ def logits(model: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor
 @torch.no_grad()
 def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preprocess: Preprocess, *,
           batch_size: int = 256, amp: bool = False, channels_last: bool = False, tta: bool = False,
-          temperature: float | None = None) -> Scores:
+          temperature: float | None = None, features: nn.Module | None = None) -> Scores:
     """Mean cross-entropy and top-1 accuracy of ``model`` (put in eval mode) on uint8 ``images``.
 
     ``tta``: test-time flip augmentation, the logits of each image averaged with those of its mirror
     image (a free gain for models trained with flips; twice the forward passes). ``temperature``: the
     probabilities (not the loss, not the predictions) are the softmax of the logits divided by it.
+    ``features``: a module of ``model`` whose input is recorded for every image in the same pass, flattened
+    and, with ``tta``, averaged over the two passes as the logits are (for the last linear layer, its
+    output on these features is then the logits).
     """
     was_training = model.training
     model.eval()
     device = images.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
     loss_sum = torch.zeros((), device=device)
-    preds, probabilities, raw = [], [], []
-    for i in range(0, len(labels), batch_size):
-        x, y = preprocess.to_input(images[i:i + batch_size], channels_last), labels[i:i + batch_size]
-        with autocast:
-            out = logits(model, x, tta)
-        loss_sum += F.cross_entropy(out, y, reduction="sum")
-        preds.append(out.argmax(1))
-        raw.append(out.float())
-        probabilities.append((out.float() / (temperature or 1.0)).softmax(1))
+    preds, probabilities, raw, recorded = [], [], [], []
+    taken: list[torch.Tensor] = []
+    hook = None if features is None else features.register_forward_pre_hook(
+        lambda module, args: taken.append(args[0].detach().flatten(1).float()))
+    try:
+        for i in range(0, len(labels), batch_size):
+            x, y = preprocess.to_input(images[i:i + batch_size], channels_last), labels[i:i + batch_size]
+            with autocast:
+                out = logits(model, x, tta)
+            if taken:
+                recorded.append(torch.stack(taken).mean(0).cpu())
+                taken.clear()
+            loss_sum += F.cross_entropy(out, y, reduction="sum")
+            preds.append(out.argmax(1))
+            raw.append(out.float())
+            probabilities.append((out.float() / (temperature or 1.0)).softmax(1))
+    finally:
+        if hook is not None:
+            hook.remove()
     model.train(was_training)
     predictions = torch.cat(preds).cpu() if preds else torch.zeros(0, dtype=torch.long)
     n = max(len(labels), 1)
@@ -68,7 +82,7 @@ def score(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, preproce
     probs = torch.cat(probabilities).cpu() if probabilities else torch.zeros(0, 0)
     return Scores(loss_sum.item() / n, (predictions == y).sum().item() / n, predictions, y,
                   probs.amax(1) if probabilities else torch.zeros(0), probs,
-                  torch.cat(raw).cpu() if raw else torch.zeros(0, 0))
+                  torch.cat(raw).cpu() if raw else torch.zeros(0, 0), torch.cat(recorded) if recorded else None)
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

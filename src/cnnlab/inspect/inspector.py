@@ -26,6 +26,7 @@ from cnnlab.inspect import labels
 from cnnlab.inspect.registry import TECHNIQUES
 from cnnlab.inspect.results import (
     Dreams,
+    Embedding,
     Excitations,
     Explanations,
     FeatureMaps,
@@ -34,10 +35,13 @@ from cnnlab.inspect.results import (
     Inversions,
     LabelIssues,
     Maximisation,
+    Mistakes,
     Projections,
 )
+from cnnlab.inspect.whole_set import embed, find_mistakes
 from cnnlab.models.summary import summarize
 from cnnlab.viz.cam import upsample
+from cnnlab.viz.embedding import last_linear
 from cnnlab.viz.filters import conv_filters
 from cnnlab.viz.inputs import Batch, from_files, from_test_set, parse_target
 from cnnlab.viz.invert import feature_distance
@@ -105,11 +109,14 @@ class Inspection:
 
     def scores(self) -> Scores:
         """The test set scored as the run scored it (flip TTA where it did): computed once. Its
-        probabilities are calibrated by the run's temperature, where one is kept."""
+        probabilities are calibrated by the run's temperature, where one is kept. The same pass records
+        the input of the last linear layer (``features``, None for a model without one)."""
         def make() -> Scores:
             images, labels = self.test_set()
+            last = last_linear(self.model)
             return score(self.model, images.to(self.device), labels.to(self.device), self.preprocess,
-                         tta=self.run.tta, temperature=self.run.temperature)
+                         tta=self.run.tta, temperature=self.run.temperature,
+                         features=last[1] if last is not None else None)
 
         return self._keep("scores", make)
 
@@ -322,6 +329,17 @@ class Inspection:
         """Where DeepDream looks by default: the stage before the last, where there are stages."""
         stages = self.feature_layers
         return (stages[-2:-1] if len(stages) > 2 else stages[-1:])[0]
+
+    # --- the whole test set ---------------------------------------------------------------------------
+
+    def embedding(self, count: int | None = None, seed: int = 0) -> Embedding:
+        """The test set's penultimate features on a 2-D t-SNE map (``count`` images spread over it; default
+        all, at most :data:`cnnlab.inspect.whole_set.MOST`); the same ``seed`` gives the same map."""
+        return self._keep(f"embedding:{count}:{seed}", lambda: embed(self, count, seed))
+
+    def mistakes(self) -> Mistakes:
+        """The most-confused pairs, the top losses and each class's most and least typical test images."""
+        return self._keep("mistakes", lambda: find_mistakes(self))
 
     # --- the data -------------------------------------------------------------------------------------
 

@@ -168,7 +168,8 @@ def _train_fold(loaded: runs.LoadedRun, out: Path, kept: Tensor, part: Tensor, k
                                    train_index=None if s.train_index is None else s.train_index[kept],
                                    test_x=take(s.train_x, part), test_y=s.train_y[part])
 
-    cfg = dataclasses.replace(loaded.config, out=str(out), device=loaded.device.type)
+    # The copies are scaffolding: logged nowhere but their temporary folder (not to the run's MLflow).
+    cfg = dataclasses.replace(loaded.config, out=str(out), device=loaded.device.type, mlflow=False)
     try:
         train(cfg, subset=subset)
     except Interrupted as e:

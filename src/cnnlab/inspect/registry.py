@@ -187,6 +187,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("invert", IMAGES | {"layer", "steps"}, results.Inversions, **_IMAGE_METHOD),
     Method("maximize", frozenset({"layer", "channel", "target", "count", "steps"}), results.Maximisation),
     Method("dream", IMAGES | {"layer", "steps"}, results.Dreams, **_IMAGE_METHOD),
+    # count: how many test images, spread over the test set (default all, up to 10,000).
+    Method("embedding", frozenset({"count"}), results.Embedding),
     Method("cam", IMAGES | {"layer", "target", "kind"}, results.Explanations, CAMS, images=4,
            quick=dict(kind=("grad-cam",), count=4)),
     Method("attribute", IMAGES | {"layer", "target", "kind", "steps"}, results.Explanations, ATTRIBUTIONS,

@@ -14,10 +14,11 @@ import torch
 from torch import Tensor
 
 from cnnlab.core.metrics import Scores
+from cnnlab.viz.mistakes import ConfusedPair, Typical
 from cnnlab.viz.sanity import Sanity
 
-__all__ = ["Dreams", "Excitations", "Explanations", "FeatureMaps", "Filters", "Images", "Inversions", "LabelIssues",
-           "Maximisation", "Projections", "Sanity", "Scores"]
+__all__ = ["ConfusedPair", "Dreams", "Embedding", "Excitations", "Explanations", "FeatureMaps", "Filters", "Images",
+           "Inversions", "LabelIssues", "Maximisation", "Mistakes", "Projections", "Sanity", "Scores", "Typical"]
 
 
 @dataclass
@@ -111,6 +112,60 @@ class Dreams:
     images: Images
     layer: str
     pixels: Tensor  # (B, C, H, W)
+
+
+@dataclass
+class Embedding:
+    """Test images placed on a 2-D map by their penultimate features (the input of the last linear layer)."""
+
+    layer: str  # the module path of the last linear layer
+    method: str  # how the map was made (cnnlab.viz.embedding.TSNE)
+    seed: int
+    classes: list[str]
+    indices: Tensor  # (N,) into the test set
+    features: Tensor  # (N, D) what was embedded
+    points: Tensor  # (N, 2)
+    labels: Tensor  # (N,) the true class
+    predictions: Tensor  # (N,)
+    probabilities: Tensor  # (N,) the (calibrated) probability of each prediction
+    shown: list[int]  # rows drawn as thumbnails: a spread over the map
+    pixels: Tensor  # (len(shown), C, H, W) those images as the network sees them
+
+    def to_json(self) -> dict:
+        """Everything but the features and pixels, as plain values (the explorer's map)."""
+        return {"layer": self.layer, "method": self.method, "seed": self.seed, "classes": self.classes,
+                "dims": int(self.features.shape[1]), "indices": self.indices.tolist(),
+                "points": [[round(float(x), 4), round(float(y), 4)] for x, y in self.points.tolist()],
+                "labels": self.labels.tolist(), "predictions": self.predictions.tolist(),
+                "probabilities": [round(float(p), 4) for p in self.probabilities.tolist()]}
+
+
+@dataclass
+class Loss:
+    index: int  # into the test set
+    label: int
+    prediction: int
+    loss: float  # cross-entropy with the label, from the logits
+    probability: float  # of the prediction (calibrated where the run keeps a temperature)
+    label_probability: float  # of the given label (calibrated likewise)
+
+
+@dataclass
+class Mistakes:
+    """What the network gets wrong on the test set, and what it takes as typical of each class."""
+
+    classes: list[str]
+    n: int  # test images
+    wrong: int  # of them misclassified
+    pairs: list[ConfusedPair]  # most-confused (true, predicted) pairs, most first
+    losses: list[Loss]  # highest first
+    typical: list[Typical]  # per class with images: nearest to and farthest from its mean feature direction
+    layer: str | None  # where the features of `typical` are read (the last linear layer's input); None: none
+
+    def to_json(self) -> dict:
+        return {"classes": self.classes, "n": self.n, "wrong": self.wrong, "layer": self.layer,
+                "pairs": [vars(p) for p in self.pairs], "losses": [vars(x) for x in self.losses],
+                "typical": [vars(t) for t in self.typical]}
 
 
 @dataclass

@@ -97,9 +97,13 @@ def _attribute(i: Inspection, c: Choices) -> list:
     return [i.explain(images, kinds, layer=c.layer[0] if c.layer else None, targets=targets, options=options)]
 
 
+def _embedding(i: Inspection, c: Choices) -> list:
+    return [i.embedding(c.count)]
+
+
 VIEWS: dict[str, Callable[[Inspection, Choices], list]] = {
     "filters": _filters, "features": _features, "top-images": _top_images, "deconv": _deconv, "invert": _invert,
-    "maximize": _maximize, "dream": _dream, "cam": _cam, "attribute": _attribute,
+    "maximize": _maximize, "dream": _dream, "cam": _cam, "attribute": _attribute, "embedding": _embedding,
 }
 
 

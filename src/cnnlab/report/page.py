@@ -18,7 +18,7 @@ import torch
 
 import cnnlab
 from cnnlab.report.charts import ASSIGNMENT_TEST, ASSIGNMENT_TRAIN
-from cnnlab.report.sections import Contents, Example, Picture
+from cnnlab.report.sections import Contents, Example, Loss, Picture
 from cnnlab.viz.sanity import MAX_RANDOMISED_RHO
 
 __all__ = ["SECTIONS", "document_head", "e", "render"]
@@ -34,6 +34,8 @@ SECTIONS: dict[str, str] = {
     "calibration": "Calibration",
     "confused-pairs": "Most-confused classes",
     "misclassified": "Misclassified test images",
+    "embedding": "The test set through the network's eyes",
+    "mistakes": "Top losses and typical images",
     "filters": "First-layer filters",
     "features": "Feature maps",
     "gradcam": "Grad-CAM",
@@ -288,10 +290,12 @@ def _pairs(c: Contents) -> str:
         return ""
     if not t.pairs:
         return "<p>No test image was misclassified.</p>"
-    parts = ["<p>The (true, predicted) pairs with the most mistakes on the test set, with examples.</p>"]
+    parts = ["<p>The (true, predicted) pairs with the most mistakes on the test set, with examples. Each direction "
+             "is its own pair (a cat taken for a dog is not a dog taken for a cat); the other direction's count "
+             "follows.</p>"]
     for p in t.pairs:
         parts.append(f"<h3>{e(p.true)} → {e(p.pred)}: {p.count} image{'s' if p.count != 1 else ''} "
-                     f"({pct(p.share, 1)} of the {e(p.true)} test images)</h3>"
+                     f"({pct(p.share, 1)} of the {e(p.true)} test images; {p.reverse} the other way)</h3>"
                      f'<div class="grid">{"".join(_thumb(x, show_true=False) for x in p.examples)}</div>')
     return "".join(parts)
 
@@ -305,6 +309,50 @@ def _misclassified(c: Contents) -> str:
     return (f"<p>{len(t.wrong)} of the {t.wrong_total} misclassified test images (of {t.n}), spread over the test "
             "set, with the true class and the prediction (its probability in brackets).</p>"
             f'<div class="grid">{"".join(_thumb(x) for x in t.wrong)}</div>')
+
+
+def _embedding(c: Contents) -> str:
+    f = c.embedding_facts
+    if c.embedding is None:
+        return ""
+    return (f"<p id=\"embedding-facts\">{f['n']} test images placed by the input of {e(f['layer'])}, the last linear "
+            f"layer ({f['dims']} features per image, recorded by a forward hook in the pass that scored them), with "
+            f"{e(f['method'])}, seed {f['seed']}: images the network represents alike lie close together. Each point "
+            "is coloured by its true class; thumbnails show a spread of the points, framed in their class's colour. "
+            "<code>cnnlab visualize embedding</code> writes this map and TensorBoard's projector; the explorer's map "
+            "names each point.</p>" + _img(c.embedding))
+
+
+def _loss_thumb(x: Loss) -> str:
+    ex = x.example
+    return (f'<figure class="thumb"><img src="{e(ex.uri)}" alt="test image {ex.index}: {e(ex.true)}, '
+            f'predicted {e(ex.pred)}"><figcaption>#{ex.index} loss {x.loss:.2f}<br><span class="true">true: '
+            f'{e(ex.true)} ({100 * x.label_prob:.0f}%)</span><br><span class="pred">predicted: {e(ex.pred)} '
+            f'({100 * ex.prob:.0f}%)</span></figcaption></figure>')
+
+
+def _mistakes(c: Contents) -> str:
+    parts = []
+    if c.losses:
+        parts.append(f"<h3>Top losses</h3><p>The {len(c.losses)} test images of highest cross-entropy with their "
+                     "given label (from the logits), highest first, with the probability of the true class and of "
+                     "the prediction. A confident mistake is a hard image, a confusing class, or a wrong label.</p>"
+                     f'<div class="grid" id="top-losses">{"".join(_loss_thumb(x) for x in c.losses)}</div>')
+    f = c.typical_facts
+    if c.typical:
+        shown = f" (the first {len(c.typical)} of {f['classes']})" if len(c.typical) < f["classes"] else ""
+        rows = "".join(f'<tr><th>{e(t.name)}</th><td><div class="grid">{"".join(_thumb(x) for x in t.most)}</div></td>'
+                       f'<td><div class="grid">{"".join(_thumb(x) for x in t.least)}</div></td></tr>'
+                       for t in c.typical)
+        parts.append(f"<h3>Most and least typical images of each class</h3><p>Per class{shown}, the test images "
+                     f"whose penultimate features (the input of {e(f['layer'])}) point nearest to the class's mean "
+                     "direction, and those farthest from it (cosine distance): what the network's representation puts "
+                     "at the centre of the class and at its edges, right or wrong. Direction, not length: a feature "
+                     "grows longer as the network grows surer. (Ranked by the probability of the class instead, the "
+                     "least typical would be the top losses again.)</p>"
+                     '<table id="typical"><thead><tr><th>class</th><th>most typical (nearest first)</th>'
+                     f"<th>least typical (farthest first)</th></tr></thead><tbody>{rows}</tbody></table>")
+    return "".join(parts)
 
 
 def _pictures(text: str, pictures: list[Picture]) -> str:
@@ -397,6 +445,8 @@ def render(c: Contents) -> str:
         "calibration": _calibration(c),
         "confused-pairs": _pairs(c),
         "misclassified": _misclassified(c),
+        "embedding": _embedding(c),
+        "mistakes": _mistakes(c),
         "filters": _pictures("Every filter of the first convolution, each scaled to its own range: what colours "
                              "and edges the network looks for first. Below, one filter enlarged with its signed "
                              "weights per input channel.", c.filters),

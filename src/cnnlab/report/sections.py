@@ -26,23 +26,25 @@ import torch
 from cnnlab.config import TrainConfig, from_saved
 from cnnlab.core.calibration import assess
 from cnnlab.core.errors import UserError
-from cnnlab.core.metrics import DENSE_CONFUSION_CLASSES, Scores, breakdown, confusion_cells
+from cnnlab.core.metrics import DENSE_CONFUSION_CLASSES, Scores, breakdown
 from cnnlab.inspect import Choices, Inspection, checks, show
 from cnnlab.inspect.inspector import spread
 from cnnlab.inspect.registry import METHODS
+from cnnlab.inspect.whole_set import PAIR_EXAMPLES, PAIRS
 from cnnlab.report import charts
 from cnnlab.run import LoadedRun
 from cnnlab.train.logging import read_metrics
 from cnnlab.visualize import render
 from cnnlab.visualize.figures import draw, sanity_figure
+from cnnlab.viz.mistakes import confused_pairs
 from cnnlab.viz.sanity import Sanity
 
-__all__ = ["BadLabel", "BadLabels", "Contents", "Example", "Pair", "Picture", "TestResults", "gather", "read_metrics"]
+__all__ = ["BadLabel", "BadLabels", "Contents", "Example", "Extremes", "Loss", "Pair", "Picture", "TestResults",
+           "gather", "read_metrics"]
 
 MISCLASSIFIED_SHOWN = 40  # test images in the grid of mistakes
-PAIRS_SHOWN = 6  # most-confused (true, predicted) pairs
-PAIR_EXAMPLES = 6  # images shown for each pair
 PATTERN_CLASSES = 10  # class models drawn
+TYPICAL_CLASSES = 20  # classes whose most and least typical images are shown
 BAD_LABELS_SHOWN = 40  # candidate label errors shown (label_issues.json holds them all)
 SMALL_MODEL_MACS = 100_000_000  # per image; below this the report runs on one CPU thread
 
@@ -73,6 +75,23 @@ class Pair:
     count: int
     share: float  # of the true class's test images
     examples: list[Example]
+    reverse: int = 0  # images of `pred` predicted as `true`
+
+
+@dataclass
+class Loss:
+    example: Example
+    loss: float  # cross-entropy with the given label
+    label_prob: float  # the probability of the given label
+
+
+@dataclass
+class Extremes:
+    """One class's test images nearest to and farthest from its mean direction of penultimate features."""
+
+    name: str
+    most: list[Example]
+    least: list[Example]
 
 
 @dataclass
@@ -136,6 +155,11 @@ class Contents:
     sanity: Sanity | None = None
     sanity_images: list[int] = field(default_factory=list)  # the test images the checks ran on
     cascade: list[Picture] = field(default_factory=list)
+    embedding: Picture | None = None
+    embedding_facts: dict[str, Any] = field(default_factory=dict)  # n, layer, dims, method, seed
+    losses: list[Loss] = field(default_factory=list)
+    typical: list[Extremes] = field(default_factory=list)
+    typical_facts: dict[str, Any] = field(default_factory=dict)  # layer, classes
     bad_labels: BadLabels | None = None
     notes: dict[str, list[str]] = field(default_factory=dict)  # section id → why something is missing
     seconds: dict[str, float] = field(default_factory=dict)  # time spent on each section
@@ -200,12 +224,9 @@ def _score_test(contents: Contents, inspection: Inspection) -> Scores:
     totals = torch.bincount(y, minlength=len(classes))
     per_class = [(c, result["per_class"][c], int(totals[i])) for i, c in enumerate(classes)]
     # From the matrix's nonzero cells, not the matrix: a run of 100,000 classes has no room for its square.
-    cells = [(t, p, n) for t, p, n in confusion_cells(pred, y, len(classes)) if t != p]
-    pairs = []
-    for t, p, count in sorted(cells, key=lambda cell: -cell[2])[:PAIRS_SHOWN]:
-        where = ((y == t) & (pred == p)).nonzero()[:, 0].tolist()
-        pairs.append(Pair(classes[t], classes[p], count, count / max(int(totals[t]), 1),
-                          _examples(classes, images, scores, where[:PAIR_EXAMPLES])))
+    pairs = [Pair(classes[c.true], classes[c.predicted], c.count, c.share,
+                  _examples(classes, images, scores, c.examples), c.reverse)
+             for c in confused_pairs(pred, y, len(classes), PAIRS, PAIR_EXAMPLES)]
     matrix = None
     if result["confusion"] is not None:
         matrix = Picture(charts.confusion(result, classes), "confusion matrix of the test set")
@@ -302,14 +323,15 @@ def _pictures(contents: Contents, inspection: Inspection) -> None:
     _timed(contents, "per-class", load_test)
     if contents.test is None:
         why = contents.notes.get("per-class", ["the test set could not be read"])[-1]
-        for section in ("confusion", "calibration", "confused-pairs", "misclassified", "features", "gradcam",
-                        "explanations"):
+        for section in ("confusion", "calibration", "confused-pairs", "misclassified", "embedding", "mistakes",
+                        "features", "gradcam", "explanations"):
             contents.note(section, f"needs the run's test set, which could not be read: {why}")
 
     contents.layers = first, last = inspection.first_layer, inspection.last_layer
     _timed(contents, "filters", lambda: contents.filters.extend(
         _viz(inspection, "filters", f"the filters of {first}", layer=[first])))
     if scores is not None:
+        _whole_set(contents, inspection, scores)
         _model_pictures(contents, inspection, scores)
     # Class models: a few optimisation steps suffice at CIFAR size; larger inputs get fewer.
     contents.pattern_steps = 64 if inspection.preprocess.size <= 64 else 24
@@ -355,3 +377,29 @@ def _model_pictures(contents: Contents, inspection: Inspection, scores: Scores) 
                                         "each method's map as the network's layers are re-initialised from the top"))
 
     _timed(contents, "explanations", explanations)
+
+
+def _whole_set(contents: Contents, inspection: Inspection, scores: Scores) -> None:
+    """The test set's embedding, its top losses and each class's most and least typical images."""
+    images, _ = inspection.test_set()
+    classes = inspection.classes
+
+    def embedding() -> None:
+        result = inspection.embedding()
+        (figure,) = draw(result).values()
+        contents.embedding = Picture(charts.png_uri(render.png(figure)),
+                                     "the test images on a t-SNE map of their penultimate features, by true class")
+        contents.embedding_facts = {"n": len(result.indices), "layer": result.layer, "method": result.method,
+                                    "dims": int(result.features.shape[1]), "seed": result.seed}
+
+    def mistakes() -> None:
+        found = inspection.mistakes()
+        contents.losses = [Loss(_examples(classes, images, scores, [x.index])[0], x.loss, x.label_probability)
+                           for x in found.losses]
+        contents.typical = [Extremes(classes[t.label], _examples(classes, images, scores, t.most),
+                                     _examples(classes, images, scores, t.least))
+                            for t in found.typical[:TYPICAL_CLASSES]]
+        contents.typical_facts = {"layer": found.layer, "classes": len(found.typical)}
+
+    _timed(contents, "embedding", embedding)
+    _timed(contents, "mistakes", mistakes)

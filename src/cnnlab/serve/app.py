@@ -207,6 +207,42 @@ def browse(request: Request) -> Response:
                          "images": thumbnails(s, status, indices)})
 
 
+def embedding(request: Request) -> Response:
+    """The test set's map: the task's state until it is done, then every point."""
+    return JSONResponse(_served(request).embedding().to_json())
+
+
+def mistakes(request: Request) -> Response:
+    """The mistakes, with thumbnails of the pairs' examples, of the top losses, and of the most and least typical
+    images of ``class`` (default the first); the task's state until it is done."""
+    s = _served(request)
+    status = s.mistakes()
+    out = status.to_json()
+    found = out.get("result")
+    if found is None:
+        return JSONResponse(out)
+    chosen = _number(request, "class") or 0
+    if chosen >= len(s.classes):
+        raise UserError(f"class {chosen} is out of range (0 … {len(s.classes) - 1})")
+    typical = [t for t in found["typical"] if t["label"] == chosen]
+    shown = [i for p in found["pairs"] for i in p["examples"]] + [x["index"] for x in found["losses"]]
+    shown += [i for t in typical for i in t["most"] + t["least"]]
+    unique = list(dict.fromkeys(shown))
+    thumbs = dict(zip(map(str, unique), s.test_thumbnails(unique)))
+    out["result"] = {**found, "typical": typical, "class": chosen, "thumbs": thumbs}
+    return JSONResponse(out)
+
+
+def test_set_image(request: Request) -> Response:
+    """One test image's thumbnail and true class (``index``), for the map's tooltip."""
+    s = _served(request)
+    index = _number(request, "index")
+    _, labels = s.test_set()
+    if index is None or index >= len(labels):
+        raise UserError(f"index must be a test image, 0 … {len(labels) - 1}")
+    return JSONResponse({"index": index, **s.test_thumbnails([index])[0]})
+
+
 def bad_labels(request: Request) -> Response:
     """The training images whose label is likely wrong, the first :data:`BROWSE` with thumbnails."""
     s = _served(request)
@@ -251,6 +287,9 @@ ROUTES = [
     Route("/api/{rid}/curves", curves),
     Route("/api/{rid}/confusion", run_confusion),
     Route("/api/{rid}/images", browse),
+    Route("/api/{rid}/embedding", embedding),
+    Route("/api/{rid}/mistakes", mistakes),
+    Route("/api/{rid}/test-image", test_set_image),
     Route("/api/{rid}/labels", bad_labels),
 ]
 EXCEPTION_HANDLERS = {404: not_found, LookupError: unknown, UserError: mistake, Busy: busy}

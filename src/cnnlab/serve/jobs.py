@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[float], None]
 KEPT = 256  # finished results held in memory; older ones are read back from disk when asked for again
-QUEUED = 16  # tasks waiting at most (the running one not counted); a page asks for four at most at a time
+QUEUED = 16  # tasks waiting at most (the running one not counted); a page asks for six at most at a time
 # Seconds without a request after which a task is given up. The page asks every half second, and a
 # browser slows a hidden tab's timers to one a second, so this is many missed polls, not a slow client.
 IDLE = 15.0

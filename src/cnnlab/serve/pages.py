@@ -1,4 +1,4 @@
-"""The explorer's page, rendered on the server: the five panels' frames, with every name escaped.
+"""The explorer's page, rendered on the server: the panels' frames, with every name escaped.
 
 The page holds no script and no style of its own (the Content-Security-Policy forbids both inline);
 ``static/app.js`` (and ``static/labels.js``, the bad labels) fills the panels from the JSON endpoints,
@@ -39,7 +39,7 @@ def _architecture(s: Served) -> str:
 
 
 def page(runs: list[Served], index: int) -> str:
-    """The page of run ``index``: five panels whose contents the scripts fill in from the API."""
+    """The page of run ``index``: its panels, whose contents the scripts fill in from the API."""
     s = runs[index]
     tta = "1" if s.loaded.tta else "0"
     head = document_head(f"cnnlab serve: {s.name}",
@@ -52,6 +52,8 @@ def page(runs: list[Served], index: int) -> str:
 {_why(s)}
 {_inside(s)}
 {RUN_PANEL}
+{MAP_PANEL}
+{_mistakes(s)}
 {BAD_LABELS_PANEL}
 </main>
 </body>
@@ -155,6 +157,34 @@ RUN_PANEL = """<section id="run">
 <p id="confusion-caption"></p>
 <table id="confusion"></table>
 <div id="cell-images" class="thumbs"></div>
+</section>"""
+
+
+# The same for every run: the script draws the map.
+MAP_PANEL = """<section id="map">
+<h2>The test set through the network's eyes <progress id="map-progress" max="1" hidden></progress></h2>
+<p id="map-caption">Each test image placed by its penultimate features (t-SNE), coloured by its true class. Point at
+one to see it; click it to look at it in the other panels.</p>
+<div id="map-box" class="map-box"><svg id="map-svg" role="img" aria-label="the test set on a map"></svg>
+<div id="map-tip" class="map-tip" hidden><img id="map-tip-image" alt=""><p id="map-tip-text"></p></div></div>
+<ul id="map-legend" class="legend"></ul>
+</section>"""
+
+
+def _mistakes(s: Served) -> str:
+    classes = _options([(str(i), c) for i, c in enumerate(s.classes)])
+    return f"""<section id="mistakes">
+<h2>Mistakes <progress id="mistakes-progress" max="1" hidden></progress></h2>
+<p id="mistakes-caption"></p>
+<h3>Most-confused pairs (true → predicted)</h3>
+<div id="pairs"></div>
+<h3>Top losses</h3>
+<div id="losses" class="thumbs"></div>
+<h3>Most and least typical images of <select id="typical-class">{classes}</select></h3>
+<p class="hint">by the direction of their penultimate features, nearest to the class's mean direction first, and
+farthest first</p>
+<div id="typical-most" class="thumbs"></div>
+<div id="typical-least" class="thumbs"></div>
 </section>"""
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.colors import to_hex
 from torch import Tensor
 
 from cnnlab import run
@@ -35,7 +36,7 @@ from cnnlab.core.errors import UserError
 from cnnlab.core.files import remove_stale
 from cnnlab.core.images import UPLOAD_DECODED_BYTES, TooLarge
 from cnnlab.core.metrics import DENSE_CONFUSION_CLASSES, confusion_matrix
-from cnnlab.inspect import Inspection, checks, registry
+from cnnlab.inspect import Inspection, checks, registry, whole_set
 from cnnlab.inspect.inspector import spread
 from cnnlab.inspect.labels import LABEL_ISSUES_FILE
 from cnnlab.inspect.registry import EXPLAINERS
@@ -46,6 +47,7 @@ from cnnlab.report.sections import read_metrics
 from cnnlab.serve.jobs import Jobs, Progress, Status, Task
 from cnnlab.serve.store import Image, ImageStore
 from cnnlab.visualize import render
+from cnnlab.visualize.figures import class_colours
 
 __all__ = ["METHODS", "Served", "open_run"]
 
@@ -362,6 +364,28 @@ class Served:
 
         stamp_file = full.stat().st_mtime_ns if full.is_file() else None
         return self.jobs.request(self._job("trust", {"sanity": stamp_file}, "trust.json", compute))
+
+
+    def embedding(self) -> Status:
+        """The test set's t-SNE map (:meth:`Inspection.embedding`), with each class's colour as the report
+        draws it."""
+        def compute(progress: Progress) -> dict[str, Any]:
+            self.test_set()
+            found = self._worker().embedding().to_json()
+            return {**found, "colours": [to_hex(c) for c in class_colours(len(self.classes))]}
+
+        # The probabilities are the calibrated ones where a temperature is kept: a new one makes them stale.
+        params = {"tta": self.loaded.tta, "temperature": self.loaded.temperature, "most": whole_set.MOST}
+        return self.jobs.request(self._job("embedding", params, "embedding.json", compute))
+
+    def mistakes(self) -> Status:
+        """The most-confused pairs, the top losses and each class's most and least typical test images."""
+        def compute(progress: Progress) -> dict[str, Any]:
+            self.test_set()
+            return self._worker().mistakes().to_json()
+
+        return self.jobs.request(self._job("mistakes", {"tta": self.loaded.tta, "temperature": self.loaded.temperature},
+                                           "mistakes.json", compute))
 
 
 def _verdicts(saved: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -38,7 +38,7 @@ from cnnlab.data.loader import TrainBatches, place
 from cnnlab.data.splits import Splits, split
 from cnnlab.models import build, default_width, transfer
 from cnnlab.models import weights as pretrained
-from cnnlab.train import distributed
+from cnnlab.train import distributed, tracking
 from cnnlab.train.device import amp_choice, compiled, keep_freed_memory, use_amp, use_channels_last
 from cnnlab.train.ema import WeightAverage
 from cnnlab.train.lock import RunLock
@@ -144,14 +144,16 @@ class Progress:
 
 
 def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, device: str | None = None,
-          stop_after: int | None = None, subset: Callable[[Splits], Splits] | None = None) -> Result:
+          stop_after: int | None = None, parent: tracking.Tracker | None = None,
+          subset: Callable[[Splits], Splits] | None = None) -> Result:
     """Train from ``cfg`` into a new run folder, or continue the run in folder ``resume``.
 
     ``stop_after`` ends this call after that many steps with a checkpoint, for jobs with a time
-    limit: the run goes on later with ``resume``. ``subset``, for a new run: what it trains on, from
-    the splits ``cfg`` draws (cross-validation trains on part of the training split and reports on the
-    rest); the run folder does not record it, so such a run cannot be resumed. Started by torchrun,
-    every rank calls this.
+    limit: the run goes on later with ``resume``. Started by torchrun, every rank calls this.
+    ``parent``: the MLflow run of the group of seeds a new run belongs to (with ``mlflow``, rank 0).
+    ``subset``, for a new run: what it trains on, from the splits ``cfg`` draws (cross-validation trains
+    on part of the training split and reports on the rest); the run folder does not record it, so such a run
+    cannot be resumed.
     """
     if stop_after is not None and stop_after < 1:
         raise UserError(f"`stop_after` must be at least 1 step (got {stop_after})")
@@ -159,7 +161,7 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, devi
         raise UserError("`subset` is for a new run; a resumed run trains on the splits it was started with")
     group = distributed.setup(device or (cfg.device if cfg is not None else "auto"))
     try:
-        return _train(group, cfg, resume, device, stop_after, subset)
+        return _train(group, cfg, resume, device, stop_after, parent, subset)
     except Exception as e:
         lost = distributed.describe_failure(e, group)
         if lost is None:
@@ -170,7 +172,8 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, devi
 
 
 def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path | None, device: str | None,
-           stop_after: int | None, subset: Callable[[Splits], Splits] | None = None) -> Result:
+           stop_after: int | None, parent: tracking.Tracker | None = None,
+           subset: Callable[[Splits], Splits] | None = None) -> Result:
     # Only rank 0 touches the run folder's lock, config, logs and checkpoints; all ranks read.
     only_main = RunLock if group.main else (lambda _: nullcontext())
     if resume is not None:
@@ -186,11 +189,15 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
             if device is not None:
                 cfg.device = device
             validate(cfg)
+            if cfg.mlflow:
+                tracking.require(cfg.mlflow)  # before the data: a missing MLflow is said at once
             setup = prepare(cfg, group, run_dir, fresh=False)
             _check_same_run(ckpt, setup, path)
             _check_optimizer_fits(ckpt, setup, path)
             return _start(setup, ckpt, stop_after, path)
     assert cfg is not None
+    if cfg.mlflow:
+        tracking.require(cfg.mlflow)
     run_dir = Path(distributed.broadcast(str(_new_run_dir(cfg)) if group.main else None, group))
     _refuse_existing_run(run_dir)
     setup = prepare(cfg, group, run_dir, subset=subset)
@@ -203,7 +210,7 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
     with only_main(run_dir):
         if group.main:
             _refuse_existing_run(run_dir)  # again: another process may have started here meanwhile
-        return _start(setup, None, stop_after)
+        return _start(setup, None, stop_after, None, parent)
 
 
 def prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: bool = True,
@@ -263,13 +270,13 @@ def _check_input_size(model: nn.Module, cfg: TrainConfig, channels: int) -> None
 
 
 def _start(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None,
-           resumed_from: Path | None = None) -> Result:
+           resumed_from: Path | None = None, parent: tracking.Tracker | None = None) -> Result:
     if setup.group.main:
         remove_stale(setup.run_dir / "checkpoints")  # half-written checkpoints of a process that was killed
         _write_config(setup)
     try:
         with StopSignals() as stop:
-            return _fit(setup, ckpt, stop_after, stop, resumed_from)
+            return _fit(setup, ckpt, stop_after, stop, resumed_from, parent)
     except torch.cuda.OutOfMemoryError:
         cfg = setup.cfg
         per_rank = -(-cfg.batch_size // setup.group.world)
@@ -426,7 +433,7 @@ class Trainer:
 
 
 def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | None, stop: StopSignals,
-         resumed_from: Path | None = None) -> Result:
+         resumed_from: Path | None = None, parent: tracking.Tracker | None = None) -> Result:
     cfg, group, run_dir = setup.cfg, setup.group, setup.run_dir
     t = Trainer(setup)
     if t.batches.dropped and group.main:
@@ -446,42 +453,68 @@ def _fit(setup: Setup, ckpt: checkpoint.Checkpoint | None, stop_after: int | Non
         raise UserError(f"`early_stop` watches the validation split, but {len(setup.data.train_y)} training "
                         "images leave none by default; hold out images with `val_split` N, or drop `early_stop`")
     run_log = RunLog(run_dir, t.total_steps, start_step=p.step, epochs=cfg.epochs) if group.main else None
-    if p.step == 0 or (resumed_from is not None and resumed_from.name != "last.pt"):
-        if run_log is not None and p.step == 0:
-            run_log.hyperparameters(cfg.to_dict())
-        t.save(p, "last.pt")  # so that even a run that fails in its first epoch can be resumed or inspected
-    stop_at = p.step + stop_after if stop_after else None
-    started = p.step
-    last: dict[str, Any] = {}
-    t.model.train()
     try:
-        for epoch in range(p.step // t.steps_per_epoch, cfg.epochs):
-            lr = _run_epoch(t, p, run_log, epoch, stop_at, stop)
-            if p.step < (epoch + 1) * t.steps_per_epoch:
-                break  # stopped mid-epoch by --stop-after, with a checkpoint
-            t.check_finite(p)  # before scoring and logging weights that could not be saved
-            record = t.evaluate(p.sums.record(epoch + 1, p.step, lr))
-            if run_log is not None:
-                run_log.filters(t.reported, p.step)
-                run_log.predictions(*t.last_scored[:2], t.last_scored[2], setup.data.classes, p.step)
-                run_log.epoch(record)
-            p.sums, last = EpochSums(), record
-            improved = p.best.update(cfg.early_stop_metric, record)
-            if improved:
-                p.best_val = record["val_acc"]
-            t.save(p, "last.pt")
-            if improved:
-                t.save(p, "best.pt")
-            if p.patience_spent(cfg):
-                break
-            if p.step < t.total_steps and stop.agreed(t, at_flush=True):
-                raise stop.interrupted(p, epoch + 1, run_dir)
-            if stop_at is not None and p.step >= stop_at:
-                break
+        with _tracker(setup, ckpt is not None, parent) as tracker:
+            if p.step == 0 or (resumed_from is not None and resumed_from.name != "last.pt"):
+                if run_log is not None and p.step == 0:
+                    run_log.hyperparameters(cfg.to_dict())
+                t.save(p, "last.pt")  # so that even a run that fails in its first epoch can be resumed or inspected
+            started = p.step
+            last = _epochs(t, p, run_log, tracker, p.step + stop_after if stop_after else None, stop)
+            result = _ended(setup, Result(run_dir, last, p.best_val, p.step, started), p, t.total_steps)
+            if tracker is not None and result.stopped is not None:
+                tracker.finish(result.stopped, [run_dir / "checkpoints" / name for name in ("last.pt", "best.pt")])
+            return result
     finally:
         if run_log is not None:
             run_log.close()
-    return _ended(setup, Result(run_dir, last, p.best_val, p.step, started), p, t.total_steps)
+
+
+def _tracker(setup: Setup, resume: bool, parent: tracking.Tracker | None) -> Any:
+    """The run's MLflow run (rank 0, with `mlflow`), continued when resuming; else nothing."""
+    cfg = setup.cfg
+    if not (cfg.mlflow and setup.group.main):
+        return nullcontext()
+    tracker = tracking.Tracker.start(cfg.mlflow, setup.run_dir, cfg.to_dict(), parent, resume)
+    if resume:
+        tracker.catch_up(setup.run_dir)
+    return tracker
+
+
+def _epochs(t: Trainer, p: Progress, run_log: RunLog | None, tracker: tracking.Tracker | None, stop_at: int | None,
+            stop: StopSignals) -> dict[str, Any]:
+    """The epochs from where ``p`` stands to the end of the run (or an early stop, or ``stop_at``); returns
+    the last epoch's record ({} when none ended). Each epoch is logged to MLflow after its checkpoint, so
+    that MLflow never holds an epoch that a run resumed from last.pt trains again."""
+    setup, cfg = t.setup, t.setup.cfg
+    last: dict[str, Any] = {}
+    t.model.train()
+    for epoch in range(p.step // t.steps_per_epoch, cfg.epochs):
+        lr = _run_epoch(t, p, run_log, epoch, stop_at, stop)
+        if p.step < (epoch + 1) * t.steps_per_epoch:
+            break  # stopped mid-epoch by --stop-after, with a checkpoint
+        t.check_finite(p)  # before scoring and logging weights that could not be saved
+        record = t.evaluate(p.sums.record(epoch + 1, p.step, lr))
+        if run_log is not None:
+            run_log.filters(t.reported, p.step)
+            run_log.predictions(*t.last_scored[:2], t.last_scored[2], setup.data.classes, p.step)
+            run_log.epoch(record)
+        p.sums, last = EpochSums(), record
+        improved = p.best.update(cfg.early_stop_metric, record)
+        if improved:
+            p.best_val = record["val_acc"]
+        t.save(p, "last.pt")
+        if improved:
+            t.save(p, "best.pt")
+        if tracker is not None:
+            tracker.epoch(record)
+        if p.patience_spent(cfg):
+            break
+        if p.step < t.total_steps and stop.agreed(t, at_flush=True):
+            raise stop.interrupted(p, epoch + 1, setup.run_dir)
+        if stop_at is not None and p.step >= stop_at:
+            break
+    return last
 
 
 def _ended(setup: Setup, result: Result, p: Progress, total_steps: int) -> Result:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from cnnlab.config import TrainConfig, from_saved, validate
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write
 from cnnlab.core.significance import spread
-from cnnlab.train import distributed
+from cnnlab.train import distributed, tracking
 from cnnlab.train.engine import Result, new_run_dir, train
 from cnnlab.train.logging import read_metrics
 
@@ -93,6 +94,8 @@ def train_group(cfg: TrainConfig | None = None, seeds: list[int] | None = None, 
         seeds = _check_seeds(seeds)
         for s in seeds:
             validate(dataclasses.replace(cfg, seed=s))  # each seed within the range `seed` takes
+    if cfg.mlflow:
+        tracking.require(cfg.mlflow)
     # Joined once for every run of the group (each run's ``train`` finds it joined and leaves it be).
     group = distributed.setup(device or cfg.device)
     try:
@@ -111,23 +114,41 @@ def _train_seeds(group: distributed.Group, group_dir: Path, cfg: TrainConfig, se
         _write(group_dir, seeds, cfg, status)
     results: dict[int, Result] = {}
     budget = stop_after
-    for s in seeds:
-        if status[str(s)] == "finished":
-            continue
-        run_dir = member(group_dir, s)
-        if status[str(s)] == "stopped":
-            result = train(resume=run_dir, device=device, stop_after=budget)
-        else:
-            result = train(dataclasses.replace(cfg, seed=s, out=str(run_dir)), stop_after=budget)
-        results[s] = result
-        status[str(s)] = _status(run_dir, cfg.epochs)
-        if main:
-            _write(group_dir, seeds, cfg, status)
-        if budget is not None:
-            budget -= result.step - result.started
-            if budget < 1 or status[str(s)] != "finished":
-                break
-    return GroupResult(group_dir, results, all(v == "finished" for v in status.values()))
+    with _tracker(group, group_dir, cfg, seeds, status) as parent:
+        for s in seeds:
+            if status[str(s)] == "finished":
+                continue
+            run_dir = member(group_dir, s)
+            if status[str(s)] == "stopped":
+                result = train(resume=run_dir, device=device, stop_after=budget)
+            else:
+                result = train(dataclasses.replace(cfg, seed=s, out=str(run_dir)), stop_after=budget, parent=parent)
+            results[s] = result
+            status[str(s)] = _status(run_dir, cfg.epochs)
+            if main:
+                _write(group_dir, seeds, cfg, status)
+            if budget is not None:
+                budget -= result.step - result.started
+                if budget < 1 or status[str(s)] != "finished":
+                    break
+        finished = all(v == "finished" for v in status.values())
+        if parent is not None and finished:
+            figures = summary(group_dir)["summary"]
+            parent.metrics({f"{k}_{stat}": f[stat] for k, f in figures.items() for stat in ("mean", "std")}, 0)
+            parent.finish("finished")
+    return GroupResult(group_dir, results, finished)
+
+
+def _tracker(group: distributed.Group, group_dir: Path, cfg: TrainConfig, seeds: list[int],
+             status: dict[str, str]) -> Any:
+    """The group's parent MLflow run (rank 0, with `mlflow`, while a seed is left to train), continued when the
+    group is resumed; else nothing. Its parameters are the shared configuration and the seeds; its metrics, once
+    every seed finished, the mean and standard deviation of each final figure (at step 0)."""
+    if not (cfg.mlflow and group.main) or all(v == "finished" for v in status.values()):
+        return nullcontext()
+    shared = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "out")}
+    return tracking.Tracker.start(cfg.mlflow, group_dir, {**shared, "seeds": " ".join(map(str, seeds))},
+                                  resume=tracking.read_record(group_dir) is not None)
 
 
 def _new_group_dir(cfg: TrainConfig, group: distributed.Group) -> Path:

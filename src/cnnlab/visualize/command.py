@@ -24,6 +24,7 @@ from cnnlab.inspect.registry import METHODS, Choices
 from cnnlab.inspect.results import Sanity
 from cnnlab.visualize import render
 from cnnlab.visualize.figures import draw, sanity_figure
+from cnnlab.visualize.projector import projector
 
 __all__ = ["sanity", "visualize"]
 
@@ -41,7 +42,8 @@ def visualize(method: str, path: str | Path, *, out: str | Path | None = None, t
     ``target``, ``channel``, ``kind``, ``steps``: one value or a sequence each). The PNGs go to
     ``RUN_DIR/viz/<method>/`` (or ``out``) and, with ``tensorboard``, also to the run's TensorBoard as
     images tagged ``viz/<method>/<name>``. A choice the method does not use is refused, and so are
-    values of a multi-valued one that it cannot use.
+    values of a multi-valued one that it cannot use. ``embedding`` also writes TensorBoard's projector (the
+    features, the classes and a sprite of the images) into the run's TensorBoard folder, ``RUN_DIR/tb``.
     """
     chosen = Choices.of(**choices)
     if method == "sanity":
@@ -49,13 +51,15 @@ def visualize(method: str, path: str | Path, *, out: str | Path | None = None, t
     views.method(method).check(chosen)  # mistakes fail before the run is loaded
     inspection = Inspection.open(path, device=device, data_dir=data_dir)
     out_dir = _out_dir(inspection, method, out)
-    pngs = {out_dir / f"{name}.png": render.png(fig)
-            for result in views.show(inspection, method, chosen) for name, fig in draw(result).items()}
+    results = views.show(inspection, method, chosen)
+    pngs = {out_dir / f"{name}.png": render.png(fig) for result in results for name, fig in draw(result).items()}
     for png, data in pngs.items():
         atomic_write(png, data)
+    log_dir = (inspection.run.run_dir / "tb") if inspection.run.run_dir else out_dir / "tb"
     if tensorboard:
-        log_dir = (inspection.run.run_dir / "tb") if inspection.run.run_dir else out_dir / "tb"
         _to_tensorboard(log_dir, pngs, f"viz/{method}")
+    if method == "embedding":  # the projector is the embedding's TensorBoard view: always written
+        projector(inspection, results[0], log_dir)
     return list(pngs)
 
 

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
+from cnnlab.core.errors import one_line
 from cnnlab.inspect.registry import EXPLAINERS
 from cnnlab.inspect.results import (
     Dreams,
+    Embedding,
     Excitations,
     Explanations,
     FeatureMaps,
@@ -23,9 +28,11 @@ from cnnlab.inspect.results import (
     Projections,
     Sanity,
 )
-from cnnlab.visualize.render import ACTIVATION, HEAT, SIGNED, Panel, grid_figure, image, minmax, panels_figure
+from cnnlab.visualize.render import ACTIVATION, DPI, HEAT, SIGNED, Panel, grid_figure, image, minmax, panels_figure
 
-__all__ = ["DRAW", "draw", "sanity_figure"]
+__all__ = ["DRAW", "class_colours", "draw", "sanity_figure"]
+
+LEGEND_CLASSES = 20  # the most classes the embedding's legend names (and tab20 tells apart)
 
 Figures = dict[str, Figure]  # file stem → figure
 
@@ -177,9 +184,42 @@ def sanity_figure(result: Sanity, picture: np.ndarray, caption: str) -> Figure:
                                      "down to the one named (Adebayo et al. 2018)")
 
 
+def class_colours(k: int) -> np.ndarray:
+    """One RGB colour (k, 3) per class: tab10 or tab20 up to 20 classes, else evenly around the hue circle."""
+    if k <= 20:
+        return np.asarray(matplotlib.colormaps["tab10" if k <= 10 else "tab20"].colors)[:k]
+    return matplotlib.colormaps["hsv"](np.linspace(0, 1, k, endpoint=False))[:, :3]
+
+
+def embedding(result: Embedding) -> Figures:
+    """The map: a point per test image coloured by its true class, a legend, and thumbnails of a spread of
+    the points drawn where they lie."""
+    k = len(result.classes)
+    colours = class_colours(k)
+    fig = Figure(figsize=(10, 8.4), dpi=DPI)
+    ax = fig.add_axes((0.02, 0.02, 0.72 if k <= LEGEND_CLASSES else 0.96, 0.9))
+    xy = result.points.numpy()
+    ax.scatter(xy[:, 0], xy[:, 1], s=6, c=colours[result.labels.numpy()], linewidths=0, alpha=0.8)
+    side = result.pixels.shape[-1]
+    for row, pixels in zip(result.shown, result.pixels):
+        edge = colours[int(result.labels[row])]
+        box = AnnotationBbox(OffsetImage(image(pixels), zoom=24 / side), tuple(xy[row]), frameon=True,
+                             pad=0.08, bboxprops=dict(edgecolor=edge, linewidth=1.5))
+        ax.add_artist(box)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if k <= LEGEND_CLASSES:
+        handles = [Line2D([], [], marker="o", linestyle="", color=colours[c],
+                                           label=one_line(name)) for c, name in enumerate(result.classes)]
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.75, 0.5), frameon=False, title="true class")
+    fig.suptitle(f"{len(xy)} test images by the input of {result.layer} ({result.features.shape[1]} features), "
+                 f"{result.method}, seed {result.seed}", fontsize=9)
+    return {"embedding": fig}
+
+
 DRAW: dict[type, Callable] = {Filters: filters, FeatureMaps: features, Explanations: explanations,
                               Excitations: excitations, Projections: projections, Inversions: inversions,
-                              Maximisation: maximisation, Dreams: dreams}
+                              Maximisation: maximisation, Dreams: dreams, Embedding: embedding}
 
 
 def draw(result) -> Figures:

@@ -405,6 +405,129 @@
     });
   }
 
+  // --- The test set: its map and its mistakes ------------------------------------------------------
+
+  const SVG = "http://www.w3.org/2000/svg";
+  const shownImages = new Map(); // test index → its thumbnail answer, fetched once for the tooltip
+  const percent = (p) => `${(100 * p).toFixed(0)}%`;
+
+  async function testImage(index) {
+    if (!shownImages.has(index)) {
+      const r = await call("test-image", `/api/${run}/test-image?` + query({ index: index }));
+      if (!r || !r.ok) return null;
+      shownImages.set(index, r.data);
+    }
+    return shownImages.get(index);
+  }
+
+  async function tip(d, k, circle) {
+    const box = $("map-box").getBoundingClientRect();
+    const at = circle.getBoundingClientRect();
+    const t = $("map-tip");
+    const index = d.indices[k];
+    $("map-tip-text").textContent = `#${index} true ${d.classes[d.labels[k]]}, predicted ${d.classes[d.predictions[k]]} (${percent(d.probabilities[k])})`;
+    t.style.left = `${Math.min(at.left - box.left + 10, box.width - 160)}px`;
+    t.style.top = `${at.top - box.top + 10}px`;
+    t.dataset.index = index;
+    $("map-tip-image").hidden = true;
+    t.hidden = false;
+    const im = await testImage(index);
+    if (im && t.dataset.index === String(index)) {
+      $("map-tip-image").src = im.thumb;
+      $("map-tip-image").alt = `test image ${index}`;
+      $("map-tip-image").hidden = false;
+    }
+  }
+
+  function drawMap(d) {
+    const svg = $("map-svg");
+    const xs = d.points.map((p) => p[0]);
+    const ys = d.points.map((p) => p[1]);
+    const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    const side = 600; // the longer side of the map; the other keeps the map's proportions
+    const pad = 8;
+    const scale = (side - 2 * pad) / Math.max(x1 - x0, y1 - y0, 1e-9);
+    const height = 2 * pad + (y1 - y0) * scale;
+    svg.setAttribute("viewBox", `0 0 ${(2 * pad + (x1 - x0) * scale).toFixed(1)} ${height.toFixed(1)}`);
+    svg.replaceChildren();
+    d.points.forEach(([x, y], k) => {
+      const c = document.createElementNS(SVG, "circle");
+      c.setAttribute("cx", (pad + (x - x0) * scale).toFixed(1));
+      c.setAttribute("cy", (height - pad - (y - y0) * scale).toFixed(1)); // y up, as the report's figure
+      c.setAttribute("r", d.points.length > 3000 ? "2" : "3.5");
+      c.setAttribute("fill", d.colours[d.labels[k]]);
+      c.dataset.index = d.indices[k];
+      c.addEventListener("mouseenter", () => tip(d, k, c));
+      c.addEventListener("mouseleave", () => { $("map-tip").hidden = true; });
+      c.addEventListener("click", () => {
+        for (const other of svg.querySelectorAll("circle.current")) other.classList.remove("current");
+        c.classList.add("current");
+        setImage(`t${run}-${d.indices[k]}`);
+      });
+      svg.append(c);
+    });
+    const legend = $("map-legend");
+    legend.replaceChildren();
+    if (d.classes.length <= 20) {
+      d.classes.forEach((name, c) => {
+        const li = el("li");
+        const swatch = el("span", null, "swatch");
+        swatch.style.background = d.colours[c];
+        li.append(swatch, document.createTextNode(name));
+        legend.append(li);
+      });
+    }
+    $("map-caption").textContent = `${d.points.length} test images placed by the input of ${d.layer} (${d.dims} features each), ${d.method}, seed ${d.seed}; coloured by true class. Point at one to see it; click it to look at it in the other panels.`;
+  }
+
+  async function testMap() {
+    const r = await poll("map", `/api/${run}/embedding`, $("map-progress"), (d) => d);
+    if (!r) return;
+    if (!r.ok || r.data.state === "failed") {
+      $("map-caption").textContent = "the map could not be made: " + (r.data.error || r.status);
+      return;
+    }
+    drawMap(r.data.result);
+  }
+
+  function thumbsOf(d, indices, caption) {
+    return indices.map((i) => ({ ...d.thumbs[String(i)], index: i, caption: caption(i) }));
+  }
+
+  async function mistakes() {
+    const url = `/api/${run}/mistakes?` + query({ class: $("typical-class").value });
+    const r = await poll("mistakes", url, $("mistakes-progress"), (d) => d);
+    if (!r) return;
+    if (!r.ok || r.data.state === "failed") {
+      $("mistakes-caption").textContent = "could not be computed: " + (r.data.error || r.status);
+      return;
+    }
+    const d = r.data.result;
+    const name = (c) => d.classes[c];
+    $("mistakes-caption").textContent = `${d.wrong} of the ${d.n} test images are misclassified.`;
+    const pairs = $("pairs");
+    pairs.replaceChildren();
+    if (!d.pairs.length) pairs.append(el("p", "no test image was misclassified"));
+    for (const p of d.pairs) {
+      const row = el("div", null, "thumbs");
+      pairs.append(el("h4", `${name(p.true)} → ${name(p.predicted)}: ${p.count} (${(100 * p.share).toFixed(1)}% of ${name(p.true)}; ${p.reverse} the other way)`), row);
+      thumbList(row, thumbsOf(d, p.examples, (i) => `#${i}`), (im) => im.caption);
+    }
+    const losses = new Map(d.losses.map((x) => [x.index, x]));
+    thumbList($("losses"), thumbsOf(d, d.losses.map((x) => x.index), (i) => {
+      const x = losses.get(i);
+      return `#${i} loss ${x.loss.toFixed(2)}: ${name(x.label)} (${percent(x.label_probability)}) → ${name(x.prediction)} (${percent(x.probability)})`;
+    }), (im) => im.caption);
+    const typical = d.typical[0];
+    for (const [id, key] of [["typical-most", "most"], ["typical-least", "least"]]) {
+      if (!typical) {
+        $(id).replaceChildren(el("p", d.layer ? "no test images of this class" : "this model has no linear layer to read features from"));
+        continue;
+      }
+      thumbList($(id), thumbsOf(d, typical[key], (i) => `#${i} ${key === "most" ? "typical" : "atypical"}`), (im) => im.caption);
+    }
+  }
+
   // --- wiring --------------------------------------------------------------------------------------
 
   $("file").addEventListener("change", (ev) => upload(ev.target.files[0]));
@@ -428,8 +551,11 @@
     tr.addEventListener("click", open);
     tr.addEventListener("keydown", (ev) => { if (ev.key === "Enter") open(); });
   }
+  $("typical-class").addEventListener("change", mistakes);
   explain();
   trust();
   curves();
   confusionMatrix();
+  testMap();
+  mistakes();
 })();
