@@ -96,6 +96,19 @@ def test_confident_joint_by_hand_and_as_cleanlab_counts_it():
         assert ours.diagonal().min() >= 1
 
 
+def test_images_of_one_class_are_refused_in_one_line():
+    from cnnlab.core.errors import UserError
+    from cnnlab.inspect.labels import _result
+
+    class Run:  # what _result reads of a loaded run
+        classes, path = CLASSES, Path("unused")
+
+    with pytest.raises(UserError, match="hold 1 class") as e:
+        _result(Run(), "validation", None, torch.arange(3), torch.zeros(3, dtype=torch.long),
+                torch.full((3, 4), 0.25, dtype=torch.float64), [])
+    assert "\n" not in str(e.value) and "`val_split`" in str(e.value)
+
+
 def test_folds_are_stratified_and_fixed():
     labels = torch.tensor([0] * 30 + [1] * 12 + [2] * 7)
     fold = folds_of(labels, 3)

@@ -82,6 +82,11 @@ def find(labels: Tensor, probabilities: Tensor) -> Tensor:
 
 def _result(loaded: runs.LoadedRun, source: str, folds: int | None, index: Tensor, labels: Tensor,
             probabilities: Tensor, fold_accuracy: list[float]) -> LabelIssues:
+    if len(labels.unique()) < 2:
+        where = "validation" if source == "validation" else "training"
+        raise UserError(f"the {len(labels)} {where} images examined hold {len(labels.unique())} class(es); confident "
+                        "learning compares classes, so it needs images of at least 2: hold out more images with "
+                        "`val_split`, or cross-validate on the training set with `folds` K")
     issues = find(labels, probabilities)
     p = probabilities[issues]
     given = labels[issues]
