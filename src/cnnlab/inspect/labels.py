@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -152,9 +153,9 @@ def cross_validated(loaded: runs.LoadedRun, folds: int, data_dir: str | None = N
     accuracy = []
     with tempfile.TemporaryDirectory(prefix="cnnlab-folds-") as tmp:
         for k in range(folds):
-            out, kept = fold == k, (fold != k).nonzero()[:, 0]
-            part = out.nonzero()[:, 0]
+            part, kept = (fold == k).nonzero()[:, 0], (fold != k).nonzero()[:, 0]
             model = _train_fold(loaded, Path(tmp) / f"fold-{k}", kept, part, k, folds)
+            shutil.rmtree(Path(tmp) / f"fold-{k}")  # its checkpoints: one copy's on the disk at a time
             probabilities[part] = _probabilities(model, loaded, take(held.train_x, part), held.train_y[part])
             accuracy.append(float((probabilities[part].argmax(1) == held.train_y[part]).double().mean()))
             log.info(f"fold {k + 1} of {folds}: trained on {len(kept)} images, top-1 {100 * accuracy[-1]:.1f}% on "
