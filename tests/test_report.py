@@ -198,3 +198,21 @@ def test_a_figure_that_fails_is_a_note_and_a_logged_warning(hostile_run, tmp_pat
         out = report(hostile_run[0], out=tmp_path / "r.html", device="cpu")
     assert "this part could not be drawn (RuntimeError: out of ink)" in out.read_text()
     assert [r.getMessage() for r in caplog.records] == ["section filters could not be drawn: RuntimeError: out of ink"]
+
+
+def test_report_lists_the_bad_labels_the_inspection_finds(small_run, small_report):
+    """The Bad labels section shows the candidates of confident learning on the run's validation split, as
+    ``Inspection.kept_label_issues`` finds them (what ``cnnlab labels`` and the explorer show)."""
+    import re
+
+    from cnnlab.inspect import Inspection
+    from cnnlab.report.sections import BAD_LABELS_SHOWN
+
+    found = Inspection.open(small_run, device="cpu").kept_label_issues()
+    section = small_report.read_text().split('<section id="bad-labels"><h2>Bad labels</h2>')[1].split("</section>")[0]
+    assert f"the {found.examined} validation images" in section and f": {len(found.index)} image" in section
+    shown = re.findall(r'alt="training image (\d+): given ([^,]+), suggested ([^"]+)"', section)
+    expected = found.index[:BAD_LABELS_SHOWN].tolist()
+    assert [int(i) for i, _, _ in shown] == expected
+    assert [(g, s) for _, g, s in shown] == [(found.classes[int(g)], found.classes[int(s)])
+                                           for g, s in zip(found.given[:len(expected)], found.suggested)]

@@ -90,7 +90,8 @@ def test_page_per_run_and_404_for_runs_not_given(client, served):
     r = client.get("/run/1")
     assert r.status_code == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
     head = document_head("cnnlab serve: run-b", '<link rel="stylesheet" href="/static/app.css">\n'
-                                                '<script src="/static/app.js" defer></script>')
+                                                '<script src="/static/app.js" defer></script>\n'
+                                                '<script src="/static/labels.js" defer></script>')
     assert r.text.startswith(head + '<body data-run="1" ')
     assert r.headers["content-security-policy"] == CSP and r.headers["x-content-type-options"] == "nosniff"
     for path in ("/run/2", "/run/x", "/run/-1", "/run/" + "1" * 5000):
@@ -103,7 +104,7 @@ def test_static_files(client):
     import cnnlab.serve
 
     folder = Path(cnnlab.serve.__file__).parent / "static"
-    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+    for name, kind in (("app.js", "text/javascript"), ("labels.js", "text/javascript"), ("app.css", "text/css")):
         r = client.get(f"/static/{name}")
         assert r.status_code == 200 and r.headers["content-type"] == f"{kind}; charset=utf-8"
         assert r.content == (folder / name).read_bytes()

@@ -169,6 +169,22 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="FILE")
 
 
+def _labels_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "labels", help="the training images whose label is likely wrong (confident learning)",
+        description="Confident learning (cleanlab's find_label_issues) on out-of-sample probabilities: by default "
+                    "the run's model on its validation split; with --folds K, K-fold cross-validation on its "
+                    "training split, which trains K copies of the run with its own settings (about K - 1 times "
+                    "its training time). Lists the candidates, most likely wrong first, with the given and the "
+                    "suggested label, and writes RUN_DIR/label_issues.json, which the report and cnnlab serve show.")
+    p.add_argument("path", metavar="RUN_DIR")
+    p.add_argument("--folds", type=int, metavar="K",
+                   help="cross-validate on the training split with K folds instead of using the validation split")
+    p.add_argument("--data-dir", help="where the run's dataset lives now (default: where it was trained from)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print label_issues.json's document on stdout")
+
+
 def _visualize_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("visualize", help="look inside a trained network: filters, feature maps, CAMs, attributions …")
     p.add_argument("method", metavar="METHOD", help="filters, features, top-images, deconv, invert, maximize, dream, "
@@ -258,7 +274,8 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for add in (_demo_parser, _train_parser, _lr_find_parser, _evaluate_parser, _summary_parser, _models_parser,
-                _predict_parser, _export_parser, _visualize_parser, _report_parser, _compare_parser, _serve_parser):
+                _predict_parser, _export_parser, _labels_parser, _visualize_parser, _report_parser, _compare_parser,
+                _serve_parser):
         add(sub)
     return parser
 
@@ -563,6 +580,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0 if len(good) == len(results) else 1
 
 
+LABELS_SHOWN = 20  # candidates printed; label_issues.json holds them all
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from cnnlab.labels import labels
+
+    result = labels(args.path, folds=args.folds, device=args.device, data_dir=args.data_dir)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    n, found = result["examined"], result["found"]
+    where = (f"the {n} validation images (held out of training)" if result["source"] == "validation" else
+             f"the {n} training images, each scored by the one of {result['folds']} cross-validation models "
+             "trained without it")
+    print(f"confident learning on {where}: {found} likely label error{'s' if found != 1 else ''} "
+          f"({100 * found / max(n, 1):.1f}%)")
+    if result["fold_accuracy"]:
+        print("top-1 of each fold model on the images it held out: "
+              + ", ".join(f"{100 * a:.1f}%" for a in result["fold_accuracy"]))
+    if found:
+        print(f"  {'rank':>4}  {'image':>7}  {'given':>14}  {'suggested':>14}  self-confidence")
+    for issue in result["issues"][:LABELS_SHOWN]:
+        print(one_line(f"  {issue['rank']:>4}  {'#' + str(issue['index']):>7}  {issue['given']:>14}  "
+                       f"{issue['suggested']:>14}  {issue['self_confidence']:.3f}"))
+    if found > LABELS_SHOWN:
+        print(f"  … and {found - LABELS_SHOWN} more")
+    print(one_line(f"wrote {result['file']} (images are numbered by their position among the dataset's "
+                   "training images)"))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from cnnlab.export import export
 
@@ -710,7 +758,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "evaluate": cmd_evaluate, "summary": cmd_summary,
             "models": cmd_models, "demo": cmd_demo,
-            "predict": cmd_predict, "export": cmd_export,
+            "predict": cmd_predict, "export": cmd_export, "labels": cmd_labels,
             "visualize": cmd_visualize, "report": cmd_report, "compare": cmd_compare, "serve": cmd_serve}
 
 if __name__ == "__main__":

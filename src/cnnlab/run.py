@@ -26,8 +26,8 @@ from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write
 from cnnlab.core.spec import ModelSpec, Preprocess
 from cnnlab.data import Dataset, open_dataset
-from cnnlab.data.splits import reported_test_set, split
-from cnnlab.data.store import PixelStore
+from cnnlab.data.splits import Splits, reported_test_set, split
+from cnnlab.data.store import PixelStore, take
 from cnnlab.models import build, check_name
 
 CALIBRATION_FILE = "calibration.json"
@@ -44,6 +44,7 @@ class LoadedRun:
     run_dir: Path | None  # the run folder, when the checkpoint sits in one
     checkpoint: checkpoint.Checkpoint = field(repr=False)
     _test: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _data: Dataset | None = field(default=None, repr=False)  # the run's own dataset, opened once
 
     @property
     def tta(self) -> bool | str:
@@ -79,35 +80,47 @@ class LoadedRun:
     def validation_set(self, data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images and labels of the validation images the run held out of its training set (the
         same draw as training's :func:`cnnlab.data.splits.split`), on the CPU."""
-        saved = self.config
-        if saved is None:
-            raise UserError(f"{self.path} does not say which dataset it was trained on, so its validation "
-                            "images cannot be found")
-        data = self._open(None, data_dir)
-        held = split(data, saved.limit_train, saved.limit_test, saved.val_split, saved.batch_size)
+        held = self.splits(data_dir)
         x = held.val_x
         return (x.read() if isinstance(x, PixelStore) else x, held.val_y)
 
     def training_set(self, data_dir: str | None = None) -> tuple[torch.Tensor | PixelStore, torch.Tensor]:
         """The images and labels the run trained on (its validation images held out), on the CPU: uint8
         images, or a store whose slices read them, so that a large training set is read a part at a time."""
+        held = self.splits(data_dir)
+        return held.train_x, held.train_y
+
+    def splits(self, data_dir: str | None = None) -> Splits:
+        """The training, validation and test images as the run drew them (views of the dataset's cache,
+        read a batch at a time), with where each sits among the dataset's training images."""
         saved = self.config
         if saved is None:
-            raise UserError(f"{self.path} does not say which dataset it was trained on, so its training "
-                            "images cannot be found")
-        held = split(self._open(None, data_dir), saved.limit_train, saved.limit_test, saved.val_split,
-                     saved.batch_size)
-        return held.train_x, held.train_y
+            raise UserError(f"{self.path} does not say which dataset it was trained on, so its training and "
+                            "validation images cannot be found")
+        data = self._open(None, data_dir)
+        return split(data, saved.limit_train, saved.limit_test, saved.val_split, saved.batch_size)
+
+    def training_images(self, index: torch.Tensor, data_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images and labels of the run's dataset at positions ``index`` among its training images, on the
+        CPU (an ``IndexError`` for a position it does not have)."""
+        data = self._open(None, data_dir)
+        y = data.train_y[index]
+        x = take(data.train_x, index)
+        return (x.read() if isinstance(x, PixelStore) else x), y
 
     def _open(self, dataset: str | None, data_dir: str | None) -> Dataset:
         """``dataset`` (default: the run's own), opened as the run opened it, with the run's classes."""
         saved = self.config
+        if dataset is None and data_dir is None and self._data is not None:
+            return self._data
         name = dataset or saved.dataset
         data = open_dataset(name, data_dir=data_dir or (saved.data_dir if saved else None),
                             skip_bad_images=saved is not None and saved.skip_bad_images,
                             store_size=saved.store_size if saved else None,
                             image_size=saved.image_size if saved else None)
         check_classes(self, data.classes, name)
+        if dataset is None and data_dir is None:
+            self._data = data
         return data
 
     @property

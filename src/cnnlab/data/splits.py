@@ -28,6 +28,10 @@ class Splits:
     test_y: torch.Tensor
     skipped: list[str] = field(default_factory=list)  # images the source could not read and left out
     fingerprint: str = ""  # the source's content hash (Dataset.fingerprint)
+    # Where each training and validation image sits among the dataset's training images (what names an
+    # image across runs, e.g. in label_issues.json); None for splits not drawn by `split`.
+    train_index: torch.Tensor | None = None
+    val_index: torch.Tensor | None = None
 
 
 def split(data: Dataset, limit_train: int | None = None, limit_test: int | None = None,
@@ -54,7 +58,7 @@ def split(data: Dataset, limit_train: int | None = None, limit_test: int | None 
                             "(or `val_split` 0 for none)")
     val, train = train[:n_val].sort().values, train[n_val:].sort().values
     return Splits(data.classes, take(data.train_x, train), data.train_y[train], take(data.train_x, val),
-                  data.train_y[val], test_x, test_y, list(data.skipped), data.fingerprint)
+                  data.train_y[val], test_x, test_y, list(data.skipped), data.fingerprint, train, val)
 
 
 def reported_test_set(data: Dataset, limit_test: int | None) -> tuple[torch.Tensor | PixelStore, torch.Tensor]:

@@ -22,6 +22,7 @@ from cnnlab.core.device import pick_device
 from cnnlab.core.errors import UserError, one_line
 from cnnlab.core.metrics import Scores, score
 from cnnlab.core.spec import Preprocess
+from cnnlab.inspect import labels
 from cnnlab.inspect import units as unit_pages
 from cnnlab.inspect.colour import Colours, run_colours
 from cnnlab.inspect.registry import TECHNIQUES
@@ -34,6 +35,7 @@ from cnnlab.inspect.results import (
     Filters,
     Images,
     Inversions,
+    LabelIssues,
     Maximisation,
     Mistakes,
     Projections,
@@ -375,3 +377,22 @@ class Inspection:
     def mistakes(self) -> Mistakes:
         """The most-confused pairs, the top losses and each class's most and least typical test images."""
         return self._keep("mistakes", lambda: find_mistakes(self))
+
+    # --- the data -------------------------------------------------------------------------------------
+
+    def label_issues(self, folds: int | None = None, progress: Progress | None = None) -> LabelIssues:
+        """Training images whose label is likely wrong, by confident learning on out-of-sample probabilities:
+        the validation split's, or with ``folds`` K, K-fold cross-validation's on the training split (trains K
+        copies of the run; see :mod:`cnnlab.inspect.labels`)."""
+        if folds is None:
+            return labels.on_validation(self.run, self.data_dir)
+        return labels.cross_validated(self.run, folds, self.data_dir, progress)
+
+    def kept_label_issues(self) -> LabelIssues:
+        """What ``cnnlab labels`` kept in the run folder for this checkpoint, else :meth:`label_issues` on the
+        validation split (computed once; the kept file is read each time, as ``cnnlab labels`` may rewrite it)."""
+        return labels.kept(self.run) or self._keep("label-issues", self.label_issues)
+
+    def training_images(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """uint8 images and labels of the run's dataset at positions ``index`` among its training images."""
+        return self.run.training_images(index, self.data_dir)

@@ -7,8 +7,10 @@ are ``pixels``: (…, C, H, W) in [0, 1], what the network sees. The scores of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from cnnlab.core.metrics import Scores
@@ -16,8 +18,8 @@ from cnnlab.viz.mistakes import ConfusedPair, Typical
 from cnnlab.viz.sanity import Sanity
 
 __all__ = ["ConfusedPair", "Dreams", "Embedding", "Excitations", "Explanations", "FeatureMaps", "Filters", "Images",
-           "Inversions", "Maximisation", "Mistakes", "Projections", "Sanity", "Scores", "Transfer", "Typical",
-           "Units"]
+           "Inversions", "LabelIssues", "Maximisation", "Mistakes", "Projections", "Sanity", "Scores", "Transfer",
+           "Typical", "Units"]
 
 
 @dataclass
@@ -242,3 +244,54 @@ class Mistakes:
         return {"classes": self.classes, "n": self.n, "wrong": self.wrong, "layer": self.layer,
                 "pairs": [vars(p) for p in self.pairs], "losses": [vars(x) for x in self.losses],
                 "typical": [vars(t) for t in self.typical]}
+
+
+@dataclass
+class LabelIssues:
+    """Training images whose given label is likely wrong (confident learning, Northcutt et al. 2021), found
+    from out-of-sample probabilities: the validation split's, or K-fold cross-validation's on the training split.
+
+    The candidates are ordered most likely wrong first (lowest self-confidence: the out-of-sample probability
+    of the given label). ``index`` names each by its position among the dataset's training images.
+    """
+
+    source: str  # "validation" or "cross-validation"
+    folds: int | None  # K of the cross-validation
+    classes: list[str]
+    examined: int  # images whose labels were examined
+    index: Tensor  # (K,) positions among the dataset's training images
+    given: Tensor  # (K,) the label the dataset gives
+    suggested: Tensor  # (K,) the class the out-of-sample probabilities favour
+    self_confidence: Tensor  # (K,) the out-of-sample probability of the given label
+    suggested_probability: Tensor  # (K,) … and of the suggested class
+    confident_joint: Tensor  # (classes, classes): images given label i (row) confidently of class j (column)
+    fold_accuracy: list[float] = field(default_factory=list)  # each fold model's top-1 on the images it held out
+    stamp: dict[str, Any] = field(default_factory=dict)  # the checkpoint the result belongs to
+    file: str | None = None  # the label_issues.json it was read from; None when computed here
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as ``label_issues.json`` holds it and ``cnnlab labels --json`` prints it."""
+        issues = [{"rank": r + 1, "index": int(i), "given": self.classes[int(g)], "given_class": int(g),
+                   "suggested": self.classes[int(s)], "suggested_class": int(s), "self_confidence": float(c),
+                   "suggested_probability": float(p)}
+                  for r, (i, g, s, c, p) in enumerate(zip(self.index, self.given, self.suggested, self.self_confidence,
+                                                          self.suggested_probability))]
+        return {"source": self.source, "folds": self.folds, "examined": self.examined, "found": len(issues),
+                "method": "cleanlab.filter.find_label_issues (prune_by_noise_rate), ranked by self_confidence",
+                "classes": list(self.classes), "confident_joint": self.confident_joint.tolist(),
+                "fold_accuracy": list(self.fold_accuracy), "stamp": dict(self.stamp), "issues": issues}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LabelIssues:
+        """The result :meth:`to_json` wrote (a ``KeyError``, ``TypeError`` or ``ValueError`` if it is not one)."""
+        issues = d["issues"]
+
+        def column(key: str, dtype: torch.dtype) -> Tensor:
+            return torch.tensor([x[key] for x in issues], dtype=dtype)
+
+        return cls(str(d["source"]), d["folds"], [str(c) for c in d["classes"]], int(d["examined"]),
+                   column("index", torch.long), column("given_class", torch.long),
+                   column("suggested_class", torch.long), column("self_confidence", torch.float64),
+                   column("suggested_probability", torch.float64),
+                   torch.tensor(d["confident_joint"], dtype=torch.long), [float(a) for a in d["fold_accuracy"]],
+                   dict(d["stamp"]))

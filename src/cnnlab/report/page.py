@@ -42,6 +42,7 @@ SECTIONS: dict[str, str] = {
     "gradcam": "Grad-CAM",
     "explanations": "Explanations: how far to trust them",
     "patterns": "Class models (activation maximisation)",
+    "bad-labels": "Bad labels",
 }
 
 CSS = """
@@ -421,6 +422,30 @@ def _class_models(c: Contents) -> str:
     return _pictures(text, c.patterns)
 
 
+def _bad_labels(c: Contents) -> str:
+    b = c.bad_labels
+    if b is None:
+        return ""
+    where = (f"the {b.examined} validation images, scored by the run's model (training held them out)"
+             if b.source == "validation" else
+             f"the {b.examined} training images, each scored by the one of {b.folds} cross-validation models "
+             "trained without it")
+    origin = ("as <code>cnnlab labels</code> kept them in <code>label_issues.json</code>" if b.kept else
+              "computed for this report; <code>cnnlab labels --folds K</code> examines the training images too")
+    text = (f"<p>Confident learning (Northcutt et al. 2021; cleanlab's <code>find_label_issues</code>) on the "
+            f"out-of-sample probabilities of {where}, {origin}: {b.found} image{'s' if b.found != 1 else ''} "
+            f"({pct(b.found / max(b.examined, 1), 1)}) whose given label is likely wrong, the lowest "
+            "self-confidence (the probability of the given label) first, with the class the model suggests.")
+    if b.found > len(b.shown):
+        text += f" The first {len(b.shown)} are shown."
+    thumbs = "".join(
+        f'<figure class="thumb"><img src="{e(x.uri)}" alt="training image {x.index}: given {e(x.given)}, '
+        f'suggested {e(x.suggested)}"><figcaption>#{x.index}<br><span class="pred">given: {e(x.given)}</span><br>'
+        f'<span class="true">suggested: {e(x.suggested)}</span><br>p(given) {x.self_confidence:.3f}</figcaption>'
+        "</figure>" for x in b.shown)
+    return text + "</p>" + (f'<div class="grid" id="bad-label-grid">{thumbs}</div>' if thumbs else "")
+
+
 def render(c: Contents) -> str:
     """The whole page for the gathered ``Contents``."""
     bodies = {
@@ -444,6 +469,7 @@ def render(c: Contents) -> str:
                               "image, beside the input as the network saw it.", c.features),
         "gradcam": _gradcam(c),
         "explanations": _explanations(c),
+        "bad-labels": _bad_labels(c),
         "patterns": _class_models(c),
     }
     nav = "".join(f'<li><a href="#{sid}">{e(title)}</a></li>' for sid, title in SECTIONS.items())

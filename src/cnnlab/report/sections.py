@@ -40,11 +40,13 @@ from cnnlab.visualize.figures import draw, sanity_figure
 from cnnlab.viz.mistakes import confused_pairs
 from cnnlab.viz.sanity import Sanity
 
-__all__ = ["Contents", "Example", "Extremes", "Loss", "Pair", "Picture", "TestResults", "gather", "read_metrics"]
+__all__ = ["BadLabel", "BadLabels", "Contents", "Example", "Extremes", "Loss", "Pair", "Picture", "TestResults",
+           "gather", "read_metrics"]
 
 MISCLASSIFIED_SHOWN = 40  # test images in the grid of mistakes
 PATTERN_CLASSES = 10  # class models drawn
 TYPICAL_CLASSES = 20  # classes whose most and least typical images are shown
+BAD_LABELS_SHOWN = 40  # candidate label errors shown (label_issues.json holds them all)
 SMALL_MODEL_MACS = 100_000_000  # per image; below this the report runs on one CPU thread
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,28 @@ class TestResults:
 
 
 @dataclass
+class BadLabel:
+    """A training image whose label is likely wrong."""
+
+    rank: int
+    index: int  # among the dataset's training images
+    uri: str
+    given: str
+    suggested: str
+    self_confidence: float  # the out-of-sample probability of the given label
+
+
+@dataclass
+class BadLabels:
+    source: str  # "validation" or "cross-validation"
+    folds: int | None
+    examined: int
+    found: int
+    kept: bool  # read from the run's label_issues.json (cnnlab labels), not computed for the report
+    shown: list[BadLabel]
+
+
+@dataclass
 class Contents:
     run_dir: Path
     info: dict[str, Any]  # config.json
@@ -139,6 +163,7 @@ class Contents:
     losses: list[Loss] = field(default_factory=list)
     typical: list[Extremes] = field(default_factory=list)
     typical_facts: dict[str, Any] = field(default_factory=dict)  # layer, classes
+    bad_labels: BadLabels | None = None
     notes: dict[str, list[str]] = field(default_factory=dict)  # section id → why something is missing
     seconds: dict[str, float] = field(default_factory=dict)  # time spent on each section
 
@@ -275,7 +300,21 @@ def gather(run_dir: Path, device: str = "auto", check_with: str | Path | None = 
     _timed(contents, "curves", curves)
     with _threads_for(contents, loaded.device):
         _pictures(contents, inspection, check_with)
+        _timed(contents, "bad-labels", lambda: _bad_labels(contents, inspection))
     return contents
+
+
+def _bad_labels(contents: Contents, inspection: Inspection) -> None:
+    """The training images whose label is likely wrong: what ``cnnlab labels`` kept for this checkpoint, else
+    confident learning on the validation split, computed here the same way."""
+    found = inspection.kept_label_issues()
+    shown = list(range(min(BAD_LABELS_SHOWN, len(found.index))))
+    images = inspection.training_images(found.index[shown])[0] if shown else None
+    classes = found.classes
+    contents.bad_labels = BadLabels(
+        found.source, found.folds, found.examined, len(found.index), found.file is not None,
+        [BadLabel(k + 1, int(found.index[k]), charts.thumbnail(images[k]), classes[int(found.given[k])],
+                  classes[int(found.suggested[k])], float(found.self_confidence[k])) for k in shown])
 
 
 def _pictures(contents: Contents, inspection: Inspection, check_with: str | Path | None) -> None:

@@ -33,7 +33,7 @@ from cnnlab.core.errors import UserError
 from cnnlab.serve import pages, units
 from cnnlab.serve.jobs import Busy
 from cnnlab.serve.middleware import CSP, LOOPBACK, SameOrigin, SecurityHeaders, ServerErrors, error
-from cnnlab.serve.runs import Served, choose, confusion, thumbnails
+from cnnlab.serve.runs import BROWSE, Served, choose, confusion, thumbnails
 from cnnlab.serve.store import Image
 
 __all__ = ["CSP", "MAX_UPLOAD", "ROUTES", "create_app", "whole_number"]
@@ -261,6 +261,18 @@ def test_set_image(request: Request) -> Response:
     return JSONResponse({"index": index, **s.test_thumbnails([index])[0]})
 
 
+def bad_labels(request: Request) -> Response:
+    """The training images whose label is likely wrong, the first :data:`BROWSE` with thumbnails."""
+    s = _served(request)
+    status = s.bad_labels()
+    answer = status.to_json()
+    if status.result is not None:
+        r = status.result
+        answer["result"] = {**{k: v for k, v in r.items() if k not in ("issues", "confident_joint")},
+                            "issues": s.training_thumbnails(r["issues"][:BROWSE])}
+    return JSONResponse(answer)
+
+
 # --- errors ------------------------------------------------------------------------------------------------
 
 
@@ -298,6 +310,7 @@ ROUTES = [
     Route("/api/{rid}/embedding", embedding),
     Route("/api/{rid}/mistakes", mistakes),
     Route("/api/{rid}/test-image", test_set_image),
+    Route("/api/{rid}/labels", bad_labels),
 ]
 EXCEPTION_HANDLERS = {404: not_found, LookupError: unknown, UserError: mistake, Busy: busy}
 
@@ -312,5 +325,5 @@ def create_app(runs: list[Served], hosts: Iterable[str] = LOOPBACK, port: int | 
     app.state.images = runs[0].images
     app.state.jobs = runs[0].jobs
     app.state.static = {name: resources.files("cnnlab.serve").joinpath("static", name).read_bytes()
-                        for name in ("app.js", "app.css")} | units.STATIC
+                        for name in ("app.js", "labels.js", "app.css")} | units.STATIC
     return app

@@ -1,9 +1,9 @@
-"""The explorer's page, rendered on the server: the four panels' frames, with every name escaped.
+"""The explorer's page, rendered on the server: the panels' frames, with every name escaped.
 
 The page holds no script and no style of its own (the Content-Security-Policy forbids both inline);
-``static/app.js`` fills the panels from the JSON endpoints, writing names with ``textContent`` only.
-Class names, run names and layer names come from files the user did not necessarily write, so each
-goes through :func:`html.escape`, attributes included.
+``static/app.js`` (and ``static/labels.js``, the bad labels) fills the panels from the JSON endpoints,
+writing names with ``textContent`` only. Class names, run names and layer names come from files the user
+did not necessarily write, so each goes through :func:`html.escape`, attributes included.
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ def _architecture(s: Served) -> str:
 
 
 def page(runs: list[Served], index: int) -> str:
-    """The page of run ``index``: four panels whose contents the script fills in from the API."""
+    """The page of run ``index``: its panels, whose contents the scripts fill in from the API."""
     s = runs[index]
     tta = "1" if s.loaded.tta else "0"
     head = document_head(f"cnnlab serve: {s.name}",
-                         '<link rel="stylesheet" href="/static/app.css">\n<script src="/static/app.js" defer></script>')
+                         '<link rel="stylesheet" href="/static/app.css">\n<script src="/static/app.js" defer></script>'
+                         '\n<script src="/static/labels.js" defer></script>')
     return head + f"""<body data-run="{index}" data-tta="{tta}" data-layered="{e(' '.join(sorted(LAYERED)))}">
 {_header(runs, index)}
 <main>
@@ -54,6 +55,7 @@ def page(runs: list[Served], index: int) -> str:
 {RUN_PANEL}
 {MAP_PANEL}
 {_mistakes(s)}
+{BAD_LABELS_PANEL}
 </main>
 </body>
 </html>
@@ -192,4 +194,12 @@ def _mistakes(s: Served) -> str:
 farthest first</p>
 <div id="typical-most" class="thumbs"></div>
 <div id="typical-least" class="thumbs"></div>
+</section>"""
+
+
+# The training images whose label is likely wrong; static/labels.js fills it in.
+BAD_LABELS_PANEL = """<section id="labels">
+<h2>Bad labels <progress id="labels-progress" max="1" hidden></progress></h2>
+<p id="labels-caption"></p>
+<div id="bad-labels" class="thumbs"></div>
 </section>"""

@@ -38,6 +38,7 @@ from cnnlab.core.images import UPLOAD_DECODED_BYTES, TooLarge
 from cnnlab.core.metrics import DENSE_CONFUSION_CLASSES, confusion_matrix
 from cnnlab.inspect import Inspection, checks, registry, whole_set
 from cnnlab.inspect.inspector import spread
+from cnnlab.inspect.labels import LABEL_ISSUES_FILE
 from cnnlab.inspect.registry import EXPLAINERS
 from cnnlab.inspect.results import Images
 from cnnlab.predict import ranked
@@ -153,7 +154,11 @@ class Served:
             raise UserError(f"{e}; give an image file (PNG, JPEG, GIF, BMP, TIFF, WebP …)") from None
 
     def pixels(self, ref: str, served: list[Served]) -> Image:
-        """The image ``ref`` names: ``u-<id>`` an upload, ``t<run>-<index>`` a test image of a served run."""
+        """The image ``ref`` names: ``u-<id>`` an upload, ``t<run>-<index>`` a test image of a served run,
+        ``l<run>-<index>`` a training image of this run (a candidate bad label)."""
+        found = re.fullmatch(r"l([0-9]{1,4})-([0-9]{1,9})", ref)
+        if found:
+            return self._training_image(int(found[1]), int(found[2]))
         m = re.fullmatch(r"t([0-9]{1,4})-([0-9]{1,9})", ref)  # ASCII digits only
         if m:
             source, index = int(m[1]), int(m[2])
@@ -172,6 +177,18 @@ class Served:
         if image is None or self.index not in image.pixels:
             raise LookupError(ref)
         return image
+
+    def _training_image(self, source: int, index: int) -> Image:
+        """Training image ``index`` of this run's dataset, with its given label (``LookupError`` for another
+        run's or one that does not exist)."""
+        if source != self.index:
+            raise LookupError(f"l{source}-{index}")
+        try:
+            with self._test_lock:
+                images, labels = self.inspection.training_images(torch.tensor([index]))
+        except IndexError:
+            raise LookupError(f"l{source}-{index}") from None
+        return Image(f"training image {index} (given label {self.classes[int(labels[0])]})", {self.index: images[0]})
 
     def _images(self, inspection: Inspection, image: Image) -> Images:
         return inspection.pixels(image.pixels[self.index][None], [image.name])
@@ -245,6 +262,16 @@ class Served:
         return [{"thumb": charts.thumbnail(images[i]), "label": self.classes[int(labels[i])],
                  "ref": f"t{self.index}-{i}"} for i in indices]
 
+    def training_thumbnails(self, issues: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Label-issue candidates (``label_issues.json``'s entries) with a thumbnail each and the reference the
+        page picks them by."""
+        if not issues:
+            return []
+        with self._test_lock:  # the dataset is opened once, by one thread
+            images, _ = self.inspection.training_images(torch.tensor([i["index"] for i in issues]))
+        return [{**issue, "thumb": charts.thumbnail(images[k]), "ref": f"l{self.index}-{issue['index']}"}
+                for k, issue in enumerate(issues)]
+
     def curves(self) -> list[dict[str, str]]:
         if self._curves is None:
             steps, epochs, _ = read_metrics(self.run_dir)
@@ -316,6 +343,18 @@ class Served:
 
         return self.jobs.request(self._job("units", {"layer": layer, "steps": steps, "variants": variants},
                                            f"units/{_file_part(layer)}.json", compute))
+
+    def bad_labels(self) -> Status:
+        """The training images whose label is likely wrong: what ``cnnlab labels`` kept, else confident learning
+        on the validation split (:meth:`cnnlab.inspect.Inspection.kept_label_issues`)."""
+        kept = self.run_dir / LABEL_ISSUES_FILE
+
+        def compute(progress: Progress) -> dict[str, Any]:
+            found = self._worker().kept_label_issues()
+            return {**found.to_json(), "kept": found.file is not None}
+
+        stamp_file = kept.stat().st_mtime_ns if kept.is_file() else None
+        return self.jobs.request(self._job("bad-labels", {"kept": stamp_file}, "bad-labels.json", compute))
 
     def trust(self) -> Status:
         """The explanations' checks: ``cnnlab visualize sanity``'s result when the run has one, else the

@@ -15,6 +15,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -145,18 +146,24 @@ class Progress:
 
 
 def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, device: str | None = None,
-          stop_after: int | None = None, parent: tracking.Tracker | None = None) -> Result:
+          stop_after: int | None = None, parent: tracking.Tracker | None = None,
+          subset: Callable[[Splits], Splits] | None = None) -> Result:
     """Train from ``cfg`` into a new run folder, or continue the run in folder ``resume``.
 
     ``stop_after`` ends this call after that many steps with a checkpoint, for jobs with a time
     limit: the run goes on later with ``resume``. Started by torchrun, every rank calls this.
     ``parent``: the MLflow run of the group of seeds a new run belongs to (with ``mlflow``, rank 0).
+    ``subset``, for a new run: what it trains on, from the splits ``cfg`` draws (cross-validation trains
+    on part of the training split and reports on the rest); the run folder does not record it, so such a run
+    cannot be resumed.
     """
     if stop_after is not None and stop_after < 1:
         raise UserError(f"`stop_after` must be at least 1 step (got {stop_after})")
+    if subset is not None and resume is not None:
+        raise UserError("`subset` is for a new run; a resumed run trains on the splits it was started with")
     group = distributed.setup(device or (cfg.device if cfg is not None else "auto"))
     try:
-        return _train(group, cfg, resume, device, stop_after, parent)
+        return _train(group, cfg, resume, device, stop_after, parent, subset)
     except Exception as e:
         lost = distributed.describe_failure(e, group)
         if lost is None:
@@ -167,7 +174,8 @@ def train(cfg: TrainConfig | None = None, resume: str | Path | None = None, devi
 
 
 def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path | None, device: str | None,
-           stop_after: int | None, parent: tracking.Tracker | None = None) -> Result:
+           stop_after: int | None, parent: tracking.Tracker | None = None,
+           subset: Callable[[Splits], Splits] | None = None) -> Result:
     # Only rank 0 touches the run folder's lock, config, logs and checkpoints; all ranks read.
     only_main = RunLock if group.main else (lambda _: nullcontext())
     if resume is not None:
@@ -194,7 +202,7 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
         tracking.require(cfg.mlflow)
     run_dir = Path(distributed.broadcast(str(_new_run_dir(cfg)) if group.main else None, group))
     _refuse_existing_run(run_dir)
-    setup = prepare(cfg, group, run_dir)
+    setup = prepare(cfg, group, run_dir, subset=subset)
     if group.main:
         # Only once the data and model are ready, so that a failed start leaves no empty run folder behind.
         try:
@@ -207,9 +215,11 @@ def _train(group: distributed.Group, cfg: TrainConfig | None, resume: str | Path
         return _start(setup, None, stop_after, None, parent)
 
 
-def prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: bool = True) -> Setup:
-    """The device, the data splits and a freshly initialised model (seeded) for ``cfg``, with its
-    starting weights (``--weights``, unless resuming: not ``fresh``) and frozen layers."""
+def prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: bool = True,
+            subset: Callable[[Splits], Splits] | None = None) -> Setup:
+    """The device, the data splits (``subset`` of them, when given) and a freshly initialised model
+    (seeded) for ``cfg``, with its starting weights (``--weights``, unless resuming: not ``fresh``) and
+    frozen layers."""
     dev = distributed.device_for(group, pick_device(cfg.device))
     if dev.type == "cpu":
         keep_freed_memory()
@@ -219,8 +229,8 @@ def prepare(cfg: TrainConfig, group: distributed.Group, run_dir: Path, fresh: bo
     if dataset.skipped and group.main:
         shown = ", ".join(dataset.skipped[:5]) + (" …" if len(dataset.skipped) > 5 else "")
         log.warning(f"skipped {len(dataset.skipped)} unreadable image(s): {shown}")
-    data = place(split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split, cfg.batch_size), dev,
-                 cfg.data_on_device, group.world)
+    drawn = split(dataset, cfg.limit_train, cfg.limit_test, cfg.val_split, cfg.batch_size)
+    data = place(subset(drawn) if subset is not None else drawn, dev, cfg.data_on_device, group.world)
     in_channels = data.train_x.shape[1]
     width = cfg.width if cfg.width is not None else default_width(cfg.model)
     spec = ModelSpec(cfg.model, len(data.classes), width, in_channels)

@@ -540,6 +540,7 @@
     if (ev.dataTransfer.files.length) upload(ev.dataTransfer.files[0]);
   });
   $("browse").addEventListener("change", (ev) => browse(ev.target.value, $("thumbs")));
+  document.addEventListener("cnnlab:image", (ev) => setImage(ev.detail)); // another panel picked an image
   $("tta").addEventListener("change", predict);
   $("method").addEventListener("change", () => { explain(); predictOther(); });
   $("target").addEventListener("change", () => { markTarget(); explain(); });
