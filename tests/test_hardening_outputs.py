@@ -221,7 +221,7 @@ def test_report_into_a_folder_that_cannot_be_made_is_one_line(stopped_run, monke
     import cnnlab.report
 
     # The page itself is not what is tested: only where it goes.
-    monkeypatch.setattr(cnnlab.report, "gather", lambda run_dir, device: run_dir)
+    monkeypatch.setattr(cnnlab.report, "gather", lambda run_dir, device, **_: run_dir)
     monkeypatch.setattr(cnnlab.report, "render", lambda contents: "<!doctype html>")
     err = one_error_line(capsys, ["report", str(stopped_run), "--out", "/proc/cnnlab-report/x.html"])
     assert "cannot write --out /proc/cnnlab-report/x.html" in err, err
