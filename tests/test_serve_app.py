@@ -409,6 +409,9 @@ def test_the_queue_is_bounded_and_forgets_tasks_nobody_asks_for():
         jobs.request(tasks[3])
     assert jobs.request(tasks[1]).state == "queued"  # asked again: still there, one per key
     assert jobs.pending() == ["t0", "t1", "t2"]
+    # The running task is the last one asked about, so when it is given up the queued ones are idle too
+    # (else one asked a few milliseconds later could still start, whatever the machine's load).
+    assert jobs.request(tasks[0]).state == "running"
 
     # Nobody asks any more: the running task stops at its next progress call, the queued ones never start.
     _drained(jobs, timeout=10)
