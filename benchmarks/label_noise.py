@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
               f"errors found (recall {100 * row['recall']:.0f}%), {row['found']} candidates (precision "
               f"{100 * row['precision']:.0f}%), {row['seconds']:.0f} s", flush=True)
     record = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "fraction": args.fraction, "settings": settings, "rows": rows}
+              "fraction": args.fraction, "rows": rows,
+              # the scratch folder (--work) is this machine's: the record names it WORK
+              "settings": {**settings, "dataset": "folder:WORK/data", "out": "WORK/run"}}
     out = Path("benchmarks/results") / f"label-noise-{time.strftime('%Y%m%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
