@@ -254,7 +254,7 @@ def test_bad_labels_panel_in_a_browser(served_copy, browser):
         ref = thumbs.first.get_attribute("data-ref")
         index = int(ref.split("-")[1])
         thumbs.first.click()
-        page.wait_for_function("document.getElementById('input-caption').textContent.includes('training image')")
+        page.wait_for_function("() => document.getElementById('input-caption').textContent.includes('training image')")
         assert f"training image {index} (given label " in page.inner_text("#input-caption")
         page.locator("#top5 tbody tr").nth(3).wait_for()
     finally:

@@ -321,7 +321,7 @@ def test_explorer_in_a_browser(server, runs, browser, tmp_path, capsys):
         assert "upload.png" in caption and "32×32" in caption and "TTA on" in caption
 
         # Why: another target, another picture.
-        page.wait_for_function("document.getElementById('explanation').dataset.target !== undefined")
+        page.wait_for_function("() => document.getElementById('explanation').dataset.target !== undefined")
         first = page.get_attribute("#explanation", "src")
         assert page.get_attribute("#explanation", "data-target") == str(load(runs[0]).classes.index(shown[0][0]))
         rows.nth(1).click()
