@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="train on the first N images (a dry run)")
     parser.add_argument("--limit-test", type=int, help="test on the first N images (a dry run)")
     parser.add_argument("--threads", type=int, help="torch threads (default torch's)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="let glibc reuse freed blocks, as cnnlab's trainer does on Linux (off: as airbench's "
+                             "own code runs; on a CPU its batch-1024 activations are then faulted in every step)")
     parser.add_argument("--out", type=Path, help="folder for the JSON (default benchmarks/results)")
     parser.add_argument("--name", help="file name of the JSON (default airbench-anchor-DEVICE-DATE.json)")
     args = parser.parse_args(argv)
@@ -195,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from cnnlab.train.device import keep_freed_memory
+
+        keep_freed_memory()
     archive = os.environ.get("CNNLAB_CIFAR10_JPEG")
     dataset = args.dataset or (f"folder:{Path(archive).resolve()}" if archive else "sample")
     data = load_dataset(dataset)
@@ -205,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     document: dict[str, Any] = {
         "benchmark": "airbench-anchor", "machine": report.machine_info(), "command": report.command_line(),
-        "dataset": dataset, "train": len(data.train_y), "test": len(data.test_y), "device": str(device),
-        "precision": "fp32", "hyp": HYP, "epochs": args.epochs, "runs": [],
+        "dataset": "CIFAR-10 (JPEG copy)" if "cifar10-jpeg" in dataset else dataset,
+        "train": len(data.train_y), "test": len(data.test_y), "device": str(device),
+        "precision": "fp32", "keep_freed_memory": args.keep_freed_memory, "hyp": HYP, "epochs": args.epochs, "runs": [],
     }
     date = document["machine"]["date"].replace("-", "")
     name = args.name or f"airbench-anchor-{device.type}-{date}.json"

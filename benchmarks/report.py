@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -87,5 +88,13 @@ def write_json(document: dict[str, Any], name: str, directory: Path | None = Non
     return path
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as a result file names it: relative to the repository when inside it, else by its last part
+    alone, so that no record carries the folders of the machine that wrote it."""
+    path = Path(path).absolute()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
 def command_line() -> str:
-    return " ".join([Path(sys.executable).name, *sys.argv])
+    """The command that is running, its paths written as :func:`shown_path` writes them."""
+    return " ".join([Path(sys.executable).name, *(shown_path(a) if os.path.isabs(a) else a for a in sys.argv)])

@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 "recipe": "fast", "epochs": 1 if args.quick else 10, "runs": runs, "sources": args.sources,
                 "levers": [[name, values] for name, values in LEVERS], "transforms": TRANSFORMS,
                 "history": history[:-1], "before": before, "after": after, "repeats": repeats, "seed_spread": spread,
-                "command": report.command_line().replace(f"{ROOT}{os.sep}", ""),
+                "command": report.command_line(),
                 "total_s": time.perf_counter() - started}
     stem = f"transfer-cpu-{machine['date'].replace('-', '')}{'-quick' if args.quick else ''}"
     print(f"\nwritten {report.write_json(document, f'{stem}.json', args.out)}")

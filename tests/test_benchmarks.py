@@ -140,6 +140,26 @@ def test_run_record_counts_a_resumed_epoch_once(small_run, tmp_path):
     assert document["config"]["width"] == 8 and document["curve"][0]["epoch"] == 1
 
 
+def test_time_to_a_target_counts_training_seconds_to_the_first_epoch_that_reached_it():
+    curve = [{"seconds": 10.0, "test_acc": 0.5}, {"seconds": 12.5, "test_acc": 0.885},
+             {"seconds": 11.0, "test_acc": 0.87}, {"seconds": 9.0, "test_acc": 0.94}]
+    assert run_record.time_to(curve) == {"0.88": 22.5, "0.94": 42.5}
+    assert run_record.time_to(curve[:3]) == {"0.88": 22.5, "0.94": None}
+
+
+def test_allocator_times_both_settings_in_fresh_processes(tmp_path):
+    from benchmarks import allocator
+
+    assert allocator.main(["--steps", "2", "--rounds", "1", "--batch", "16", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("allocator-cpu-*.json")
+    document = json.loads(path.read_text())
+    assert [r["setting"] for r in document["runs"]] == list(allocator.SETTINGS)
+    assert all(len(r["seconds"]) == 2 and min(r["seconds"]) > 0 for r in document["runs"])
+    default, kept = document["rows"]
+    assert kept["speedup"] == round(default["step_s"] / kept["step_s"], 2)
+    assert default["step_s"] == round(document["runs"][0]["seconds"][1], 3)  # the first step is left out
+
+
 def test_schedule_alternates_rounds():
     assert cpu.schedule(("a", "b", "c"), 3) == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
 

@@ -36,7 +36,8 @@ def check_metadata(meta, loaded):
     assert meta["image_size"] == 32 and meta["in_channels"] == 3
     assert meta["mean"] == pytest.approx(loaded.preprocess.mean) and meta["std"] == pytest.approx(loaded.preprocess.std)
     assert "[0, 1]" in meta["input"]
-    assert meta["flip_tta"] is loaded.config.tta
+    assert meta["flip_tta"] is bool(loaded.config.tta)
+    assert meta["tta"] == {False: "none", True: "flip", "translate": "translate"}[loaded.config.tta]
 
 
 def test_onnx_matches_pytorch_on_real_images(small_run, reference, tmp_path, capsys):

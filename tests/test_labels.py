@@ -13,11 +13,11 @@ import json
 import shutil
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 import torch
+from pagewatch import watch
 from starlette.testclient import TestClient
 
 from benchmarks.label_noise import score_found, write_noisy_folder
@@ -238,14 +238,8 @@ def test_bad_labels_panel_in_a_browser(served_copy, browser):
     from test_serve import Server
 
     server = Server([served_copy], served_copy.parent / "serve.log")
-    errors: list[str] = []
-    hosts: set[str] = set()
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
-            else None)
-    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-    page.on("response", lambda r: errors.append(f"HTTP {r.status}: {r.url[:80]}") if r.status >= 400 else None)
-    page.on("request", lambda r: hosts.add(urlsplit(r.url).hostname or urlsplit(r.url).scheme))
+    seen = watch(page)
     try:
         page.goto(server.url, wait_until="load")
         thumbs = page.locator("#bad-labels figure")
@@ -260,5 +254,5 @@ def test_bad_labels_panel_in_a_browser(served_copy, browser):
     finally:
         page.close()
         server.stop()
-    assert errors == []
-    assert hosts <= {"127.0.0.1", "data"}, hosts
+    assert seen.errors == [] and seen.dialogs == []
+    assert seen.hosts <= {"127.0.0.1", "data"}, seen.hosts

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from pagewatch import watch
 from PIL import Image
 
 from cnnlab import cli
@@ -289,17 +290,9 @@ def test_a_run_without_its_dataset_still_serves_uploads(hostile_run, caplog):
 
 
 def test_explorer_in_a_browser(server, runs, browser, tmp_path, capsys):
-    errors: list[str] = []
-    hosts: set[str] = set()
-    dialogs: list[str] = []
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
-            else None)
-    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-    page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url[:80]}"))
-    page.on("response", lambda r: errors.append(f"HTTP {r.status}: {r.url[:80]}") if r.status >= 400 else None)
-    page.on("request", lambda r: hosts.add(urlsplit(r.url).hostname or urlsplit(r.url).scheme))
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    seen = watch(page)
+    errors, hosts, dialogs = seen.errors, seen.hosts, seen.dialogs
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     served = load_runs([runs[0]])[0]
     last = served.default_layer  # the last spatial feature block: what a CAM uses by default

@@ -11,10 +11,10 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from urllib.parse import urlsplit
 
 import pytest
 import torch
+from pagewatch import watch
 from starlette.testclient import TestClient
 from torch import nn
 
@@ -275,23 +275,13 @@ def test_explorer_serves_the_same_pages(served, runs, small_run):
 # --- in a browser ---------------------------------------------------------------------------------------------
 
 
-def _watch(page, errors: list[str], hosts: set[str]) -> None:
-    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
-            else None)
-    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-    page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url[:80]}"))
-    page.on("request", lambda r: hosts.add(urlsplit(r.url).hostname or urlsplit(r.url).scheme))
-
-
 def _sorted_channels(page) -> list[int]:
     return [int(v) for v in page.eval_on_selector_all("#units a.unit", "cells => cells.map(c => c.dataset.channel)")]
 
 
 def test_dossier_in_a_browser(dossier, browser):
-    errors: list[str] = []
-    hosts: set[str] = set()
     page = browser.new_page()
-    _watch(page, errors, hosts)
+    seen = watch(page)
     page.goto((dossier / "index.html").as_uri(), wait_until="load")
     assert _sorted_channels(page) == [0, 5, 9]
     page.select_option("#sort", "selectivity")
@@ -305,8 +295,8 @@ def test_dossier_in_a_browser(dossier, browser):
     page.click("text=all units of")
     page.wait_for_url("**/index.html")
     page.close()
-    assert not errors, errors
-    assert hosts <= {"file", "data"}, hosts
+    assert not seen.errors and not seen.dialogs, seen
+    assert seen.hosts <= {"file", "data"}, seen.hosts
 
 
 def test_explorer_unit_pages_in_a_browser(served, browser):
@@ -318,13 +308,11 @@ def test_explorer_unit_pages_in_a_browser(served, browser):
     server = uvicorn.Server(uvicorn.Config(create_app(served, port=port), log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    errors: list[str] = []
-    hosts: set[str] = set()
     try:
         while not server.started:
             time.sleep(0.05)
         page = browser.new_page()
-        _watch(page, errors, hosts)
+        seen = watch(page)
         page.goto(f"http://127.0.0.1:{port}/run/0/units/{LAYER}")
         page.locator("#units").wait_for(timeout=240_000)  # the waiting page reloads itself until then
         page.select_option("#sort", "class")
@@ -337,8 +325,8 @@ def test_explorer_unit_pages_in_a_browser(served, browser):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-    assert not errors, errors
-    assert hosts <= {"127.0.0.1", "data"}, hosts
+    assert not seen.errors and not seen.dialogs, seen
+    assert seen.hosts <= {"127.0.0.1", "data"}, seen.hosts
 
 
 def test_index_and_pages_escape_names(tmp_path, one_thread):

@@ -15,11 +15,11 @@ import os
 import shutil
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 import torch
+from pagewatch import watch
 from PIL import Image
 from starlette.testclient import TestClient
 
@@ -299,15 +299,8 @@ def test_the_map_in_a_browser(runs, browser):
     from test_serve import Server
 
     server = Server(runs[:1], runs[0].parent / "serve-map.log")
-    errors: list[str] = []
-    hosts: set[str] = set()
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning")
-            else None)
-    page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-    page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url[:80]}"))
-    page.on("response", lambda r: errors.append(f"HTTP {r.status}: {r.url[:80]}") if r.status >= 400 else None)
-    page.on("request", lambda r: hosts.add(urlsplit(r.url).hostname or urlsplit(r.url).scheme))
+    seen = watch(page)
     try:
         page.goto(server.url + "run/0", wait_until="load")
         circles = page.locator("#map-svg circle")
@@ -345,8 +338,8 @@ def test_the_map_in_a_browser(runs, browser):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.locator("section#map").screenshot(path=str(ARTIFACTS / "explorer-map.png"))
         page.locator("section#mistakes").screenshot(path=str(ARTIFACTS / "explorer-mistakes.png"))
-        assert errors == []
-        assert hosts <= {"127.0.0.1", "data"}, hosts
+        assert seen.errors == [] and seen.dialogs == []
+        assert seen.hosts <= {"127.0.0.1", "data"}, seen.hosts
     finally:
         page.close()
         server.stop()

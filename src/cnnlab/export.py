@@ -7,8 +7,8 @@ for probabilities). Resize the image to image_size first — cnnlab itself uses 
 (``align_corners=False``), see ``cnnlab.predict``.
 
 The file also carries what is needed to use it, as JSON strings under these keys: ``classes``,
-``image_size``, ``in_channels``, ``mean``, ``std``, ``flip_tta``, ``input``, ``output``, ``model``,
-``cnnlab_version``. In ONNX they are the model's ``metadata_props`` (onnxruntime:
+``image_size``, ``in_channels``, ``mean``, ``std``, ``flip_tta``, ``tta``, ``input``, ``output``,
+``model``, ``cnnlab_version``. In ONNX they are the model's ``metadata_props`` (onnxruntime:
 ``session.get_modelmeta().custom_metadata_map``); in a ``.pt2`` ExportedProgram and in TorchScript they
 are one extra file, ``metadata.json`` (``torch.export.load(path, extra_files={"metadata.json": ""})``,
 ``torch.jit.load(path, _extra_files={"metadata.json": ""})``). Neither needs cnnlab to load.
@@ -42,6 +42,7 @@ OUTPUT = "logits"
 METADATA_FILE = "metadata.json"  # the extra file of .pt2 and TorchScript archives
 INPUT_CONVENTION = ("float32 (N, C, image_size, image_size), RGB (or gray) pixels in [0, 1]; "
                     "normalisation by mean/std is inside the model")
+TTA_NAMES = {False: "none", True: "flip", "translate": "translate"}  # a run's ``tta`` setting, as the file names it
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -68,8 +69,11 @@ def export(path: str | Path, format: str, out: str | Path) -> dict[str, Any]:  #
         "mean": list(pre.mean), "std": list(pre.std),
         "input": INPUT_CONVENTION, "output": f"float32 (N, {len(loaded.classes)}) logits, in the order of classes",
         "model": loaded.spec.name, "cnnlab_version": cnnlab.__version__,
-        # The file holds one view; a run scored with flip TTA averaged the logits of x and x.flip(-1).
-        "flip_tta": loaded.tta,
+        # The file holds one view. ``tta`` says how the run scored: "none"; "flip", the mean of the logits of
+        # x and x.flip(-1); "translate", airbench's six views (cnnlab.core.metrics.logits). Both of the last
+        # two mirror, so ``flip_tta`` is true for either.
+        "flip_tta": bool(loaded.tta),
+        "tta": TTA_NAMES[loaded.tta],
     }
     example = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     # Exported to bytes and checked from those bytes before anything is written.

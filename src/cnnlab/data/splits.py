@@ -51,7 +51,7 @@ def split(data: Dataset, limit_train: int | None = None, limit_test: int | None 
         n_val = val_split
         left, needed = len(train) - val_split, max(batch_size or 1, len(data.classes))
         if val_split > 0 and left < needed:
-            why = (f"one batch (--batch-size {batch_size})" if needed == batch_size and batch_size
+            why = (f"one batch (`batch_size` {batch_size})" if needed == batch_size and batch_size
                    else f"one per class ({len(data.classes)} classes)")
             raise UserError(f"`val_split` {val_split} would leave {max(left, 0)} of the {len(train)} training images "
                             f"to train on, fewer than {why}; hold out at most {max(len(train) - needed, 0)} "
