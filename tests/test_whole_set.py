@@ -316,9 +316,9 @@ def test_the_map_in_a_browser(runs, browser):
         point = circles.nth(k)
         index = int(point.get_attribute("data-index"))
         assert index == served["indices"][k]
-        point.scroll_into_view_if_needed()
-        box = point.bounding_box()
-        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        # Through the locator, not at coordinates read once: the panels above the map fill in as their jobs
+        # finish and move it; Playwright waits for the point to stand still and checks that it gets the event.
+        point.hover()
         page.locator("#map-tip-image").wait_for(state="visible")
         classes = served["classes"]
         text = page.inner_text("#map-tip-text")
@@ -327,7 +327,7 @@ def test_the_map_in_a_browser(runs, browser):
         assert abs(int(text[len(head):-2]) - 100 * served["probabilities"][k]) <= 0.5 + 1e-9  # rounded to a percent
         assert page.get_attribute("#map-tip-image", "src").startswith("data:image/png;base64,")
         assert len(page.locator("#map-legend li").all()) == len(classes)
-        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        point.click()
         page.wait_for_function("i => document.getElementById('input-caption').textContent.startsWith("
                                "`test image ${i} (true class`)", arg=index)
         assert page.locator("#top5 tbody tr").count() == 5
