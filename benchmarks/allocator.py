@@ -52,10 +52,7 @@ def child(setting: str, steps: int, batch: int) -> dict[str, Any]:
     seconds = []
     for x, y in loader.epoch(0):
         tick = time.perf_counter()
-        loss = loss_fn(model(x), y).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        anchor.train_step(model, opt, loss_fn, x, y)
         seconds.append(time.perf_counter() - tick)
     return {"setting": setting, "seconds": seconds, "peak_rss_mb": report.peak_host_rss_mb()}
 
