@@ -1,5 +1,6 @@
 """A finished run's headline figures as one JSON file: its per-epoch curve, training time, and the
-final weights' test accuracy with and without the run's TTA (flip, or airbench's six views).
+final weights' test accuracy with and without the run's TTA (flip, or airbench's six views), and with
+the six views for a run that uses flips or none.
 
     python -m benchmarks.run_record RUN_DIR NAME.json [--device cpu]
 
@@ -24,13 +25,15 @@ VIEWS = {False: "one", True: "flip (2 views)", "translate": "flip and 1-pixel sh
 
 def final_scores(run_dir: Path, device: str = "auto") -> dict[str, dict[str, float]]:
     """The test scores of a run's final weights with the TTA it was trained to use ("tta": flip, or airbench's
-    six views, named under "views"; flip for a run that uses none) and without ("plain"); each ``cnnlab
-    evaluate`` output goes to RUN_DIR/eval-tta and RUN_DIR/eval-plain."""
+    six views, named under "views"; flip for a run that uses none), without ("plain"), and, for a run that
+    does not use them, with the six views ("six"), so that every record can be set beside airbench's. Each
+    ``cnnlab evaluate`` output goes to RUN_DIR/eval-NAME."""
     from cnnlab.evaluate import evaluate
 
     own = json.loads((run_dir / "config.json").read_text())["config"].get("tta") or True
+    settings = [("tta", own), ("plain", False)] + ([("six", "translate")] if own != "translate" else [])
     scores = {}
-    for name, tta in (("tta", own), ("plain", False)):
+    for name, tta in settings:
         start = time.perf_counter()
         result = evaluate(run_dir / "checkpoints" / "last.pt", device=device, tta=tta, out=run_dir / f"eval-{name}")
         scores[name] = {"top1": result["top1"], "loss": result["loss"], "views": VIEWS[tta],
@@ -88,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     print(report.format_table(document["curve"], [
         ("epoch", "epoch"), ("lr", "lr at end"), ("train_loss", "train loss"), ("train_acc", "train acc"),
         ("val_acc", "val acc"), ("test_acc", "test acc"), ("seconds", "epoch s"), ("images_per_s", "img/s")]))
+    six = document["scores"].get("six")
     print(f"test accuracy of the final weights: {document['test_acc_tta']:.4f} with TTA of "
-          f"{document['scores']['tta']['views']}, "
+          f"{document['scores']['tta']['views']}, " + (f"{six['top1']:.4f} with six views, " if six else "") +
           f"{document['test_acc_plain']:.4f} without; {document['train_seconds']:.0f} s of training epochs")
     print("training seconds to " + ", ".join(f"{100 * float(t):.0f}%: {s if s is not None else 'not reached'}"
                                              for t, s in document["train_seconds_to"].items()))

@@ -137,6 +137,10 @@ def test_run_record_counts_a_resumed_epoch_once(small_run, tmp_path):
     # The run scored itself with flip TTA (the fast recipe): the same weights score the same again.
     assert document["test_acc_tta"] == pytest.approx(epoch["test_acc"], abs=1e-12)
     assert 0 <= document["test_acc_plain"] <= 1 and document["data"]["test"] == 200
+    # ... and it is also scored with airbench's six views, as its own `evaluate --tta translate` scores it.
+    six = json.loads((run / "eval-six" / "metrics.json").read_text())
+    assert document["scores"]["six"]["top1"] == six["top1"] and six["tta"] == "translate"
+    assert document["scores"]["six"]["views"] == run_record.VIEWS["translate"]
     assert document["config"]["width"] == 8 and document["curve"][0]["epoch"] == 1
 
 

@@ -43,6 +43,43 @@ def test_evaluate_json_matches_the_run(run_dir, capsys):
     assert png.size[0] > 400 and len(png.getcolors(1 << 16) or range(300)) > 20
 
 
+def test_evaluate_and_predict_take_each_tta_of_training(run_dir, capsys, tmp_path):
+    """--tta translate (airbench's six views), --tta (flip) and --no-tta score as ``score`` does with them."""
+    import torch
+
+    from cnnlab import run
+    from cnnlab.core.metrics import logits, score
+
+    loaded = run.load(run_dir)
+    images, labels = loaded.test_set()
+    for flags, tta in ((["--tta", "translate"], "translate"), (["--tta"], True), (["--no-tta"], False)):
+        assert main(["evaluate", str(run_dir), "--json", "--out", str(tmp_path / "eval"), *flags]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        expected = score(loaded.model, images, labels, loaded.preprocess, tta=tta)
+        right = (expected.predictions == labels).float().mean().item()
+        written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+        assert written["tta"] == tta and doc["top1"] == pytest.approx(right)
+        assert written["loss"] == pytest.approx(expected.loss, rel=1e-5)
+    # The six views give other probabilities than the flips alone, and predict gives the six views' ones.
+    Image.fromarray(images[0].permute(1, 2, 0).numpy()).save(tmp_path / "a.png")
+    assert main(["predict", str(run_dir), str(tmp_path / "a.png"), "--tta", "translate", "--json", "--top-k", "1"]) == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"][0]
+    with torch.no_grad():
+        six = torch.softmax(logits(loaded.model, loaded.preprocess.to_input(images[:1]), "translate"), 1)[0]
+        flip = torch.softmax(logits(loaded.model, loaded.preprocess.to_input(images[:1]), True), 1)[0]
+    assert top["label"] == loaded.classes[six.argmax()] and top["prob"] == pytest.approx(six.max().item(), abs=1e-5)
+    assert not torch.allclose(six, flip, atol=1e-5)
+    with pytest.raises(SystemExit) as stop:  # argparse's own refusal: one line, exit 2
+        main(["evaluate", str(run_dir), "--tta", "shift"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert all(word in err for word in ("--tta", "translate", "shift"))
+    # A bare --tta before the run folder is the flip flag, not a value: the folder stays the folder.
+    assert main(["evaluate", "--tta", str(run_dir), "--json", "--out", str(tmp_path / "eval")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["tta"] is True
+
+
 def one_error_line(capsys, argv, *words):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

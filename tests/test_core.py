@@ -2,6 +2,8 @@
 
 import io
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -104,6 +106,21 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(target, half)
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temporary file left
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_atomic_write_gives_the_permissions_open_would(tmp_path):
+    old = os.umask(0o022)
+    try:
+        new = atomic_write(tmp_path / "report.html", "<p>")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644  # not mkstemp's private 0600
+        os.umask(0o077)
+        assert stat.S_IMODE(atomic_write(tmp_path / "private.json", "{}").stat().st_mode) == 0o600
+        new.chmod(0o640)
+        atomic_write(new, "<p>again")  # a file replaced keeps its own permissions, as open("w") would
+        assert stat.S_IMODE(new.stat().st_mode) == 0o640 and new.read_text() == "<p>again"
+    finally:
+        os.umask(old)
 
 
 def test_visualize_by_index_on_a_run_that_skipped_bad_images(tmp_path):

@@ -67,6 +67,35 @@ def _add_settings(p: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -
             p.add_argument(flag, type=kind, help=help)
 
 
+TTA_VALUES = {"flip": True, "translate": "translate"}  # --tta VALUE of evaluate and predict → the setting ``tta``
+
+
+def _add_tta(p: argparse.ArgumentParser, help: str) -> None:
+    """--tta (flip), --tta flip|translate and --no-tta, the values of the training setting ``tta``; unset: the
+    run's own."""
+    def value(text: str) -> bool | str:
+        if text not in TTA_VALUES:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither flip nor translate, nor a file that exists; give "
+                                             "--tta, --tta flip, --tta translate or --no-tta")
+        return TTA_VALUES[text]
+
+    p.add_argument("--tta", nargs="?", const=True, type=value, metavar="flip|translate", help=help)
+    p.add_argument("--no-tta", dest="tta", action="store_const", const=False, help="one view")
+
+
+def _tta_alone(argv: list[str]) -> list[str]:
+    """``--tta`` last, before another flag or before a file is the flag alone: written ``--tta=flip`` so that it
+    cannot take the run folder or image after it (``cnnlab evaluate --tta RUN_DIR``) as its value."""
+    if not argv or argv[0] not in ("evaluate", "predict"):
+        return argv
+
+    def alone(i: int) -> bool:
+        after = argv[i + 1] if i + 1 < len(argv) else None
+        return after is None or (after not in TTA_VALUES and (after.startswith("-") or Path(after).exists()))
+
+    return ["--tta=flip" if a == "--tta" and alone(i) else a for i, a in enumerate(argv)]
+
+
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="train a small model on the bundled sample and evaluate it (CPU, a few minutes)")
     p.add_argument("--out", help="the run folder (default runs/demo-TIME)")
@@ -113,9 +142,9 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit-test", type=int, help="default: the test images the run reported on")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", help="folder for metrics.json, reliability.png and confusion.png (default RUN_DIR/eval)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
-                   help="test-time flip augmentation: average each image's logits with its mirror image's "
-                        "(default: as the run was scored while training)")
+    _add_tta(p, "test-time flip augmentation: average each image's logits with its mirror image's; --tta "
+                "translate: airbench's six views (the image and its mirror, each also shifted one pixel up-left "
+                "and down-right); default: as the run was scored while training")
     p.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on the run's validation images and keep it in RUN_DIR/calibration.json; "
                         "predict, report and serve then divide the logits by it")
@@ -148,8 +177,8 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="RUN_DIR|CKPT")
     p.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+")
     p.add_argument("--top-k", type=int, default=5, help="how many labels per image (default 5)")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction,
-                   help="average each image's logits with its mirror image's (default: as the run was scored)")
+    _add_tta(p, "average each image's logits with its mirror image's; --tta translate: over airbench's six "
+                "views (default: as the run was scored)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true",
                    help='print one JSON document on stdout: [{"image", "top": [{"label", "prob"}, ...]}, ...]')
@@ -316,7 +345,7 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_tta_alone(list(sys.argv[1:] if argv is None else argv)))
     _show_notes()
     # SIGTERM (what SLURM and Kubernetes send) ends a command as Ctrl-C does: one line, exit 143, files
     # being written left whole. Training acts on it at its next step, with a checkpoint (see train.engine).

@@ -37,10 +37,11 @@ def evaluate(path: str | Path, dataset: str | None = None, data_dir: str | None 
     """Score a run folder or checkpoint on its test set; write JSON, a reliability diagram and a
     confusion-matrix PNG.
 
-    ``tta``: average each image's logits with its mirror image's (see :func:`score`); by default as
-    the run scored itself, so that the number it reported is the number found again. ``calibrate``: fit
-    the temperature on the run's validation images first and keep it in the run (``fitted`` in the
-    result); otherwise the temperature already kept for this checkpoint, if any, is the one reported.
+    ``tta``: average each image's logits with its mirror image's, or ``"translate"``: over airbench's six
+    views (see :func:`score`); by default as the run scored itself, so that the number it reported is the
+    number found again. ``calibrate``: fit the temperature on the run's validation images first and keep it
+    in the run (``fitted`` in the result); otherwise the temperature already kept for this checkpoint, if
+    any, is the one reported.
     """
     loaded = run.load(path, device=pick_device(device))
     tta = loaded.tta if tta is None else tta
