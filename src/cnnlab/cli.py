@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab import __version__
+from cnnlab.config import TTA_NAMES
 from cnnlab.core.errors import Interrupted, UserError, one_line
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -67,7 +68,8 @@ def _add_settings(p: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -
             p.add_argument(flag, type=kind, help=help)
 
 
-TTA_VALUES = {"flip": True, "translate": "translate"}  # --tta VALUE of evaluate and predict → the setting ``tta``
+# --tta VALUE of evaluate and predict → the setting ``tta`` (--no-tta is "none")
+TTA_VALUES = {name: tta for tta, name in TTA_NAMES.items() if tta is not False}
 
 
 def _add_tta(p: argparse.ArgumentParser, help: str) -> None:

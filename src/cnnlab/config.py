@@ -44,6 +44,10 @@ def setting(default: Any, help: str | None = None, *, least: float | None = None
                                                             below=below, unit=unit, flag=flag, metavar=metavar))
 
 
+# A run's ``tta`` setting by name, as export's metadata writes it and evaluate's and predict's --tta read it.
+TTA_NAMES: dict[bool | str, str] = {False: "none", True: "flip", "translate": "translate"}
+
+
 @dataclass
 class TrainConfig:
     recipe: str = setting("seed", "seed (the assignment), paper, fast, finetune (published weights, lower "

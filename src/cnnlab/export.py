@@ -32,6 +32,7 @@ import torch.nn as nn
 
 import cnnlab
 from cnnlab import run
+from cnnlab.config import TTA_NAMES
 from cnnlab.core.errors import UserError
 from cnnlab.core.files import atomic_write
 
@@ -42,7 +43,6 @@ OUTPUT = "logits"
 METADATA_FILE = "metadata.json"  # the extra file of .pt2 and TorchScript archives
 INPUT_CONVENTION = ("float32 (N, C, image_size, image_size), RGB (or gray) pixels in [0, 1]; "
                     "normalisation by mean/std is inside the model")
-TTA_NAMES = {False: "none", True: "flip", "translate": "translate"}  # a run's ``tta`` setting, as the file names it
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
