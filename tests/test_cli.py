@@ -80,6 +80,24 @@ def test_evaluate_and_predict_take_each_tta_of_training(run_dir, capsys, tmp_pat
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["tta"] is True
 
 
+def test_train_takes_the_tta_values_that_evaluate_takes(capsys):
+    """train's --tta is spelt as evaluate's: --tta and --tta flip are the flips, --tta translate the six views."""
+    from cnnlab.cli import build_parser
+    from cnnlab.config import resolve
+
+    for flags, tta in ((["--tta"], True), (["--tta", "flip"], True), (["--tta", "translate"], "translate"),
+                       (["--no-tta"], False), ([], None)):
+        given = vars(build_parser().parse_args(["train", *flags, "--epochs", "1"]))
+        assert given.get("tta") == tta and given["epochs"] == 1
+        if tta is not None:
+            assert resolve("fast", overrides={"tta": given["tta"]}).tta == tta
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--tta", "shift"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert all(word in err for word in ("--tta", "flip", "translate", "shift")) and "file" not in err
+
+
 def one_error_line(capsys, argv, *words):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

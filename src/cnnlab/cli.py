@@ -54,6 +54,9 @@ def _add_settings(p: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -
     for name, f in config.FIELDS.items():
         if not f.metadata["flag"] or name in leave_out:
             continue
+        if name == "tta":  # spelt as evaluate and predict spell it: --tta [flip|translate], --no-tta
+            _add_tta(p, f.metadata["help"])
+            continue
         flag, help, kinds = "--" + name.replace("_", "-"), f.metadata["help"], config.kinds(name)
         options = config.choices(name)
         if options and help is None:
@@ -72,13 +75,14 @@ def _add_settings(p: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -
 TTA_VALUES = {name: tta for tta, name in TTA_NAMES.items() if tta is not False}
 
 
-def _add_tta(p: argparse.ArgumentParser, help: str) -> None:
+def _add_tta(p: argparse.ArgumentParser, help: str, before_files: bool = False) -> None:
     """--tta (flip), --tta flip|translate and --no-tta, the values of the training setting ``tta``; unset: the
-    run's own."""
+    run's own (evaluate, predict) or the recipe's (train). ``before_files``: a file may follow the flag."""
     def value(text: str) -> bool | str:
         if text not in TTA_VALUES:
-            raise argparse.ArgumentTypeError(f"{text!r} is neither flip nor translate, nor a file that exists; give "
-                                             "--tta, --tta flip, --tta translate or --no-tta")
+            raise argparse.ArgumentTypeError(f"{text!r} is neither flip nor translate"
+                                             + (", nor a file that exists" if before_files else "")
+                                             + "; give --tta, --tta flip, --tta translate or --no-tta")
         return TTA_VALUES[text]
 
     p.add_argument("--tta", nargs="?", const=True, type=value, metavar="flip|translate", help=help)
@@ -146,7 +150,7 @@ def _evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="folder for metrics.json, reliability.png and confusion.png (default RUN_DIR/eval)")
     _add_tta(p, "test-time flip augmentation: average each image's logits with its mirror image's; --tta "
                 "translate: airbench's six views (the image and its mirror, each also shifted one pixel up-left "
-                "and down-right); default: as the run was scored while training")
+                "and down-right); default: as the run was scored while training", before_files=True)
     p.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on the run's validation images and keep it in RUN_DIR/calibration.json; "
                         "predict, report and serve then divide the logits by it")
@@ -180,7 +184,7 @@ def _predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", metavar="IMAGE_OR_DIR", nargs="+")
     p.add_argument("--top-k", type=int, default=5, help="how many labels per image (default 5)")
     _add_tta(p, "average each image's logits with its mirror image's; --tta translate: over airbench's six "
-                "views (default: as the run was scored)")
+                "views (default: as the run was scored)", before_files=True)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true",
                    help='print one JSON document on stdout: [{"image", "top": [{"label", "prob"}, ...]}, ...]')

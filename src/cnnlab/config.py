@@ -119,8 +119,8 @@ class TrainConfig:
     lookahead_from: int = setting(0, "with --lookahead: the epochs trained before the blending starts", least=0,
                                   unit="epochs")
     tta: bool | Literal["translate"] = setting(
-        False, "score validation and test images with test-time flip augmentation; --tta translate: also with "
-               "1-pixel shifts up-left and down-right (6 views, airbench's)")
+        False, "score validation and test images with test-time flip augmentation (--tta or --tta flip); --tta "
+               "translate: also with 1-pixel shifts up-left and down-right (6 views, airbench's)")
     early_stop: int | None = setting(None, "end training when the validation figure --early-stop-metric has not "
                                            "improved for this many epochs; best.pt is the run's result",
                                      least=1, unit="epochs")
