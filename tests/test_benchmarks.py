@@ -21,6 +21,11 @@ def test_cpu_benchmark_document(tmp_path):
     path = cpu.report.write_json(document, "cpu.json", tmp_path)
     loaded = json.loads(path.read_text())
     assert {"date", "cpu", "cores", "torch", "load_average"} <= set(loaded["machine"])
+    # Which kernels the figures came from: torch's choice, and the CPU's flags that bear on it.
+    capability, flags = loaded["machine"]["cpu_capability"], loaded["machine"]["cpu_flags"]
+    assert capability == torch.backends.cpu.get_cpu_capability() and set(flags) <= set(cpu.report.CPU_FLAGS)
+    if flags and capability in ("AVX2", "AVX512"):  # torch uses no wider kernels than the CPU has
+        assert {"AVX512": "avx512f", "AVX2": "avx2"}[capability] in flags
     assert [r["name"] for r in loaded["pipeline"]] == list(TINY.pipelines)
     assert [r["name"] for r in loaded["training"]] == list(TINY.variants)
     for row in loaded["pipeline"] + loaded["training"]:
