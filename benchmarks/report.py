@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from cnnlab.train.device import cpu_info
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).parent / "results"
 TARGETS = (0.88, 0.94)  # test accuracies timed to: the assignment's and airbench94's
@@ -32,39 +34,17 @@ def peak_host_rss_mb() -> dict[str, float]:
     return {"host_rss_peak_mb": mib(resource.RUSAGE_SELF), "children_rss_peak_mb": mib(resource.RUSAGE_CHILDREN)}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 # The instruction sets that change a CPU figure most: the vector width, and native bf16 (what --amp uses).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
-def cpu_flags() -> list[str]:
-    """Which of ``CPU_FLAGS`` the CPU has (empty where /proc/cpuinfo cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return [flag for flag in CPU_FLAGS if flag in have]
-    return []
-
-
 def machine_info() -> dict[str, Any]:
     """The facts a reader needs to compare a result file with their own machine."""
+    model, flags = cpu_info()
     info: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
+        "cpu": model,
+        "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch chose (ATEN_CPU_CAPABILITY)
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

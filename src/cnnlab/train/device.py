@@ -33,7 +33,7 @@ BF16_ENV = "CNNLAB_CPU_BF16"
 
 
 @functools.cache
-def _cpuinfo() -> tuple[str, frozenset[str]]:
+def cpu_info() -> tuple[str, frozenset[str]]:
     """The CPU's model name and flags from /proc/cpuinfo (Linux); elsewhere the flags torch can tell."""
     model, flags = "", set()
     try:
@@ -62,7 +62,7 @@ def bf16_is_native(capability: str, flags: frozenset[str] | set[str]) -> bool:
 
 def cpu_bf16() -> dict[str, Any]:
     """What this CPU offers bf16 autocast: torch's kernel capability, bf16 flags, native or not, model."""
-    model, flags = _cpuinfo()
+    model, flags = cpu_info()
     capability = torch.backends.cpu.get_cpu_capability()
     info = {"model": model, "capability": capability, "bf16_flags": [f for f in BF16_FLAGS if f in flags]}
     forced = os.environ.get(BF16_ENV)
